@@ -1,0 +1,251 @@
+"""The `marble` command line: config tools, the five stages, rewards, the pipeline and benchmarks.
+
+User errors (bad config, bad data, missing files) print one clear message and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from marble.configio import ConfigError, config_to_yaml, load_config, read_config_dict, validate_config
+from marble.errors import MarbleError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=required, help="YAML config file (e.g. configs/tiny.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+
+
+def _cfg(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+# ------------------------------------------------------------------------------------------ config
+def cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)
+    print(config_to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    for path in args.files:
+        cfg = validate_config(read_config_dict(path), str(path))
+        print(f"{path}: OK (config hash {cfg.config_hash()}, {len(cfg.rewards)} rewards, balancer {cfg.balancer.kind})")
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from marble.schema import schema_json
+
+    text = schema_json()
+    if args.out:
+        from marble.configio import atomic_write_text
+
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _dirs(args: argparse.Namespace):
+    from marble.paths import stage_dirs
+
+    cfg = _cfg(args)
+    return cfg, stage_dirs(cfg)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from marble import stages
+
+    cfg, d = _dirs(args)
+    manifest = stages.prepare_prompts(cfg, args.out or d.prompts)
+    print(f"prompts written; manifest: {manifest}")
+    return 0
+
+
+def cmd_cache_rewards(args: argparse.Namespace) -> int:
+    from marble import stages
+
+    cfg, d = _dirs(args)
+    manifest = stages.cache_reward_models(cfg, args.out or d.reward_cache)
+    print(f"reward cache ready; manifest: {manifest}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from marble import stages
+
+    cfg, d = _dirs(args)
+    cache = args.reward_cache or (d.reward_cache if d.reward_cache.exists() else None)
+    adapter = stages.train(cfg, args.prompts or d.prompts, args.out or d.train, reward_cache=cache)
+    print(f"adapter: {adapter}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from marble import stages
+
+    cfg, d = _dirs(args)
+    train_dir = Path(args.train_dir) if args.train_dir else d.train
+    adapter = args.adapter or train_dir / "adapter"
+    cache = args.reward_cache or (d.reward_cache if d.reward_cache.exists() else None)
+    metrics = stages.evaluate(
+        cfg,
+        args.prompts or d.prompts,
+        adapter,
+        args.out or d.eval,
+        reward_cache=cache,
+        train_dir=train_dir if train_dir.exists() else None,
+    )
+    print(f"metrics: {metrics}\nreport:  {Path(metrics).parent / 'report.html'}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from marble import stages
+
+    cfg, d = _dirs(args)
+    record = stages.register_adapter(
+        cfg, args.adapter or d.train / "adapter", args.eval_dir or d.eval, args.out or d.registry
+    )
+    print(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+def cmd_rewards_check(args: argparse.Namespace) -> int:
+    from marble.rewards.check import check_rewards
+
+    report = check_rewards(_cfg(args), reward_cache=Path(args.reward_cache) if args.reward_cache else None)
+    print(report)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from pipelines import cli as pipeline_cli
+
+    return pipeline_cli.main(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    sys.argv = ["bench", *args.bench_args]
+    runpy.run_module(f"bench.{args.name}", run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="marble", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cfg_p = sub.add_parser("config", help="show, validate or export the config schema")
+    cfg_sub = cfg_p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p = cfg_sub.add_parser("show", help="print the resolved config (file + --set overrides)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config_show)
+    p = cfg_sub.add_parser("validate", help="check one or more config files")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_config_validate)
+    p = cfg_sub.add_parser("schema", help="print (or write) the JSON schema of the config")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_config_schema)
+
+    stage_defs: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("prepare", "stage 1: validate, mix and split prompt sources", cmd_prepare),
+        ("cache-rewards", "stage 2: snapshot reward models into a verified cache", cmd_cache_rewards),
+        ("train", "stage 3: MARBLE training of a LoRA adapter", cmd_train),
+        ("evaluate", "stage 4: multi-reward evaluation, base vs. adapter, report", cmd_evaluate),
+        ("register", "stage 5: register the adapter; promote it if the gate passes", cmd_register),
+    ]
+    for name, help_text, func in stage_defs:
+        p = sub.add_parser(name, help=help_text)
+        _add_config_args(p)
+        p.add_argument("--out", help="output directory (default: <output_dir>/<run_name>/<stage>)")
+        if name in ("train", "evaluate"):
+            p.add_argument("--prompts", help="directory written by `marble prepare`")
+            p.add_argument("--reward-cache", help="directory written by `marble cache-rewards`")
+        if name == "evaluate":
+            p.add_argument("--adapter", help="adapter directory (default: <train dir>/adapter)")
+            p.add_argument("--train-dir", help="training directory (for the training curves in the report)")
+        if name == "register":
+            p.add_argument("--adapter", help="adapter directory")
+            p.add_argument("--eval-dir", help="directory written by `marble evaluate`")
+        p.set_defaults(func=func)
+
+    rw = sub.add_parser("rewards", help="reward tools")
+    rw_sub = rw.add_subparsers(dest="rewards_command", required=True, metavar="ACTION")
+    p = rw_sub.add_parser("check", help="score golden images with every reward; fail on broken rewards")
+    _add_config_args(p)
+    p.add_argument("--reward-cache", help="directory written by `marble cache-rewards`")
+    p.set_defaults(func=cmd_rewards_check)
+
+    pl = sub.add_parser("pipeline", help="run, compile or schedule the Kubeflow pipeline")
+    pl_sub = pl.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    p = pl_sub.add_parser("run", help="run the pipeline (--local: kfp SubprocessRunner, no cluster)")
+    _add_config_args(p, required=False)
+    p.add_argument("--local", action="store_true", help="run locally with Kubeflow's SubprocessRunner")
+    p.add_argument("--pipeline-root", help="where local artifacts go (default: <output_dir>/kfp)")
+    p.add_argument("--host", help="KFP endpoint, for a cluster run")
+    p.set_defaults(func=cmd_pipeline)
+    p = pl_sub.add_parser("compile", help="compile the pipeline to IR YAML")
+    _add_config_args(p, required=False)
+    p.add_argument("--out", default="pipelines/marble_pipeline.yaml")
+    p.set_defaults(func=cmd_pipeline)
+    p = pl_sub.add_parser("schedule", help="create a recurring run on a KFP endpoint")
+    _add_config_args(p, required=False)
+    p.add_argument("--host", help="KFP endpoint (e.g. https://kubeflow.example.com/pipeline)")
+    p.add_argument("--experiment", default="marble")
+    p.add_argument("--cron", help="6-field cron (default: pipeline.schedule_cron)")
+    p.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("bench", help="run a benchmark module from bench/")
+    p.add_argument("name", help="benchmark module, e.g. balancer_overhead")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, MarbleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith(("marble.", "pipelines", "bench")):
+            print(f"error: `marble {args.command}` is not built yet (missing module {exc.name})", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

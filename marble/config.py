@@ -1,0 +1,537 @@
+"""The one config tree of marble, shared by the CLI, `params.yaml` and the Kubeflow pipeline.
+
+Every field is documented once (its `description`). Defaults cite their source:
+- [NFT]    DiffusionNFT (arXiv 2509.16117), `config/nft.py` of NVlabs/DiffusionNFT;
+- [MARBLE] MARBLE (arXiv 2605.06507);
+- [ours]   chosen by this project.
+See docs/ALGORITHM.md-equivalent notes in ../shared/docs/ALGORITHM.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TINY_MODEL = "tiny"
+"""Reserved `model.pretrained` value: build (once, cached by config hash) and load the tiny SD3 world."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config node: unknown keys are refused, assignments re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+class _SourceBase(StrictModel):
+    family: str | None = Field(
+        None, description="Family tag given to every prompt of this source (default: the source kind)."
+    )
+    limit: int | None = Field(None, ge=1, description="Read at most this many prompts from the source.")
+
+
+class TextSource(_SourceBase):
+    kind: Literal["txt"] = "txt"
+    path: str = Field(description="Plain text file, one prompt per line (blank lines are refused).")
+
+
+class JsonlSource(_SourceBase):
+    kind: Literal["jsonl"] = "jsonl"
+    path: str = Field(description="JSONL file; each line an object with a `prompt` field and optional metadata.")
+    prompt_field: str = Field("prompt", description="Name of the field that holds the prompt.")
+
+
+class GenEvalSource(_SourceBase):
+    kind: Literal["geneval"] = "geneval"
+    path: str = Field(description="GenEval metadata JSONL (tag, include/exclude objects, prompt).")
+
+
+class CsvSource(_SourceBase):
+    kind: Literal["csv"] = "csv"
+    path: str = Field(description="CSV file with a header row.")
+    prompt_column: str = Field("prompt", description="Column that holds the prompt.")
+
+
+class TinyWorldSource(_SourceBase):
+    kind: Literal["tiny_world"] = "tiny_world"
+    num_prompts: int = Field(96, ge=3, description="Prompts to generate (general, colour, quoted-text families 1:1:1).")
+    seed: int = Field(0, description="Seed of the tiny-world prompt generator.")
+
+
+PromptSource = Annotated[
+    TextSource | JsonlSource | GenEvalSource | CsvSource | TinyWorldSource, Field(discriminator="kind")
+]
+
+
+class DataConfig(StrictModel):
+    sources: list[PromptSource] = Field(
+        default_factory=lambda: [TinyWorldSource()], min_length=1, description="Prompt sources, mixed."
+    )
+    test_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Held-out share per family (stratified split).")
+    split_seed: int = Field(0, description="Seed of the train/test split.")
+    on_overlong: Literal["reject", "truncate"] = Field(
+        "reject", description="What to do with a prompt longer than the text encoders' token limits."
+    )
+    on_duplicate: Literal["reject", "drop"] = Field(
+        "reject", description="What to do with a prompt that appears twice (after whitespace normalisation)."
+    )
+    max_prompt_chars: int = Field(2000, ge=1, description="Hard cap on prompt length in characters.")
+
+
+# -------------------------------------------------------------------------------------------- model
+class TinyModelConfig(StrictModel):
+    """The CPU world: a tiny SD3-architecture pipeline built from configs (STACK-NOTES sizes)."""
+
+    num_layers: int = Field(2, ge=1, description="Transformer blocks.")
+    attention_head_dim: int = Field(8, ge=1, description="Per-head width of the transformer.")
+    num_attention_heads: int = Field(4, ge=1, description="Heads of the transformer.")
+    text_hidden_size: int = Field(32, ge=8, description="Hidden size of the tiny CLIP and T5 encoders.")
+    vocab_size: int = Field(400, ge=64, description="Vocabulary size of the locally trained tokenizers.")
+    resolution: int = Field(64, ge=32, description="Image size the tiny VAE is trained at, px.")
+    vae_train_steps: int = Field(400, ge=0, description="AdamW steps training the tiny VAE on synthetic shapes.")
+    vae_batch_size: int = Field(32, ge=1, description="Batch size of the VAE training.")
+    vae_lr: float = Field(2e-3, gt=0, description="Learning rate of the VAE training (STACK-NOTES).")
+    pretrain_steps: int = Field(0, ge=0, description="Flow-matching pretraining steps of the transformer (0: none).")
+    pretrain_lr: float = Field(1e-3, gt=0, description="Learning rate of the transformer pretraining.")
+    seed: int = Field(0, description="Seed of the tiny model's initialisation and training.")
+
+
+class ModelConfig(StrictModel):
+    pretrained: str = Field(
+        TINY_MODEL,
+        description="Hub id or local directory of an SD3 pipeline (e.g. stabilityai/stable-diffusion-3.5-medium); "
+        "'tiny' builds the tiny CPU world once (cached by config hash) and loads it with the same loader.",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit hash) to pin.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weight dtype of the frozen base model (bfloat16 on GPUs)."
+    )
+    cache_dir: str = Field(".cache/marble", description="Where built tiny models and hub snapshots are cached.")
+    offline: bool = Field(False, description="Never touch the network (sets HF_HUB_OFFLINE=1).")
+    max_sequence_length: int = Field(256, ge=1, le=512, description="T5 token limit [NFT: 128..256].")
+    vae_scale_factor: int = Field(8, ge=1, description="Pixel-to-latent downsampling of the VAE (SD3: 8).")
+    patch_size: int = Field(2, ge=1, description="Transformer patch size (SD3: 2).")
+    tiny: TinyModelConfig | None = Field(None, description="Tiny-world model; required when pretrained is 'tiny'.")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.pretrained == TINY_MODEL
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Images must be a multiple of this many pixels on each side."""
+        return self.vae_scale_factor * self.patch_size
+
+    @model_validator(mode="after")
+    def _tiny_needs_tiny_config(self) -> ModelConfig:
+        if self.is_tiny and self.tiny is None:
+            self.tiny = TinyModelConfig()
+        return self
+
+
+class LoraConfig(StrictModel):
+    rank: int = Field(32, ge=1, description="LoRA rank [NFT: 32].")
+    alpha: float = Field(64.0, gt=0, description="LoRA alpha [NFT: 64].")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    init: Literal["gaussian", "default"] = Field("gaussian", description="LoRA init [NFT: gaussian].")
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        ],
+        min_length=1,
+        description="Module name suffixes that get LoRA layers [NFT].",
+    )  # fmt: skip
+
+
+class SamplingConfig(StrictModel):
+    """Rollouts of the old policy (ALGORITHM.md §2)."""
+
+    resolution: int = Field(512, ge=16, description="Image side, px [NFT: 512].")
+    num_steps: int = Field(25, ge=2, description="Solver steps of a rollout [MARBLE: 25 for multi-reward].")
+    guidance_scale: float = Field(1.0, ge=1.0, description="CFG scale; 1.0 = CFG-free [NFT].")
+    group_size: int = Field(24, description="Images per prompt G [MARBLE: 24].")
+    prompts_per_epoch: int = Field(48, ge=1, description="Prompts sampled per epoch [MARBLE: 48].")
+    batch_size: int = Field(8, ge=1, description="Images generated per forward pass of a rollout.")
+    shift: float = Field(3.0, gt=0, description="Flow-matching timestep shift of the scheduler (SD3: 3.0).")
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.group_size * self.prompts_per_epoch
+
+
+class NFTConfig(StrictModel):
+    """The DiffusionNFT objective (ALGORITHM.md §3, §5)."""
+
+    beta: float = Field(0.1, gt=0, description="NFT strength β [MARBLE: 0.1 multi-reward; NFT: 1.0 single].")
+    adv_clip_max: float = Field(5.0, gt=0, description="Advantage clip C [NFT: 5].")
+    kl_weight: float = Field(1e-4, ge=0, description="Weight λ of the KL to the reference [NFT: 1e-4].")
+    std_mode: Literal["global", "group"] = Field(
+        "global", description="Advantage std over the whole epoch batch or per prompt group [NFT: global]."
+    )
+    timestep_fraction: float = Field(0.99, gt=0, le=1.0, description="Share of the sampling grid trained [NFT: 0.99].")
+    old_decay_rate: float = Field(0.001, ge=0, description="η = min(rate · step, cap) for the old policy [NFT].")
+    old_decay_cap: float = Field(0.95, ge=0, lt=1.0, description="Cap of η [MARBLE: 0.95; NFT: 0.5].")
+    weight_floor: float = Field(1e-5, gt=0, description="Floor of the adaptive per-sample weights [NFT].")
+
+
+# ------------------------------------------------------------------------------------------ rewards
+class _RewardBase(StrictModel):
+    name: str = Field(description="Unique name; metrics are logged as train/reward/<name>.")
+    held_out: bool = Field(False, description="Evaluated but never trained on.")
+    batch_size: int = Field(16, ge=1, description="Images scored per forward pass.")
+
+
+class BrightnessReward(_RewardBase):
+    kind: Literal["brightness"] = "brightness"
+
+
+class ColorfulnessReward(_RewardBase):
+    kind: Literal["colorfulness"] = "colorfulness"
+
+
+class JpegCompressibilityReward(_RewardBase):
+    kind: Literal["jpeg_compressibility"] = "jpeg_compressibility"
+    quality: int = Field(95, ge=1, le=100, description="JPEG quality used to measure size [DDPO: 95].")
+
+
+class ColorMatchReward(_RewardBase):
+    kind: Literal["color_match"] = "color_match"
+
+
+class EdgeDetailReward(_RewardBase):
+    kind: Literal["edge_detail"] = "edge_detail"
+
+
+class _HubModelReward(_RewardBase):
+    model: str = Field(description="Hub id or local directory of the reward model.")
+    revision: str | None = Field(None, description="Hub revision (commit hash) to pin.")
+    device: str | None = Field(None, description="Device for the reward model (default: the trainer's).")
+
+
+class PickScoreReward(_HubModelReward):
+    kind: Literal["pickscore"] = "pickscore"
+    model: str = "yuvalkirstain/PickScore_v1"
+    processor: str = Field("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="Processor hub id or directory.")
+    processor_revision: str | None = Field(None, description="Processor revision to pin.")
+    scale: float = Field(26.0, gt=0, description="Training scale divisor of the raw score [NFT: /26].")
+
+
+class ClipScoreReward(_HubModelReward):
+    kind: Literal["clipscore"] = "clipscore"
+    model: str = "openai/clip-vit-large-patch14"
+
+
+class HPSv21Reward(_HubModelReward):
+    kind: Literal["hpsv21"] = "hpsv21"
+    model: str = "xswu/HPSv2"
+    checkpoint_file: str = Field("HPS_v2.1_compressed.pt", description="State dict file inside the repo.")
+    architecture: str = Field("ViT-H-14", description="open_clip architecture name.")
+
+
+class AestheticReward(_HubModelReward):
+    kind: Literal["aesthetic"] = "aesthetic"
+    model: str = "openai/clip-vit-large-patch14"
+    head: str = Field(
+        "camenduru/improved-aesthetic-predictor",
+        description="Hub id or directory of the LAION improved-aesthetic MLP weights.",
+    )
+    head_file: str = Field("sac+logos+ava1-l14-linearMSE.pth", description="MLP weights file.")
+
+
+class ImageRewardReward(_HubModelReward):
+    kind: Literal["imagereward"] = "imagereward"
+    model: str = "THUDM/ImageReward"
+
+
+class OcrReward(_HubModelReward):
+    kind: Literal["ocr"] = "ocr"
+    backend: Literal["trocr", "easyocr", "paddle"] = Field("trocr", description="Recognizer backend.")
+    model: str = "microsoft/trocr-base-printed"
+
+
+class GenEvalReward(_HubModelReward):
+    kind: Literal["geneval"] = "geneval"
+    model: str = Field("google/owlv2-base-patch16-ensemble", description="Object detector.")
+    clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP for zero-shot colour.")
+    detection_threshold: float = Field(0.3, gt=0, lt=1, description="Detector score threshold [GenEval: 0.3].")
+    count_threshold: float = Field(0.9, gt=0, lt=1, description="Score threshold for counting [GenEval: 0.9].")
+
+
+RewardSpec = Annotated[
+    BrightnessReward
+    | ColorfulnessReward
+    | JpegCompressibilityReward
+    | ColorMatchReward
+    | EdgeDetailReward
+    | PickScoreReward
+    | ClipScoreReward
+    | HPSv21Reward
+    | AestheticReward
+    | ImageRewardReward
+    | OcrReward
+    | GenEvalReward,
+    Field(discriminator="kind"),
+]
+
+
+# ---------------------------------------------------------------------------------------- balancers
+class _GramBalancer(StrictModel):
+    gram_source: Literal["params", "output"] = Field(
+        "params", description="Gram of parameter gradients (exact, K backwards) or of output gradients (free)."
+    )
+    refresh_every: int = Field(10, ge=1, description="Optimizer steps between Gram refreshes [MARBLE: N=10].")
+    ema_decay: float | None = Field(0.7, ge=0, lt=1, description="EMA ρ of the coefficients; null disables [MARBLE: 0.7].")
+    qp_eps: float = Field(1e-9, gt=0, description="osqp absolute and relative tolerance.")
+    qp_max_iter: int = Field(20000, ge=10, description="osqp iteration cap.")
+
+
+class WeightedSumBalancer(StrictModel):
+    kind: Literal["weighted_sum"] = "weighted_sum"
+    weights: list[float] | None = Field(None, description="One non-negative weight per trained reward, in order.")
+
+
+class EqualBalancer(StrictModel):
+    kind: Literal["equal"] = "equal"
+
+
+class MarbleBalancer(_GramBalancer):
+    kind: Literal["marble"] = "marble"
+
+
+class MarbleFullBalancer(_GramBalancer):
+    kind: Literal["marble_full"] = "marble_full"
+    refresh_every: int = Field(1, ge=1, description="Exact MGDA every micro-step [MARBLE w/o amortization].")
+    ema_decay: float | None = Field(None, ge=0, lt=1, description="EMA ρ; null = exact fresh weights.")
+    per_micro_step: bool = Field(True, description="Refresh on every micro-step, not only the first of a step.")
+
+
+class MarbleUBBalancer(_GramBalancer):
+    kind: Literal["marble_ub"] = "marble_ub"
+    gram_source: Literal["params", "output"] = "output"
+    refresh_every: int = 1
+    ema_decay: float | None = None
+    per_micro_step: bool = Field(True, description="Refresh on every micro-step (free with the output Gram).")
+
+
+class PCGradBalancer(_GramBalancer):
+    kind: Literal["pcgrad"] = "pcgrad"
+    ema_decay: float | None = None
+    seed: int = Field(0, description="Seed of the random projection order.")
+
+
+class CAGradBalancer(_GramBalancer):
+    kind: Literal["cagrad"] = "cagrad"
+    ema_decay: float | None = None
+    c: float = Field(0.4, ge=0, description="Conflict-averse radius c [CAGrad: 0.4].")
+
+
+BalancerConfig = Annotated[
+    WeightedSumBalancer
+    | EqualBalancer
+    | MarbleBalancer
+    | MarbleFullBalancer
+    | MarbleUBBalancer
+    | PCGradBalancer
+    | CAGradBalancer,
+    Field(discriminator="kind"),
+]
+
+
+# -------------------------------------------------------------------------------------------- train
+class TrainConfig(StrictModel):
+    epochs: int = Field(100, ge=1, description="Epochs (rollout + update rounds).")
+    micro_batch_size: int = Field(8, ge=1, description="Samples per training micro-step (per process).")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Sample micro-batches accumulated per optimizer step (each over all trained timesteps)."
+    )
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate, constant [NFT: 3e-4].")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas [NFT].")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay [NFT: 1e-4].")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip [NFT: 1.0].")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision (bf16 on GPUs).")
+    seed: int = Field(0, description="Seed of rollouts, timesteps and noise.")
+    ema_decay: float = Field(0.9, gt=0, lt=1, description="Decay of the evaluation EMA of the weights [NFT: 0.9].")
+    checkpoint_every: int = Field(10, ge=1, description="Epochs between checkpoints.")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept (older ones are deleted).")
+    resume: str = Field("latest", description="'latest', 'none', or a checkpoint directory.")
+    max_consecutive_skips: int = Field(5, ge=1, description="Abort after this many non-finite steps in a row.")
+    diagnostics_every: int = Field(0, ge=0, description="Steps between gradient-cosine diagnostics (0: off).")
+    log_every: int = Field(1, ge=1, description="Steps between metric log lines.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard event files.")
+    progress_bar: bool = Field(True, description="Show a progress bar.")
+
+
+# --------------------------------------------------------------------------------------------- eval
+class GateConfig(StrictModel):
+    """Promotion gate: when a new adapter may become the champion."""
+
+    max_regression: float = Field(0.0, ge=0, description="Tolerated drop of a trained reward's mean, in base std units.")
+    min_improvement_ci: bool = Field(
+        True, description="At least one trained reward must improve with its 95% CI of the delta above 0."
+    )
+    max_held_out_regression: float = Field(0.25, ge=0, description="Tolerated drop of a held-out reward, base std units.")
+    max_monitor_shift: float = Field(0.5, ge=0, description="Tolerated relative change of a hacking monitor vs. base.")
+    require_not_dominated: bool = Field(True, description="Refuse an adapter Pareto-dominated by the champion.")
+
+
+class EvalConfig(StrictModel):
+    num_steps: int = Field(40, ge=2, description="Euler steps [MARBLE: 40].")
+    guidance_scale: float = Field(1.0, ge=1.0, description="CFG scale [MARBLE: 1.0].")
+    resolution: int | None = Field(None, ge=16, description="Image side; null = sampling.resolution.")
+    num_prompts: int | None = Field(None, ge=1, description="Held-out prompts evaluated; null = all.")
+    images_per_prompt: int = Field(1, ge=1, description="Seeds per prompt.")
+    seed: int = Field(1234, description="Base seed; the same seeds are used for base and adapter.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    use_ema: bool = Field(True, description="Evaluate the EMA weights [NFT].")
+    grid_prompts: int = Field(4, ge=0, description="Prompts shown in the report's image grid.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
+
+
+# ----------------------------------------------------------------------------------------- registry
+class MlflowRegistry(StrictModel):
+    kind: Literal["mlflow"] = "mlflow"
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; null = embedded sqlite under the output directory."
+    )
+    model_name: str = Field("marble-lora", description="Registered model name.")
+
+
+class KubeflowRegistry(StrictModel):
+    kind: Literal["kubeflow"] = "kubeflow"
+    server_address: str = Field(description="Model Registry service address, e.g. https://model-registry.kubeflow.svc")
+    port: int = Field(443, ge=1, le=65535, description="Model Registry port.")
+    author: str = Field("marble", description="Author recorded on registered versions.")
+    model_name: str = Field("marble-lora", description="Registered model name.")
+    token_env: str = Field("MODEL_REGISTRY_TOKEN", description="Environment variable that holds the token.")
+    is_secure: bool = Field(True, description="Use TLS.")
+
+
+RegistryConfig = Annotated[MlflowRegistry | KubeflowRegistry, Field(discriminator="kind")]
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+class Toleration(StrictModel):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field("marble", description="Kubeflow pipeline name.")
+    pipeline_root: str | None = Field(None, description="Artifact root (local dir or s3://...); null = default.")
+    accelerator_type: str = Field("nvidia.com/gpu", description="Accelerator resource of the GPU tasks.")
+    gpus: int = Field(1, ge=0, description="Accelerators per GPU task.")
+    cpu: str = Field("8", description="CPU limit of the GPU tasks.")
+    memory: str = Field("64Gi", description="Memory limit of the GPU tasks.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector of the GPU tasks.")
+    tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu")], description="Tolerations of the GPU tasks."
+    )
+    cache_pvc: str = Field("marble-cache", description="PVC holding reward/model snapshots and checkpoints.")
+    cache_mount: str = Field("/mnt/marble-cache", description="Where the cache PVC is mounted.")
+    hub_token_secret: str = Field("marble-hf-token", description="Kubernetes secret with HF_TOKEN.")
+    registry_token_secret: str = Field("marble-registry-token", description="Kubernetes secret with the registry token.")
+    dvc_secret: str = Field("marble-dvc-remote", description="Kubernetes secret with DVC remote credentials.")
+    train_retries: int = Field(2, ge=0, description="Retries of the training task (it resumes from checkpoints).")
+    schedule_cron: str = Field("0 0 3 * * 0", description="Recurring-run cron (KFP 6-field: weekly, Sun 03:00).")
+
+
+# ------------------------------------------------------------------------------------------- root
+class MarbleConfig(StrictModel):
+    run_name: str = Field("marble", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Name of this run.")
+    output_dir: str = Field("outputs", description="Root directory of stage outputs when run from the CLI.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompt sources and split.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Training rollouts.")
+    nft: NFTConfig = Field(default_factory=NFTConfig, description="NFT objective.")
+    rewards: list[RewardSpec] = Field(min_length=1, description="Reward models, trained and held out.")
+    balancer: BalancerConfig = Field(default_factory=MarbleBalancer, description="How per-reward gradients combine.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and promotion gate.")
+    registry: RegistryConfig = Field(default_factory=MlflowRegistry, description="Model registry.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Kubeflow settings.")
+
+    # ---- derived values
+    @property
+    def trained_rewards(self) -> list[Any]:
+        return [r for r in self.rewards if not r.held_out]
+
+    @property
+    def trained_reward_names(self) -> list[str]:
+        return [r.name for r in self.trained_rewards]
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Timesteps of the sampling grid trained per sample [NFT: first 99% of a permutation]."""
+        return max(1, int(self.sampling.num_steps * self.nft.timestep_fraction))
+
+    @property
+    def eval_resolution(self) -> int:
+        return self.eval.resolution or self.sampling.resolution
+
+    def config_hash(self) -> str:
+        """Stable short hash of the resolved config (recorded in manifests and the registry)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    # ---- cross-field checks
+    @model_validator(mode="after")
+    def _check(self) -> MarbleConfig:
+        names = [r.name for r in self.rewards]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rewards: names must be unique; repeated: {dupes}")
+        if not self.trained_rewards:
+            raise ValueError("rewards: every reward is held_out; at least one must be trained")
+        s = self.sampling
+        if s.group_size < 2:
+            raise ValueError(
+                f"sampling.group_size={s.group_size}: group advantages need at least 2 images per prompt"
+            )
+        if s.samples_per_epoch % self.train.micro_batch_size:
+            raise ValueError(
+                f"train.micro_batch_size={self.train.micro_batch_size} must divide the epoch's samples "
+                f"(sampling.group_size x sampling.prompts_per_epoch = {s.samples_per_epoch})"
+            )
+        micro_batches = s.samples_per_epoch // self.train.micro_batch_size
+        if micro_batches % self.train.gradient_accumulation_steps:
+            raise ValueError(
+                f"train.gradient_accumulation_steps={self.train.gradient_accumulation_steps} must divide the "
+                f"epoch's {micro_batches} micro-batches"
+            )
+        multiple = self.model.resolution_multiple
+        for path, res in (("sampling.resolution", s.resolution), ("eval.resolution", self.eval.resolution)):
+            if res is not None and res % multiple:
+                raise ValueError(
+                    f"{path}={res} must be divisible by {multiple} (VAE factor {self.model.vae_scale_factor} "
+                    f"x patch size {self.model.patch_size})"
+                )
+        b = self.balancer
+        if isinstance(b, WeightedSumBalancer):
+            k = len(self.trained_rewards)
+            if b.weights is None:
+                raise ValueError(
+                    f"balancer.weights: weighted_sum needs one weight per trained reward ({k}: "
+                    f"{self.trained_reward_names}); e.g. --set balancer.weights=[{','.join(['1'] * k)}]"
+                )
+            if len(b.weights) != k:
+                raise ValueError(
+                    f"balancer.weights has {len(b.weights)} entries but there are {k} trained rewards "
+                    f"{self.trained_reward_names}"
+                )
+            if any(w < 0 for w in b.weights) or sum(b.weights) <= 0:
+                raise ValueError(f"balancer.weights={b.weights}: weights must be >= 0 with a positive sum")
+        if self.model.is_tiny and self.model.tiny and self.model.tiny.resolution != s.resolution:
+            raise ValueError(
+                f"sampling.resolution={s.resolution} must equal model.tiny.resolution={self.model.tiny.resolution} "
+                "for the tiny model"
+            )
+        if self.train.resume not in ("latest", "none") and not self.train.resume.strip():
+            raise ValueError("train.resume: use 'latest', 'none' or a checkpoint directory")
+        return self

@@ -1,0 +1,1 @@
+"""Prompt sources, validation, mixing, splitting and the prepare stage."""

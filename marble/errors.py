@@ -1,0 +1,31 @@
+"""User-facing errors: the CLI prints their message (no traceback) and exits non-zero."""
+
+from __future__ import annotations
+
+
+class MarbleError(Exception):
+    """Base of every error caused by the user's input (files, configs, data), not by a bug."""
+
+
+class DataError(MarbleError):
+    """Bad prompt data; the message names the file, line and field."""
+
+
+class CheckpointError(MarbleError):
+    """A checkpoint that cannot be resumed from; the message names the field."""
+
+
+class RewardError(MarbleError):
+    """A reward that cannot be loaded or scored, or fails its health check."""
+
+
+class CacheError(MarbleError):
+    """A cached snapshot is missing, partial or tampered with; the message names the file."""
+
+
+class RegistryError(MarbleError):
+    """The model registry cannot be reached or refused the request."""
+
+
+class TrainingError(MarbleError):
+    """Training cannot continue (e.g. too many consecutive non-finite steps)."""
