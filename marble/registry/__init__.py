@@ -1,0 +1,1 @@
+"""Model registries (MLflow, Kubeflow Model Registry) and the register stage."""
