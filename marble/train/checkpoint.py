@@ -1,0 +1,272 @@
+"""Training checkpoints: atomic directories, verified on load, compatible-or-refused, keep-last-k.
+
+Layout of one checkpoint (`<out>/checkpoints/step-00000040/`):
+    adapter-trainable.safetensors   the trainable LoRA weights ("default")
+    adapter-old.safetensors         the frozen old-policy adapter
+    adapter-ema.safetensors         the evaluation EMA of the trainable weights
+    objects.pt                      optimizer, scheduler, balancer state, optional epoch buffer
+    rng-rank<r>.pt                  python / numpy / torch RNG states of rank r
+    state.json                      step, epoch, data position, counters, compatibility fields
+    manifest.json                   sha256 of every file above (written last)
+
+The three adapters are stored SEPARATELY on purpose: an upstream bug resumes from the EMA weights
+(ALGORITHM.md §5). A checkpoint is written under a temporary name and renamed, so a directory with a
+checkpoint's name is complete; the manifest additionally catches later damage (truncated or edited
+files), in which case `resume: latest` warns and falls back to the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from marble.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+ADAPTERS = ("trainable", "old", "ema")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, in memory."""
+
+    state: dict[str, Any]  # step, epoch, data position, counters, "compat" fields
+    adapters: dict[str, dict[str, torch.Tensor]]  # "trainable" / "old" / "ema" -> state dict
+    objects: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, balancer, buffer
+    rng: dict[str, Any] | None = None  # this rank's RNG states
+    path: Path | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and, when present, CUDA) RNG states of this process."""
+    out: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; detach to CPU copies.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """Step encoded in a checkpoint directory name, or None if the name is not one."""
+    name = path.name
+    if not name.startswith(PREFIX):
+        return None
+    try:
+        return int(name[len(PREFIX) :])
+    except ValueError:
+        return None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under `root`, oldest first (temporary ones are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := checkpoint_step(p)) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError if `path` is not a complete, undamaged checkpoint."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise CheckpointError(f"{path}: no manifest.json (incomplete checkpoint)")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from None
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f}: sha256 does not match the manifest (file damaged)")
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose compatibility fields (LoRA shape, rewards, base model) differ.
+
+    `saved` / `current` map config field paths (e.g. "lora.rank") to values.
+    """
+    for key, want in current.items():
+        have = saved.get(key, "<missing>")
+        if have != want:
+            raise CheckpointError(
+                f"{path}: checkpoint was trained with {key}={have!r} but the config has {key}={want!r}; "
+                "use another output directory or set train.resume=none to start over"
+            )
+
+
+# ---------------------------------------------------------------------------------------- manager
+class CheckpointManager:
+    """Writes, finds, verifies and prunes the checkpoints of one training run.
+
+    In a multi-process run every rank calls `save` (each writes its own RNG file); rank 0 writes the
+    shared files, the manifest and does the rename. `barrier` synchronises the ranks (no-op alone).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        keep_last: int,
+        compat: dict[str, Any],
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.compat = compat
+        self.rank = rank
+        self.world_size = world_size
+        self._barrier = barrier or (lambda: None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- writing
+    def save(self, ckpt: Checkpoint) -> Path:
+        """Write `ckpt` atomically as `<root>/step-<step>`; returns the final directory."""
+        final = self.root / f"{PREFIX}{ckpt.step:08d}"
+        tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        if self.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        self._barrier()
+        torch.save(capture_rng() if ckpt.rng is None else ckpt.rng, tmp / f"rng-rank{self.rank}.pt")
+        if self.is_main:
+            for name in ADAPTERS:
+                save_file(_contiguous(ckpt.adapters[name]), str(tmp / f"adapter-{name}.safetensors"))
+            torch.save(ckpt.objects, tmp / "objects.pt")
+            state = {
+                **ckpt.state,
+                "compat": self.compat,
+                "world_size": self.world_size,
+                "format": FORMAT_VERSION,
+            }
+            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+        self._barrier()
+        if self.is_main:
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / "manifest.json").write_text(json.dumps({"files": files}, indent=2))
+            _fsync_dir(tmp)
+            if final.exists():  # a re-run of the same step (e.g. after a crash mid-epoch)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+            log.info("checkpoint written: %s", final)
+        self._barrier()
+        return final
+
+    def _prune(self) -> None:
+        ckpts = list_checkpoints(self.root)
+        for old in ckpts[: max(0, len(ckpts) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint removed (keep_last=%d): %s", self.keep_last, old)
+        for tmp in self.root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- reading
+    def resolve(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: None (start fresh), the newest valid one, or a given dir.
+
+        'latest' skips damaged checkpoints with a warning; an explicit directory must be valid.
+        """
+        if resume == "none":
+            return None
+        if resume != "latest":
+            path = Path(resume)
+            if not path.is_dir():
+                raise CheckpointError(f"train.resume={resume!r}: no such checkpoint directory")
+            verify_checkpoint(path)
+            return path
+        for path in reversed(list_checkpoints(self.root)):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as exc:
+                log.warning("skipping damaged checkpoint: %s", exc)
+                continue
+            return path
+        return None
+
+    def load(self, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+        """Load a verified checkpoint; refuses it when incompatible with the current config."""
+        path = Path(path)
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path / 'state.json'}: unreadable ({exc})") from None
+        check_compatible(state.get("compat", {}), self.compat, path)
+        adapters = {n: load_file(str(path / f"adapter-{n}.safetensors"), device="cpu") for n in ADAPTERS}
+        objects = torch.load(path / "objects.pt", map_location=map_location, weights_only=False)
+        rng_file = path / f"rng-rank{self.rank}.pt"
+        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+        if rng is None:
+            log.warning(
+                "%s: no RNG state for rank %d (world size changed?); RNG not restored", path, self.rank
+            )
+        return Checkpoint(state=state, adapters=adapters, objects=objects, rng=rng, path=path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory entry (the rename) to disk where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
