@@ -240,6 +240,7 @@ class AestheticReward(_HubModelReward):
         description="Hub id or directory of the LAION improved-aesthetic MLP weights.",
     )
     head_file: str = Field("sac+logos+ava1-l14-linearMSE.pth", description="MLP weights file.")
+    head_revision: str | None = Field(None, description="Hub revision (commit hash) of the MLP weights repo.")
 
 
 class ImageRewardReward(_HubModelReward):
@@ -257,6 +258,7 @@ class GenEvalReward(_HubModelReward):
     kind: Literal["geneval"] = "geneval"
     model: str = Field("google/owlv2-base-patch16-ensemble", description="Object detector.")
     clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP for zero-shot colour.")
+    clip_revision: str | None = Field(None, description="Hub revision (commit hash) of the colour CLIP.")
     detection_threshold: float = Field(0.3, gt=0, lt=1, description="Detector score threshold [GenEval: 0.3].")
     count_threshold: float = Field(0.9, gt=0, lt=1, description="Score threshold for counting [GenEval: 0.9].")
 
