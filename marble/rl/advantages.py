@@ -1,0 +1,135 @@
+"""Per-reward group advantages and the optimality probability r (ALGORITHM.md §2).
+
+MARBLE's first idea (arXiv 2605.06507 §3): one advantage estimator per reward. Each column of the
+reward matrix is standardised on its own, over the entries where that reward applies (NaN elsewhere),
+so a specialist reward that applies to a third of the prompts is neither diluted nor inflated by the
+others. The per-prompt statistic follows DiffusionNFT's per-prompt stat tracker
+(NVlabs/DiffusionNFT, `flow_grpo/stat_tracking.py`): group mean, global (default) or per-group std.
+
+Everything here works on whole gathered tensors (call it after an all-gather in multi-process runs):
+no state survives between epochs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+StdMode = Literal["global", "group"]
+
+
+class AdvantageStats(NamedTuple):
+    """Per-reward statistics of one epoch batch, each `[K]` float64 (counts as float for logging)."""
+
+    mean: Tensor  # [K] mean of the valid raw rewards (NaN when none is valid)
+    valid_frac: Tensor  # [K] fraction of samples where the reward applies
+    adv_std: Tensor  # [K] std of the finite advantages
+    reward_std: Tensor  # [K] global std of the valid raw rewards (the global-mode denominator)
+    zero_std_groups: Tensor  # [K] groups with >= 1 valid entry whose valid rewards are all equal
+
+
+class AdvantageResult(NamedTuple):
+    adv: Tensor  # [N, K] float64, NaN where the reward does not apply
+    stats: AdvantageStats
+
+
+def _group_index(group_ids: Tensor | list) -> tuple[Tensor, int]:
+    """Map arbitrary group labels to 0..G-1. Returns (index [N] long, G)."""
+    ids = torch.as_tensor(group_ids)
+    if ids.dtype.is_floating_point:
+        raise TypeError("group_ids must be integer labels, got a floating point tensor")
+    _, inverse = torch.unique(ids, return_inverse=True)
+    return inverse.reshape(-1), int(inverse.max().item()) + 1 if inverse.numel() else 0
+
+
+def _group_sums(values: Tensor, index: Tensor, num_groups: int) -> Tensor:
+    """Sum rows of `values [N, K]` per group -> `[G, K]`."""
+    out = values.new_zeros(num_groups, values.shape[1])
+    return out.index_add_(0, index, values)
+
+
+def group_advantages(
+    rewards: Tensor, group_ids: Tensor | list, std_mode: StdMode = "global", eps: float = 1e-4
+) -> AdvantageResult:
+    """Per-reward, per-prompt-group advantages.
+
+    `A[i, k] = (R[i, k] - mean_{j in group(i), valid} R[j, k]) / (std_k + eps)` where std_k is the
+    population std of all valid `R[:, k]` (global, DiffusionNFT's default) or of the valid entries of
+    the group (per-group). NaN (reward does not apply) stays NaN; a group with a single valid entry
+    gets advantage 0 for it. Computed in float64.
+
+    Args:
+        rewards: `[N, K]` raw rewards, NaN = not applicable (non-finite values are treated as NaN).
+        group_ids: `[N]` integer label of each sample's prompt group.
+        std_mode: "global" or "group".
+        eps: added to the std [NFT: 1e-4].
+    """
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be [N, K], got shape {tuple(rewards.shape)}")
+    if std_mode not in ("global", "group"):
+        raise ValueError(f"std_mode must be 'global' or 'group', got {std_mode!r}")
+    R = rewards.detach().to(torch.float64)  # [N, K]
+    n, _ = R.shape
+    index, num_groups = _group_index(group_ids)
+    if index.numel() != n:
+        raise ValueError(f"group_ids has {index.numel()} entries but rewards has {n} rows")
+    index = index.to(R.device)
+
+    valid = torch.isfinite(R)  # [N, K]
+    vf = valid.to(torch.float64)  # [N, K]
+    Rz = torch.where(valid, R, torch.zeros_like(R))  # [N, K] NaN-free for sums
+    g_count = _group_sums(vf, index, num_groups)  # [G, K]
+    g_mean = _group_sums(Rz, index, num_groups) / g_count.clamp_min(1.0)  # [G, K]
+    centered = torch.where(valid, Rz - g_mean[index], torch.zeros_like(R))  # [N, K]
+    g_var = _group_sums(centered**2, index, num_groups) / g_count.clamp_min(1.0)  # [G, K]
+
+    count = vf.sum(0)  # [K]
+    mean = Rz.sum(0) / count.clamp_min(1.0)  # [K]
+    dev = torch.where(valid, Rz - mean, torch.zeros_like(R))  # [N, K]
+    reward_std = ((dev**2).sum(0) / count.clamp_min(1.0)).sqrt()  # [K]
+
+    if std_mode == "global":
+        denom = (reward_std + eps).expand_as(R)  # [N, K]
+    else:
+        denom = g_var.sqrt()[index] + eps  # [N, K]
+    nan = torch.full_like(R, float("nan"))
+    adv = torch.where(valid, centered / denom, nan)  # [N, K]
+
+    finite_adv = torch.where(valid, adv, torch.zeros_like(adv))
+    adv_mean = finite_adv.sum(0) / count.clamp_min(1.0)  # [K]
+    adv_dev = torch.where(valid, adv - adv_mean, torch.zeros_like(adv))
+    adv_std = ((adv_dev**2).sum(0) / count.clamp_min(1.0)).sqrt()  # [K]
+    has_valid = g_count > 0  # [G, K]
+    # "all equal" up to the rounding of the group mean (sum / count is not exact)
+    flat = g_var.sqrt() <= 1e-12 * (g_mean.abs() + 1.0)  # [G, K]
+    zero_std = (has_valid & flat).to(torch.float64).sum(0)  # [K]
+    mean = torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
+    stats = AdvantageStats(
+        mean=mean,
+        valid_frac=count / max(n, 1),
+        adv_std=adv_std,
+        reward_std=reward_std,
+        zero_std_groups=zero_std,
+    )
+    return AdvantageResult(adv=adv, stats=stats)
+
+
+def optimality_probability(adv: Tensor, clip_max: float) -> tuple[Tensor, Tensor]:
+    """Map advantages to DiffusionNFT's optimality probability (ALGORITHM.md §2).
+
+    `r = clip(A / C, -1, 1) / 2 + 1/2` and `m = isfinite(A)`. Where the mask is 0 the returned r is a
+    placeholder (0.5) that must never reach the loss: `reward_weights` gives those entries c = 0, and
+    `combine_coefficients` never multiplies it in. (Using r = 0.5 as a value would NOT be gradient-free.)
+
+    Returns:
+        r: `[N, K]` float64 in [0, 1]; mask: `[N, K]` bool.
+    """
+    if clip_max <= 0:
+        raise ValueError(f"clip_max must be > 0, got {clip_max}")
+    A = adv.to(torch.float64)  # [N, K]
+    mask = torch.isfinite(A)  # [N, K]
+    r = torch.clamp(A / clip_max, -1.0, 1.0) / 2 + 0.5  # [N, K]
+    r = torch.where(mask, r, torch.full_like(r, 0.5))
+    return r, mask

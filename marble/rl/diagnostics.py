@@ -1,0 +1,61 @@
+"""Gradient-cosine diagnostics (ALGORITHM.md §6; MARBLE arXiv 2605.06507 §4.4, Fig. 3).
+
+For a direction d (the applied update, the fresh MGDA direction, the weighted-sum direction) and the
+per-reward parameter gradients g_k of a batch: `cos(d, g_k)`, summarised by min, mean and variance over
+the rewards. A negative minimum means the update makes some reward worse to first order. Rewards with
+a zero (or non-finite) gradient on the batch are excluded (NaN in `per_reward`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from marble.rl.gram import VALID_NORM_MIN
+
+
+class CosineStats(NamedTuple):
+    min: float  # min over valid rewards (NaN if none)
+    mean: float
+    var: float  # population variance over valid rewards
+    per_reward: Tensor  # [K] float64, NaN for rewards without a valid gradient
+
+
+def _summarise(cos: Tensor) -> CosineStats:
+    ok = torch.isfinite(cos)
+    if not ok.any():
+        nan = float("nan")
+        return CosineStats(nan, nan, nan, cos)
+    v = cos[ok]
+    return CosineStats(float(v.min()), float(v.mean()), float(v.var(unbiased=False)), cos)
+
+
+def direction_cosines(direction: Tensor, grads: Tensor) -> CosineStats:
+    """`cos(d, g_k)` for `direction [P]` and `grads [K, P]` (computed in float64)."""
+    d = direction.detach().reshape(-1).to(torch.float64)  # [P]
+    g = grads.detach().reshape(grads.shape[0], -1).to(torch.float64)  # [K, P]
+    g_norm = g.norm(dim=1)  # [K]
+    d_norm = d.norm()
+    cos = (g @ d) / (g_norm * d_norm)  # [K]
+    bad = ~torch.isfinite(g_norm) | (g_norm <= VALID_NORM_MIN) | ~(d_norm > VALID_NORM_MIN)
+    return _summarise(torch.where(bad, torch.full_like(cos, float("nan")), cos))
+
+
+def gram_cosines(gram: Tensor, gamma: Tensor) -> CosineStats:
+    """The same cosines for `d = Σ_k γ_k g_k`, from the Gram alone:
+    `cos(d, g_k) = (G γ)_k / (sqrt(γᵀ G γ) sqrt(G_kk))`. Cheap: no flattened gradients needed."""
+    G = torch.as_tensor(gram).detach().to(torch.float64)  # [K, K]
+    w = torch.as_tensor(gamma).detach().to(torch.float64)  # [K]
+    diag = torch.diagonal(G)  # [K]
+    g_norm = diag.clamp_min(0).sqrt()  # [K]
+    d_norm = (w @ G @ w).clamp_min(0).sqrt()
+    cos = (G @ w) / (g_norm * d_norm)  # [K]
+    bad = ~torch.isfinite(diag) | (g_norm <= VALID_NORM_MIN) | ~(d_norm > VALID_NORM_MIN)
+    return _summarise(torch.where(bad, torch.full_like(cos, float("nan")), cos))
+
+
+def combine_directions(gamma: Tensor, grads: Tensor) -> Tensor:
+    """`d = Σ_k γ_k g_k` -> `[P]` (float64)."""
+    return torch.as_tensor(gamma).to(torch.float64) @ grads.detach().to(torch.float64)
