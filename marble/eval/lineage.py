@@ -1,0 +1,103 @@
+"""Lineage of an evaluation: which code, config, data, adapter and reward models produced the numbers.
+
+Recorded in `eval.json` by the evaluate stage and copied into registry tags by the register stage,
+so a registered adapter can be traced back to everything that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from marble.config import MarbleConfig
+from marble.registry.base import adapter_sha256
+
+log = logging.getLogger(__name__)
+
+GIT_COMMIT_ENV = "MARBLE_GIT_COMMIT"
+"""Set by container builds that carry no .git directory (the image's commit)."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit() -> str:
+    """The commit of the marble source tree ('+dirty' if it has local changes), or 'unknown'."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=src, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def data_lineage(prompts_dir: Path) -> dict[str, str | None]:
+    """Hashes of the prepared prompts: the manifest (the data hash) and the evaluated test split."""
+    manifest = prompts_dir / "manifest.json"
+    test = prompts_dir / "test.jsonl"
+    test_hash = file_sha256(test) if test.is_file() else None
+    return {
+        "data_hash": file_sha256(manifest) if manifest.is_file() else test_hash,
+        "prompts_manifest": str(manifest) if manifest.is_file() else None,
+        "test_jsonl_sha256": test_hash,
+    }
+
+
+def reward_lineage(cfg: MarbleConfig, reward_cache: Path | None) -> dict[str, Any]:
+    """Reward model ids and revisions from the config, plus the reward cache manifest (hash + entries)."""
+    models = {}
+    for spec in cfg.rewards:
+        entry = {"kind": spec.kind, "held_out": spec.held_out}
+        for key in (
+            "model", "revision", "processor", "processor_revision", "head", "head_revision", "clip_model", "clip_revision",
+        ):  # fmt: skip
+            if hasattr(spec, key):
+                entry[key] = getattr(spec, key)
+        models[spec.name] = entry
+    out: dict[str, Any] = {"rewards": models, "manifest_sha256": None, "manifest": None}
+    if reward_cache is not None:
+        path = Path(reward_cache) / "manifest.json"
+        if path.is_file():
+            out["manifest_sha256"] = file_sha256(path)
+            try:
+                out["manifest"] = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                log.warning("%s is not valid JSON; only its hash is recorded", path)
+        else:
+            log.warning("reward cache %s has no manifest.json; reward hashes not recorded", reward_cache)
+    return out
+
+
+def collect_lineage(
+    cfg: MarbleConfig, prompts_dir: Path, adapter_dir: Path, reward_cache: Path | None
+) -> dict[str, Any]:
+    """Everything `eval.json["lineage"]` records."""
+    return {
+        "run_name": cfg.run_name,
+        "git_commit": git_commit(),
+        "config_hash": cfg.config_hash(),
+        "base_model": cfg.model.pretrained,
+        "base_model_revision": cfg.model.revision,
+        "adapter_dir": str(adapter_dir),
+        "adapter_sha256": adapter_sha256(adapter_dir),
+        **data_lineage(prompts_dir),
+        "reward_models": reward_lineage(cfg, reward_cache),
+    }

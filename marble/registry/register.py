@@ -1,0 +1,257 @@
+"""The register stage, and fetching a registered adapter back by alias.
+
+`register_adapter` (called by `marble.stages.register_adapter`):
+1. reads the evaluation (`eval.json`, `metrics.json`) and checks it evaluated THIS adapter (sha256);
+2. under the registry's lock, looks the idempotency key '<adapter sha256>:<run id>' up: a version
+   whose alias decision was already applied is returned as is (a repeated or concurrent call);
+3. otherwise applies the promotion gate against the current champion's metrics, creates the version
+   (adapter files + every metric and lineage value as tags), and moves `champion` if the gate passed,
+   `candidate` if not. `champion` never moves on a failing gate.
+The record is also written to `<out_dir>/registration.json`.
+
+The run id is `MARBLE_RUN_ID` when the orchestrator sets one, else '<run_name>-<config hash>': two
+firings of the same scheduled run train the same config, so they share the key and register once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from marble.config import KubeflowRegistry, MarbleConfig
+from marble.configio import atomic_write_text
+from marble.errors import RegistryError
+from marble.eval.gate import evaluate_gate
+from marble.registry.base import (
+    CANDIDATE,
+    CHAMPION,
+    METRIC_PREFIX,
+    TAG_APPLIED,
+    TAG_GATE,
+    TAG_GATE_SUMMARY,
+    TAG_RUN,
+    TAG_SHA,
+    RegisteredVersion,
+    Registry,
+    adapter_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_ID_ENV = "MARBLE_RUN_ID"
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+RECORD_FILE = "registration.json"
+EVAL_FILES = ("eval.json", "metrics.json", "report.md", "report.html")
+
+
+def open_registry(cfg: MarbleConfig, out_dir: Path) -> Registry:
+    """The configured backend; the embedded MLflow store lives in `out_dir`."""
+    reg = cfg.registry
+    if isinstance(reg, KubeflowRegistry):
+        from marble.registry.kubeflow_backend import KubeflowModelRegistry
+
+        return KubeflowModelRegistry(reg)
+    from marble.registry.mlflow_backend import MlflowRegistry
+
+    return MlflowRegistry(reg.model_name, Path(out_dir), reg.tracking_uri)
+
+
+def run_id(cfg: MarbleConfig) -> str:
+    return os.environ.get(RUN_ID_ENV) or f"{cfg.run_name}-{cfg.config_hash()}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RegistryError(f"{path}: not found; run `marble evaluate` before `marble register`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RegistryError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _check_adapter(adapter_dir: Path) -> None:
+    if not (adapter_dir / ADAPTER_FILE).is_file():
+        raise RegistryError(f"{adapter_dir}: no {ADAPTER_FILE}; expected an exported adapter directory")
+
+
+def _tags(summary: dict[str, Any], metrics: dict[str, Any], sha: str, rid: str) -> dict[str, str]:
+    lin = summary.get("lineage", {})
+    rewards = lin.get("reward_models", {})
+    tags = {
+        TAG_SHA: sha,
+        TAG_RUN: rid,
+        "marble.run_name": str(lin.get("run_name")),
+        "marble.git_commit": str(lin.get("git_commit")),
+        "marble.config_hash": str(lin.get("config_hash")),
+        "marble.data_hash": str(lin.get("data_hash")),
+        "marble.test_jsonl_sha256": str(lin.get("test_jsonl_sha256")),
+        "marble.base_model": str(lin.get("base_model")),
+        "marble.base_model_revision": str(lin.get("base_model_revision")),
+        "marble.reward_manifest_sha256": str(rewards.get("manifest_sha256")),
+        "marble.reward_models": json.dumps(rewards.get("rewards", {}), sort_keys=True, separators=(",", ":")),
+    }
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            tags[METRIC_PREFIX + k] = repr(float(v))
+    return tags
+
+
+def register_adapter(cfg: MarbleConfig, adapter_dir: Path, eval_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Register `adapter_dir` with the evaluation in `eval_dir`; see the module docstring."""
+    adapter_dir, eval_dir, out_dir = Path(adapter_dir), Path(eval_dir), Path(out_dir)
+    _check_adapter(adapter_dir)
+    summary = _read_json(eval_dir / "eval.json")
+    metrics = _read_json(eval_dir / "metrics.json")
+    sha = adapter_sha256(adapter_dir)
+    evaluated = summary.get("lineage", {}).get("adapter_sha256")
+    if evaluated != sha:
+        raise RegistryError(
+            f"{eval_dir / 'eval.json'}: evaluated adapter sha256 {evaluated} but {adapter_dir} has {sha}; "
+            "re-run `marble evaluate` on this adapter"
+        )
+    rid = run_id(cfg)
+    key = f"{sha}:{rid}"
+    registry = open_registry(cfg, out_dir)
+    with registry.lock():
+        record = _register_locked(cfg, registry, adapter_dir, eval_dir, summary, metrics, sha, rid, key)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def _register_locked(
+    cfg: MarbleConfig,
+    registry: Registry,
+    adapter_dir: Path,
+    eval_dir: Path,
+    summary: dict[str, Any],
+    metrics: dict[str, Any],
+    sha: str,
+    rid: str,
+    key: str,
+) -> dict[str, Any]:
+    existing = registry.find_versions(key)
+    if existing and existing[0].tags.get(TAG_APPLIED) == "true":
+        v = existing[0]
+        log.info("adapter %s (run %s) is already version %s; nothing to do", sha[:12], rid, v.version)
+        return _record(registry, v, key, created=False, champion_before=None, gate=None)
+
+    champion = registry.get_alias(CHAMPION)
+    gate = evaluate_gate(
+        summary,
+        cfg.eval.gate,
+        champion=champion.reward_means() if champion else None,
+        champion_label=f"version {champion.version}" if champion else "",
+    )
+    tags = _tags(summary, metrics, sha, rid)
+    tags[TAG_GATE] = "passed" if gate.passed else "failed"
+    tags[TAG_GATE_SUMMARY] = gate.summary()
+    created = not existing
+    if existing:  # created earlier, but the alias step never finished (a crash): redo the decision
+        version = existing[0]
+        registry.set_tags(
+            version.version, {TAG_GATE: tags[TAG_GATE], TAG_GATE_SUMMARY: tags[TAG_GATE_SUMMARY]}
+        )
+    else:
+        numeric = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        extra = [eval_dir / f for f in EVAL_FILES if (eval_dir / f).is_file()]
+        version = registry.create_version(adapter_dir, key=key, tags=tags, metrics=numeric, extra_files=extra)
+        # A racing writer on a shared server may have registered the same key: the oldest version wins.
+        same = registry.find_versions(key)
+        if same and same[0].version != version.version:
+            log.info("lost a registration race for %s; keeping version %s", key, same[0].version)
+            registry.delete_version(version.version)
+            version, created = same[0], False
+    alias = CHAMPION if gate.passed else CANDIDATE
+    registry.set_alias(alias, version.version)
+    registry.set_tags(version.version, {TAG_APPLIED: "true"})
+    log.info("version %s: gate %s -> alias %s", version.version, gate.summary(), alias)
+    return _record(
+        registry,
+        version,
+        key,
+        created=created,
+        champion_before=champion.version if champion else None,
+        gate=gate,
+    )
+
+
+def _record(
+    registry: Registry,
+    version: RegisteredVersion,
+    key: str,
+    *,
+    created: bool,
+    champion_before: str | None,
+    gate: Any,
+) -> dict[str, Any]:
+    champion = registry.get_alias(CHAMPION)
+    candidate = registry.get_alias(CANDIDATE)
+    return {
+        "backend": registry.backend,
+        "registry": repr(registry),
+        "model_name": registry.model_name,
+        "version": version.version,
+        "source": version.source,
+        "key": key,
+        "created": created,
+        "gate_passed": version.tags.get(TAG_GATE) == "passed" if gate is None else gate.passed,
+        "gate_summary": version.tags.get(TAG_GATE_SUMMARY) if gate is None else gate.summary(),
+        "gate": gate.to_dict() if gate is not None else None,
+        "champion_before": champion_before,
+        "champion": champion.version if champion else None,
+        "candidate": candidate.version if candidate else None,
+    }
+
+
+# ------------------------------------------------------------------------------------- fetching
+def fetch_adapter(
+    cfg: MarbleConfig, registry_dir: Path, alias: str = CHAMPION, dst: Path | None = None
+) -> tuple[Path, RegisteredVersion]:
+    """Download the adapter `alias` points to and verify its sha256 against the registered one.
+
+    Returns (directory holding pytorch_lora_weights.safetensors, the version).
+    """
+    registry = open_registry(cfg, Path(registry_dir))
+    version = registry.get_alias(alias)
+    if version is None:
+        raise RegistryError(f"{registry!r}: no version has the alias {alias!r} (nothing promoted yet?)")
+    dst = Path(dst) if dst is not None else Path(registry_dir) / "fetched" / f"{alias}-v{version.version}"
+    path = registry.download(version, dst)
+    found = [p.parent for p in Path(path).rglob(ADAPTER_FILE)]
+    if len(found) != 1:
+        raise RegistryError(
+            f"version {version.version}: expected one {ADAPTER_FILE} under {path}, found {len(found)}"
+        )
+    want = version.tags.get(TAG_SHA)
+    got = adapter_sha256(found[0])
+    if want and got != want:
+        raise RegistryError(
+            f"version {version.version}: downloaded adapter sha256 {got} != registered {want}"
+        )
+    return found[0], version
+
+
+def load_registered_pipeline(
+    cfg: MarbleConfig,
+    registry_dir: Path,
+    alias: str = CHAMPION,
+    *,
+    device: str = "cpu",
+    dst: Path | None = None,
+):
+    """A stock diffusers SD3 pipeline (the configured base) with the `alias` adapter loaded.
+
+    Uses only `load_pipeline` + diffusers' own `pipe.load_lora_weights`, as a serving user would.
+    """
+    from marble.models.loading import load_pipeline
+
+    adapter, version = fetch_adapter(cfg, registry_dir, alias, dst)
+    pipe = load_pipeline(cfg.model, device=device)
+    pipe.load_lora_weights(str(adapter), adapter_name=f"marble_v{version.version}")
+    return pipe

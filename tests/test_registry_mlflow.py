@@ -1,0 +1,146 @@
+"""The register stage on the embedded MLflow store: idempotence, the gate moving aliases, fetching back."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from marble.configio import load_config
+from marble.errors import RegistryError
+from marble.registry.base import adapter_sha256
+from marble.registry.register import fetch_adapter, open_registry, register_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(REPO / "configs/tiny.yaml")
+
+
+def make_adapter(root: Path, payload: bytes) -> Path:
+    d = root / f"adapter-{payload.hex()[:8]}"
+    d.mkdir(parents=True)
+    (d / "pytorch_lora_weights.safetensors").write_bytes(payload)
+    return d
+
+
+def make_eval(root: Path, adapter: Path, means: dict[str, float], *, improve=True, dark_shift=0.1) -> Path:
+    """A hand-made evaluation of `adapter`: trained rewards at `means`, improving significantly or not."""
+    d = root / f"eval-{adapter.name}-{improve}-{dark_shift}"
+    d.mkdir(parents=True)
+    lo = 0.01 if improve else -0.05
+    rewards = {
+        name: {
+            "held_out": name == "jpeg",
+            "base_std": 0.1,
+            "adapter": {"mean": m},
+            "delta": {"mean": 0.05 if improve else 0.0, "ci_lo": lo, "ci_hi": 0.1, "n": 8},
+        }
+        for name, m in means.items()
+    }
+    summary = {
+        "lineage": {"adapter_sha256": adapter_sha256(adapter), "config_hash": "c0ffee", "data_hash": "da7a"},
+        "rewards": rewards,
+        "monitors": {"dark_fraction": {"relative_shift": dark_shift}},
+    }
+    (d / "eval.json").write_text(json.dumps(summary))
+    metrics = {f"adapter/{k}": v for k, v in means.items()}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return d
+
+
+def test_register_is_idempotent_and_gate_moves_aliases(cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MARBLE_RUN_ID", raising=False)
+    store = tmp_path / "registry"
+    good = make_adapter(tmp_path, b"good-adapter")
+    good_eval = make_eval(tmp_path, good, {"brightness": 0.6, "colorfulness": 0.3, "jpeg": 0.5})
+
+    first = register_adapter(cfg, good, good_eval, store)
+    assert first["created"] and first["gate_passed"] and first["champion"] == first["version"] == "1"
+    assert first["champion_before"] is None
+    assert (store / "mlflow.db").is_file()
+    assert json.loads((store / "registration.json").read_text())["version"] == "1"
+
+    # the same adapter and run again: the existing version, nothing new, aliases untouched
+    again = register_adapter(cfg, good, good_eval, store)
+    assert not again["created"] and again["version"] == "1" and again["champion"] == "1"
+
+    reg = open_registry(cfg, store)
+    v1 = reg.get_alias("champion")
+    assert v1.tags["marble.config_hash"] == "c0ffee" and v1.tags["marble.data_hash"] == "da7a"
+    assert float(v1.tags["metric.adapter/brightness"]) == 0.6
+    assert v1.tags["marble.adapter_sha256"] == adapter_sha256(good)
+    assert v1.tags["marble.gate"] == "passed" and "marble.git_commit" in v1.tags
+
+    # a worse adapter (dominated on the trained rewards): registered, but only as candidate
+    worse = make_adapter(tmp_path, b"worse-adapter")
+    r = register_adapter(
+        cfg, worse, make_eval(tmp_path, worse, {"brightness": 0.5, "colorfulness": 0.3}), store
+    )
+    assert r["created"] and not r["gate_passed"] and "pareto" in r["gate_summary"]
+    assert (r["version"], r["candidate"], r["champion"], r["champion_before"]) == ("2", "2", "1", "1")
+
+    # a hacked one (dark monitor tripled) with better rewards: also refused
+    hacked = make_adapter(tmp_path, b"hacked-adapter")
+    h_eval = make_eval(tmp_path, hacked, {"brightness": 0.9, "colorfulness": 0.9}, dark_shift=2.0)
+    r = register_adapter(cfg, hacked, h_eval, store)
+    assert not r["gate_passed"] and "dark_fraction" in r["gate_summary"] and r["champion"] == "1"
+
+    # a better one (a trade-off is fine, and it improves significantly) takes over
+    better = make_adapter(tmp_path, b"better-adapter")
+    r = register_adapter(
+        cfg, better, make_eval(tmp_path, better, {"brightness": 0.7, "colorfulness": 0.25}), store
+    )
+    assert r["gate_passed"] and r["champion"] == r["version"] == "4" and r["champion_before"] == "1"
+
+    # a different run id is a different registration of the same bytes
+    monkeypatch.setenv("MARBLE_RUN_ID", "scheduled-2")
+    r = register_adapter(
+        cfg, better, make_eval(tmp_path / "x", better, {"brightness": 0.7, "colorfulness": 0.25}), store
+    )
+    assert r["created"] and r["version"] == "5"
+
+    # fetch by alias: the champion's files come back byte for byte, sha256 verified
+    path, version = fetch_adapter(cfg, store, "champion", tmp_path / "fetched")
+    assert version.version == "5"
+    assert (path / "pytorch_lora_weights.safetensors").read_bytes() == b"better-adapter"
+    with pytest.raises(RegistryError, match="no version has the alias 'nobody'"):
+        fetch_adapter(cfg, store, "nobody")
+
+
+def test_concurrent_registrations_make_one_version(cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("MARBLE_RUN_ID", "fired-twice")
+    store = tmp_path / "registry"
+    ad = make_adapter(tmp_path, b"same-adapter")
+    ev = make_eval(tmp_path, ad, {"brightness": 0.6, "colorfulness": 0.3})
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(register_adapter(cfg, ad, ev, store))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(r["created"] for r in results) == [False, False, True]
+    assert {r["version"] for r in results} == {"1"}
+    assert len(open_registry(cfg, store).find_versions(results[0]["key"])) == 1
+
+
+def test_refuses_an_evaluation_of_another_adapter(cfg, tmp_path):
+    a = make_adapter(tmp_path, b"a")
+    b = make_adapter(tmp_path, b"b")
+    with pytest.raises(RegistryError, match="evaluated adapter sha256"):
+        register_adapter(cfg, b, make_eval(tmp_path, a, {"brightness": 0.1}), tmp_path / "reg")
+    with pytest.raises(RegistryError, match="run `marble evaluate`"):
+        register_adapter(cfg, a, tmp_path / "missing", tmp_path / "reg")
+    assert not (tmp_path / "reg" / "mlflow.db").exists()
