@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from _registry_helpers import make_adapter, make_eval
 
 from marble.configio import load_config
 from marble.errors import RegistryError
@@ -19,38 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(REPO / "configs/tiny.yaml")
-
-
-def make_adapter(root: Path, payload: bytes) -> Path:
-    d = root / f"adapter-{payload.hex()[:8]}"
-    d.mkdir(parents=True)
-    (d / "pytorch_lora_weights.safetensors").write_bytes(payload)
-    return d
-
-
-def make_eval(root: Path, adapter: Path, means: dict[str, float], *, improve=True, dark_shift=0.1) -> Path:
-    """A hand-made evaluation of `adapter`: trained rewards at `means`, improving significantly or not."""
-    d = root / f"eval-{adapter.name}-{improve}-{dark_shift}"
-    d.mkdir(parents=True)
-    lo = 0.01 if improve else -0.05
-    rewards = {
-        name: {
-            "held_out": name == "jpeg",
-            "base_std": 0.1,
-            "adapter": {"mean": m},
-            "delta": {"mean": 0.05 if improve else 0.0, "ci_lo": lo, "ci_hi": 0.1, "n": 8},
-        }
-        for name, m in means.items()
-    }
-    summary = {
-        "lineage": {"adapter_sha256": adapter_sha256(adapter), "config_hash": "c0ffee", "data_hash": "da7a"},
-        "rewards": rewards,
-        "monitors": {"dark_fraction": {"relative_shift": dark_shift}},
-    }
-    (d / "eval.json").write_text(json.dumps(summary))
-    metrics = {f"adapter/{k}": v for k, v in means.items()}
-    (d / "metrics.json").write_text(json.dumps(metrics))
-    return d
 
 
 def test_register_is_idempotent_and_gate_moves_aliases(cfg, tmp_path, monkeypatch):

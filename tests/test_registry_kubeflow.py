@@ -1,0 +1,164 @@
+"""Kubeflow Model Registry backend: request construction against a fake client, and clear errors."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from _registry_helpers import make_adapter, make_eval
+
+from marble.config import KubeflowRegistry
+from marble.configio import load_config
+from marble.errors import RegistryError
+from marble.registry.kubeflow_backend import KubeflowModelRegistry, version_name
+from marble.registry.register import fetch_adapter, register_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeModelRegistryClient:
+    """The subset of `model_registry.ModelRegistry` marble calls, in memory, recording every request."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.models: dict[str, SimpleNamespace] = {}
+        self.versions: dict[tuple[str, str], SimpleNamespace] = {}
+        self.artifacts: dict[tuple[str, str], SimpleNamespace] = {}
+
+    def register_model(self, name, uri, *, model_format_name, model_format_version, version, **kw):
+        self.calls.append(("register_model", (name, uri), dict(kw, version=version, fmt=model_format_name)))
+        if (name, version) in self.versions:
+            raise RuntimeError(
+                f"Version {version} already exists"
+            )  # what the real client raises (StoreError)
+        rm = self.models.setdefault(
+            name, SimpleNamespace(id=str(len(self.models) + 1), name=name, custom_properties={})
+        )
+        self.versions[(name, version)] = SimpleNamespace(name=version, custom_properties=dict(kw["metadata"]))
+        self.artifacts[(name, version)] = SimpleNamespace(uri=uri, model_format_name=model_format_name)
+        return rm
+
+    def get_registered_model(self, name):
+        self.calls.append(("get_registered_model", (name,), {}))
+        return self.models.get(name)
+
+    def get_model_version(self, name, version):
+        self.calls.append(("get_model_version", (name, version), {}))
+        return self.versions.get((name, version))
+
+    def get_model_artifact(self, name, version):
+        return self.artifacts.get((name, version))
+
+    def update(self, obj):
+        self.calls.append(("update", (obj.name,), {"custom_properties": dict(obj.custom_properties)}))
+        return obj
+
+
+def kf_config(tmp_path: Path, **reg):
+    cfg = load_config(REPO / "configs/tiny.yaml")
+    return cfg.model_copy(
+        update={
+            "registry": KubeflowRegistry(
+                server_address="https://mr.example.svc", token_env="TEST_MR_TOKEN", **reg
+            )
+        }
+    )
+
+
+def test_register_builds_the_right_requests_and_is_idempotent(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_MR_TOKEN", "s3cr3t")
+    monkeypatch.setenv("MARBLE_RUN_ID", "run-7")
+    fake = FakeModelRegistryClient()
+    seen = {}
+
+    def factory(reg_cfg, token):
+        seen.update(address=reg_cfg.server_address, port=reg_cfg.port, token=token, author=reg_cfg.author)
+        return fake
+
+    monkeypatch.setattr("marble.registry.kubeflow_backend.default_client_factory", factory)
+    cfg = kf_config(tmp_path)
+    ad = make_adapter(tmp_path, b"kf-adapter")
+    ev = make_eval(tmp_path, ad, {"brightness": 0.6, "colorfulness": 0.3})
+
+    rec = register_adapter(cfg, ad, ev, tmp_path / "reg")
+    assert seen == {"address": "https://mr.example.svc", "port": 443, "token": "s3cr3t", "author": "marble"}
+    reg_calls = [c for c in fake.calls if c[0] == "register_model"]
+    assert len(reg_calls) == 1
+    _, (name, uri), kw = reg_calls[0]
+    assert name == "marble-lora" and uri == ad.resolve().as_uri() and kw["fmt"] == "diffusers-lora"
+    assert kw["version"] == version_name(rec["key"]) and kw["version"].endswith("-run-7")
+    meta = kw["metadata"]
+    assert meta["marble.run_id"] == "run-7" and meta["metric.adapter/brightness"] == 0.6
+    assert meta["marble.config_hash"] == "c0ffee"
+    # champion alias is a custom property of the registered model holding the version name
+    assert fake.models["marble-lora"].custom_properties["alias.champion"] == kw["version"]
+    assert rec["champion"] == rec["version"] and rec["backend"] == "kubeflow" and rec["created"]
+
+    again = register_adapter(cfg, ad, ev, tmp_path / "reg")
+    assert not again["created"] and again["version"] == rec["version"]
+    assert len([c for c in fake.calls if c[0] == "register_model"]) == 1
+
+    # fetch by alias from a file:// URI (a shared volume)
+    path, version = fetch_adapter(cfg, tmp_path / "reg", "champion", tmp_path / "fetched")
+    assert (path / "pytorch_lora_weights.safetensors").read_bytes() == b"kf-adapter"
+    assert json.loads((tmp_path / "reg" / "registration.json").read_text())["version"] == version.version
+
+
+def test_a_concurrent_duplicate_returns_the_existing_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_MR_TOKEN", "t")
+    fake = FakeModelRegistryClient()
+    reg = KubeflowModelRegistry(kf_config(tmp_path).registry, client_factory=lambda c, t: fake)
+    (tmp_path / "a").mkdir()
+    v1 = reg.create_version(tmp_path / "a", key="ab" * 32 + ":r", tags={}, metrics={"x": 1.0}, extra_files=[])
+    v2 = reg.create_version(tmp_path / "a", key="ab" * 32 + ":r", tags={}, metrics={"x": 1.0}, extra_files=[])
+    assert v1.version == v2.version and len(fake.versions) == 1
+
+
+def test_missing_server_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_MR_TOKEN", "t")
+
+    def unreachable(cfg, token):
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    reg = KubeflowModelRegistry(kf_config(tmp_path, port=8443).registry, client_factory=unreachable)
+    with pytest.raises(
+        RegistryError, match=r"cannot reach the Kubeflow Model Registry at https://mr.example.svc:8443"
+    ):
+        reg.get_alias("champion")
+
+
+def test_missing_token_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("TEST_MR_TOKEN", raising=False)
+    reg = KubeflowModelRegistry(
+        kf_config(tmp_path).registry, client_factory=lambda c, t: FakeModelRegistryClient()
+    )
+    with pytest.raises(RegistryError, match="TEST_MR_TOKEN is empty or unset"):
+        reg.get_alias("champion")
+
+
+def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_MR_TOKEN", "t")
+    real_import = builtins.__import__
+
+    def no_model_registry(name, *args, **kwargs):
+        if name == "model_registry" or name.startswith("model_registry."):
+            raise ImportError("No module named 'model_registry'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_model_registry)
+    reg = KubeflowModelRegistry(kf_config(tmp_path).registry)
+    with pytest.raises(RegistryError, match=r"pip install 'marble\[kubeflow-registry\]'"):
+        reg.find_versions("k:r")
+
+
+def test_non_file_uri_cannot_be_fetched(tmp_path, monkeypatch):
+    from marble.registry.base import RegisteredVersion
+
+    reg = KubeflowModelRegistry(
+        kf_config(tmp_path).registry, client_factory=lambda c, t: FakeModelRegistryClient()
+    )
+    with pytest.raises(RegistryError, match="only file://"):
+        reg.download(RegisteredVersion("m", "v", "s3://bucket/adapter"), tmp_path / "x")
