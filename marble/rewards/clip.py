@@ -1,0 +1,162 @@
+"""CLIP-based rewards: PickScore, CLIPScore and the LAION aesthetic predictor (transformers).
+
+Preprocessing, the same for all three: images `[N, 3, H, W]` in [0, 1] are rounded to uint8 RGB (what a
+saved PNG would hold, and what the reference scorers receive as PIL images), then the checkpoint's own
+`CLIPImageProcessor` resizes the shortest side (bicubic), centre-crops and normalises with its mean/std.
+Prompts go through the checkpoint's tokenizer, truncated to its 77 tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from marble.rewards.base import BaseReward, RewardOutput
+from marble.rewards.hub import from_pretrained, load_state_dict_file, resolve_file
+from marble.rewards.offline import to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """`[N, 3, H, W]` in [0, 1] -> N RGB PIL images (uint8, rounded)."""
+    return [Image.fromarray(a, mode="RGB") for a in to_uint8(images)]
+
+
+def _pooled(out) -> Tensor:
+    """Projected features from `get_*_features` (a tensor in transformers 4, a model output in 5)."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+@torch.no_grad()
+def clip_image_embeds(model, processor, images: Tensor, device) -> Tensor:
+    """L2-normalised projected image embeddings `[N, E]`."""
+    pixels = processor(images=to_pil(images), return_tensors="pt")["pixel_values"].to(device)
+    emb = _pooled(model.get_image_features(pixel_values=pixels)).float()  # [N, E]
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def clip_text_embeds(model, tokenizer, prompts: list[str], device) -> Tensor:
+    """L2-normalised projected text embeddings `[N, E]` (truncated to the tokenizer's length)."""
+    max_len = getattr(model.config, "text_config", model.config).max_position_embeddings
+    tok = tokenizer(prompts, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(
+        device
+    )
+    emb = _pooled(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+    emb = emb.float()  # [N, E]
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+class _ClipReward(BaseReward):
+    """Loads a `CLIPModel` and its processor (the processor may live in another repo, as for PickScore)."""
+
+    requires_weights = True
+
+    def _processor_source(self) -> tuple[str, str | None]:
+        return self.spec.model, self.spec.revision
+
+    def _load(self, cache_dir: Path | None) -> None:
+        from transformers import AutoProcessor, CLIPModel
+
+        proc_id, proc_rev = self._processor_source()
+        self.processor = from_pretrained(
+            AutoProcessor, proc_id, proc_rev, cache_dir, f"{self.name} processor"
+        )
+        model = from_pretrained(
+            CLIPModel, self.spec.model, self.spec.revision, cache_dir, f"{self.name} model"
+        )
+        self.model = model.eval().requires_grad_(False).to(self.device)
+
+    def _cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
+        img = clip_image_embeds(self.model, self.processor, images, self.device)  # [n, E]
+        txt = clip_text_embeds(self.model, self.processor.tokenizer, prompts, self.device)  # [n, E]
+        return (img * txt).sum(dim=-1).double().cpu()  # [n]
+
+
+class PickScoreScorer(_ClipReward):
+    """PickScore (Kirstain et al. 2023): `logit_scale.exp() * cos(image, text)`.
+
+    `scores` is on the TRAINING scale, raw / `spec.scale` (26, as in DiffusionNFT/flow_grpo, so that a
+    weighted sum sees it on a scale comparable to the others); `extras["raw"]` is the paper-table scale
+    (~20-23 for SD3.5 Medium). Processor `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`, model
+    `yuvalkirstain/PickScore_v1`.
+    """
+
+    score_range = (-100.0 / 26.0, 100.0 / 26.0)  # logit_scale is clamped at 100 in CLIP training
+
+    def _processor_source(self) -> tuple[str, str | None]:
+        return self.spec.processor, self.spec.processor_revision
+
+    def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
+        raw = self.model.logit_scale.exp().item() * self._cosine(images, prompts)  # [n]
+        return RewardOutput(scores=raw / self.spec.scale, extras={"raw": raw})
+
+
+class ClipScoreScorer(_ClipReward):
+    """CLIPScore as the paper reports it: plain cosine of CLIP ViT-L/14 image and text embeddings."""
+
+    score_range = (-1.0, 1.0)
+
+    def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
+        return self._cosine(images, prompts)
+
+
+def aesthetic_mlp() -> nn.Sequential:
+    """The LAION improved-aesthetic-predictor head, 768-1024-128-64-16-1.
+
+    Layer indices match the published state dict (`layers.0/2/4/6/7`); dropout is inert in eval mode.
+    """
+    return nn.Sequential(
+        nn.Linear(768, 1024), nn.Dropout(0.2),
+        nn.Linear(1024, 128), nn.Dropout(0.2),
+        nn.Linear(128, 64), nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )  # fmt: skip
+
+
+class AestheticScorer(BaseReward):
+    """LAION aesthetic score: CLIP ViT-L/14 image embedding, L2-normalised, into `aesthetic_mlp`.
+
+    About 1-10 (SD3.5 Medium base: 5.13 in the paper); the head is a regression, so not bounded.
+    """
+
+    requires_weights = True
+    score_range = (-math.inf, math.inf)
+
+    def _load(self, cache_dir: Path | None) -> None:
+        from transformers import AutoProcessor, CLIPModel
+
+        s = self.spec
+        self.processor = from_pretrained(
+            AutoProcessor, s.model, s.revision, cache_dir, f"{self.name} processor"
+        )
+        clip = from_pretrained(CLIPModel, s.model, s.revision, cache_dir, f"{self.name} CLIP")
+        self.clip = clip.eval().requires_grad_(False).to(self.device)
+        head_path = resolve_file(s.head, s.head_file, s.head_revision, cache_dir)
+        state = load_state_dict_file(head_path)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        head = aesthetic_mlp()
+        embed_dim = self.clip.config.projection_dim
+        if state.get("layers.0.weight") is not None and state["layers.0.weight"].shape[1] != embed_dim:
+            from marble.errors import RewardError
+
+            raise RewardError(
+                f"{head_path}: aesthetic head expects {state['layers.0.weight'].shape[1]}-d embeddings but "
+                f"{s.model!r} gives {embed_dim}-d (use CLIP ViT-L/14)"
+            )
+        if embed_dim != 768:  # tiny test CLIPs: same layer layout, narrower input
+            head[0] = nn.Linear(embed_dim, 1024)
+        head.load_state_dict(state)
+        self.head = head.eval().requires_grad_(False).to(self.device)
+
+    @torch.no_grad()
+    def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
+        emb = clip_image_embeds(self.clip, self.processor, images, self.device)  # [n, 768]
+        return self.head(emb).squeeze(-1).double().cpu()  # [n]
