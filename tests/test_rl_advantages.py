@@ -22,7 +22,9 @@ def test_hand_computed_global_std():
     expected = [(-1) / (std + 1e-4), 0.0, 1 / (std + 1e-4), -1 / (std + 1e-4), NAN, 1 / (std + 1e-4)]
     got = res.adv[:, 0].tolist()
     assert math.isnan(got[4])
-    np.testing.assert_allclose([g for i, g in enumerate(got) if i != 4], [e for i, e in enumerate(expected) if i != 4], rtol=1e-14)
+    np.testing.assert_allclose(
+        [g for i, g in enumerate(got) if i != 4], [e for i, e in enumerate(expected) if i != 4], rtol=1e-14
+    )
     assert res.stats.valid_frac.tolist() == [5 / 6]
     assert res.stats.mean.tolist() == pytest.approx([3.2])
     assert res.stats.reward_std.tolist() == pytest.approx([std])
@@ -32,7 +34,9 @@ def test_group_std_mode():
     # group 0: [1, 3] -> mean 2, std 1; group 1: [10, 30] -> mean 20, std 10
     R = torch.tensor([[1.0], [3.0], [10.0], [30.0]])
     adv = group_advantages(R, [7, 7, 3, 3], std_mode="group").adv[:, 0]
-    np.testing.assert_allclose(adv.tolist(), [-1 / (1 + 1e-4), 1 / (1 + 1e-4), -10 / (10 + 1e-4), 10 / (10 + 1e-4)])
+    np.testing.assert_allclose(
+        adv.tolist(), [-1 / (1 + 1e-4), 1 / (1 + 1e-4), -10 / (10 + 1e-4), 10 / (10 + 1e-4)]
+    )
 
 
 def test_columns_are_independent_and_nan_preserved():

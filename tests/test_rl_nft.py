@@ -105,7 +105,9 @@ def test_single_backward_equals_sum_of_k_backwards():
         )
         worst = max(worst, ((one - many).abs().max() / many.abs().max()).item())
         # the vectorised per-reward losses equal the reference ones
-        torch.testing.assert_close(per_reward_losses(terms, c, r, BETA), torch.stack(ref_losses), rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            per_reward_losses(terms, c, r, BETA), torch.stack(ref_losses), rtol=1e-12, atol=0
+        )
     assert worst < 1e-10
 
 

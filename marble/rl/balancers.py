@@ -70,13 +70,22 @@ class BalanceStats:
 
     def to_metrics(self, names: list[str]) -> dict[str, float]:
         """Flat metrics with the names of ALGORITHM.md §6."""
-        out: dict[str, float] = {f"balance/alpha/{n}": float(a) for n, a in zip(names, self.alpha, strict=True)}
+        out: dict[str, float] = {
+            f"balance/alpha/{n}": float(a) for n, a in zip(names, self.alpha, strict=True)
+        }
         out["balance/qp_fallbacks"] = float(self.qp_fallbacks)
         if self.refreshed:
             if self.alpha_fresh is not None:
-                out.update({f"balance/alpha_fresh/{n}": float(a) for n, a in zip(names, self.alpha_fresh, strict=True)})
+                out.update(
+                    {
+                        f"balance/alpha_fresh/{n}": float(a)
+                        for n, a in zip(names, self.alpha_fresh, strict=True)
+                    }
+                )
             if self.grad_norms is not None:
-                out.update({f"balance/grad_norm/{n}": float(g) for n, g in zip(names, self.grad_norms, strict=True)})
+                out.update(
+                    {f"balance/grad_norm/{n}": float(g) for n, g in zip(names, self.grad_norms, strict=True)}
+                )
             if self.min_norm is not None:
                 out["balance/min_norm"] = float(self.min_norm)
             out["balance/qp_ms"] = float(self.qp_ms)
@@ -257,7 +266,9 @@ class GramBalancer(Balancer):
         if not ng.valid.any():
             # Nothing to learn from (every gradient zero or not finite): keep the cached α and γ.
             self._fallbacks += 1
-            log.warning("balancer %s: no valid reward gradient at step %s; keeping cached weights", self.kind, step)
+            log.warning(
+                "balancer %s: no valid reward gradient at step %s; keeping cached weights", self.kind, step
+            )
             return self._stats(None, ng.norms, None, "no_valid_reward", 0.0)
         fresh, reason, qp_ms, min_norm = self._fresh(ng, G)
         if reason is None:
