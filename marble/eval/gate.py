@@ -5,10 +5,13 @@ optionally, the current champion's per-reward means fetched from the registry. E
 passed or not, so the report and the registry tags can say exactly why an adapter was (not) promoted.
 
 The rules (GateConfig):
-1. no TRAINED reward's mean drops by more than `max_regression` x the base model's std of that reward;
+1. no TRAINED reward regresses: its mean drops by more than `max_regression` x the base model's std
+   of that reward AND the drop is significant (the 95% CI of the paired delta lies below 0). Without
+   the significance part, the default tolerance 0 would refuse every adapter over sampling noise on
+   any one of K rewards (seen on a synthetic table: delta -0.008 with its CI straddling 0);
 2. at least one trained reward improves: its 95% bootstrap CI of the paired delta lies above 0
    (`min_improvement_ci`), or, with that switched off, its mean delta is positive;
-3. no HELD-OUT reward drops by more than `max_held_out_regression` x its base std;
+3. no HELD-OUT reward regresses beyond `max_held_out_regression` x its base std (same test as 1.);
 4. every hacking monitor stays within `max_monitor_shift` relative change of the base
    (marble.eval.monitors.relative_shift);
 5. the adapter is not Pareto-dominated by the champion on the trained rewards they share
@@ -58,20 +61,19 @@ class GateResult:
 
 
 def _drop_check(rule: str, name: str, stats: Mapping[str, Any], tol_std: float) -> GateCheck:
-    """Fail if the mean delta is below -tol_std x base std (a drop larger than the tolerance)."""
-    delta = stats["delta"]["mean"]
-    n = stats["delta"].get("n", 1)
-    if n == 0 or not math.isfinite(delta):
+    """Fail on a significant drop (CI of the delta below 0) larger than tol_std x base std."""
+    d = stats["delta"]
+    delta, hi = d["mean"], d.get("ci_hi", d["mean"])
+    if d.get("n", 1) == 0 or not math.isfinite(delta):
         return GateCheck(rule, name, True, "not applicable to any evaluated prompt; skipped")
     base_std = float(stats.get("base_std") or 0.0)
     tol = tol_std * base_std
-    ok = delta >= -tol
-    return GateCheck(
-        rule,
-        name,
-        ok,
-        f"delta {delta:+.4g} vs allowed drop {tol:.4g} ({tol_std:g} x base std {base_std:.4g})",
+    regressed = delta < -tol and hi < 0
+    detail = (
+        f"delta {delta:+.4g} (95% CI upper {hi:+.4g}) vs allowed drop {tol:.4g} "
+        f"({tol_std:g} x base std {base_std:.4g})"
     )
+    return GateCheck(rule, name, not regressed, detail)
 
 
 def _improvement_check(trained: Mapping[str, Mapping[str, Any]], use_ci: bool) -> GateCheck:

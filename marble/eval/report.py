@@ -1,0 +1,385 @@
+"""The evaluation report: matplotlib PNG plots, `report.md`, and a self-contained `report.html`.
+
+The HTML embeds every plot as a base64 data URI and carries its own CSS: it opens offline, from an
+artifact store, or as an e-mail attachment, with no CDN (unlike `dvc plots show`).
+
+Plots (in `plots/`):
+- `rewards.png`  one panel per reward: base vs. adapter means with 95% bootstrap intervals;
+- `deltas.png`   paired delta per reward in base-std units with its 95% CI, and the win rate;
+- `monitors.png` hacking monitors, base vs. adapter;
+- `grid.png`     the same prompt and seed, base (top row) vs. adapter (bottom row);
+- `training.png` training curves from `<train_dir>/metrics.jsonl` (rewards, α, losses), if given.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from marble.configio import atomic_write_text  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+BASE_COLOR = "#8c8c8c"
+ADAPTER_COLOR = "#1f77b4"
+DPI = 110
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _err(iv: dict[str, float]) -> list[float]:
+    """Asymmetric error bar lengths [below, above] of an interval dict (0 where unknown)."""
+    lo, hi, m = iv.get("ci_lo"), iv.get("ci_hi"), iv.get("mean")
+    if m is None or lo is None or hi is None or not all(map(math.isfinite, (lo, hi, m))):
+        return [0.0, 0.0]
+    return [max(m - lo, 0.0), max(hi - m, 0.0)]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ------------------------------------------------------------------------------------------ plots
+def plot_rewards(summary: dict[str, Any], path: Path) -> Path:
+    """Small multiples: each reward on its own axis (scales differ), base vs. adapter with CIs."""
+    names = list(summary["rewards"])
+    cols = min(len(names), 4)
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        r = summary["rewards"][name]
+        means = [r["base"]["mean"], r["adapter"]["mean"]]
+        if not all(_finite(m) for m in means):
+            ax.text(
+                0.5, 0.5, "not applicable\nto any prompt", ha="center", va="center", transform=ax.transAxes
+            )
+        else:
+            errs = np.array([_err(r["base"]), _err(r["adapter"])]).T  # [2, 2]
+            ax.bar([0, 1], means, yerr=errs, capsize=6, color=[BASE_COLOR, ADAPTER_COLOR], width=0.6)
+            lo = min(r["base"]["ci_lo"], r["adapter"]["ci_lo"])
+            hi = max(r["base"]["ci_hi"], r["adapter"]["ci_hi"])
+            pad = 0.25 * (hi - lo) if hi > lo else 0.1 * max(abs(hi), 1e-3)
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xticks([0, 1], ["base", "adapter"])
+        tag = " (held out)" if r["held_out"] else ""
+        ax.set_title(
+            f"{name}{tag}\nn={r['delta']['n']}, win {r['win_rate']:.0%}" if _finite(r["win_rate"]) else name
+        )
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle("Per-reward means with 95% bootstrap intervals", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_deltas(summary: dict[str, Any], path: Path) -> Path:
+    """Paired delta per reward in units of the base std (comparable across rewards), with CIs."""
+    names = list(summary["rewards"])
+    fig, ax = plt.subplots(figsize=(7.0, 0.55 * len(names) + 1.4))
+    for i, name in enumerate(names):
+        r = summary["rewards"][name]
+        d, sd = r["delta"], r["base_std"]
+        if not (_finite(d["mean"]) and _finite(sd)) or sd <= 0:
+            continue
+        m, lo, hi = d["mean"] / sd, d["ci_lo"] / sd, d["ci_hi"] / sd
+        color = "#2ca02c" if lo > 0 else "#d62728" if hi < 0 else BASE_COLOR
+        ax.barh(i, m, color=color, alpha=0.85, height=0.6)
+        ax.errorbar(m, i, xerr=[[m - lo], [hi - m]], fmt="none", ecolor="black", capsize=4)
+        ax.text(max(hi, 0) + 0.02, i, f" win {r['win_rate']:.0%}", va="center", fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(
+        range(len(names)), [f"{n} (held out)" if summary["rewards"][n]["held_out"] else n for n in names]
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("adapter - base, in base std units (95% CI; green = significant gain)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_monitors(summary: dict[str, Any], path: Path) -> Path:
+    """Hacking monitors, base vs. adapter, with intervals and the relative shift."""
+    names = list(summary["monitors"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2.0, 3.2))
+    x = np.arange(len(names))
+    for off, model, color in ((-0.2, "base", BASE_COLOR), (0.2, "adapter", ADAPTER_COLOR)):
+        means = [summary["monitors"][n][model]["mean"] for n in names]
+        errs = np.array([_err(summary["monitors"][n][model]) for n in names]).T  # [2, M]
+        ax.bar(x + off, means, width=0.4, yerr=errs, capsize=4, color=color, label=model)
+    ax.set_xticks(x, [f"{n}\nshift {summary['monitors'][n]['relative_shift']:.2f}" for n in names])
+    ax.set_ylabel("value (all on [0, 1])")
+    ax.set_title("Reward-hacking monitors")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def grid_indices(jobs: list[dict[str, Any]], num_prompts: int) -> list[int]:
+    """First image of up to `num_prompts` prompts, families taken in turn so each family shows."""
+    first: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    for j in jobs:
+        if j["prompt_id"] not in seen:
+            seen.add(j["prompt_id"])
+            first.setdefault(j["family"], []).append(j["index"])
+    picked: list[int] = []
+    queues = list(first.values())
+    while len(picked) < num_prompts and any(queues):
+        for q in queues:
+            if q and len(picked) < num_prompts:
+                picked.append(q.pop(0))
+    return picked
+
+
+def plot_grid(
+    jobs: list[dict[str, Any]], base: torch.Tensor, adapter: torch.Tensor, num_prompts: int, path: Path
+) -> Path | None:
+    """Same prompt and seed: base (top) vs. adapter (bottom)."""
+    idx = grid_indices(jobs, num_prompts)
+    if not idx:
+        return None
+    fig, axes = plt.subplots(2, len(idx), figsize=(2.4 * len(idx), 5.4), squeeze=False)
+    for c, i in enumerate(idx):
+        for r, (label, imgs) in enumerate((("base", base), ("adapter", adapter))):
+            ax = axes[r, c]
+            ax.imshow(imgs[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=10)
+        axes[0, c].set_title(
+            "\n".join(textwrap.wrap(jobs[i]["prompt"], 26)) + f"\nseed {jobs[i]['seed']}", fontsize=8
+        )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def read_training_metrics(train_dir: Path | None) -> list[dict[str, Any]]:
+    """Records of `<train_dir>/metrics.jsonl` (lines cut by a kill are skipped)."""
+    if train_dir is None or not (Path(train_dir) / "metrics.jsonl").is_file():
+        return []
+    out = []
+    for line in (Path(train_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def plot_training(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training curves: mean reward per trained reward, the balancer's α, and the losses."""
+    groups = [
+        ("train/reward/", "reward (batch mean)"),
+        ("balance/alpha/", "α (balancer weight)"),
+        ("loss/", "loss"),
+    ]
+    panels = []
+    for prefix, label in groups:
+        keys = sorted({k for r in records for k, v in r.items() if k.startswith(prefix) and _finite(v)})
+        if keys:
+            panels.append((prefix, label, keys))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.2), squeeze=False)
+    for ax, (prefix, label, keys) in zip(axes[0], panels, strict=True):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in records if _finite(r.get(k)) and "step" in r]
+            if pts:
+                s, v = zip(*pts, strict=True)
+                ax.plot(s, v, lw=1.2, label=k[len(prefix) :])
+        ax.set_xlabel("optimizer step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------- tables
+def _fmt(x: Any, digits: int = 4) -> str:
+    return f"{x:.{digits}g}" if _finite(x) else "–"
+
+
+def _iv(iv: dict[str, Any]) -> str:
+    return f"{_fmt(iv['mean'])} [{_fmt(iv['ci_lo'])}, {_fmt(iv['ci_hi'])}]"
+
+
+def reward_rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, r in summary["rewards"].items():
+        rows.append(
+            [
+                name + (" (held out)" if r["held_out"] else ""),
+                str(r["delta"]["n"]),
+                _iv(r["base"]),
+                _iv(r["adapter"]),
+                ("+" if _finite(r["delta"]["mean"]) and r["delta"]["mean"] > 0 else "") + _iv(r["delta"]),
+                f"{r['win_rate']:.0%}" if _finite(r["win_rate"]) else "–",
+            ]
+        )
+    return rows
+
+
+REWARD_HEADER = ["reward", "n", "base mean [95% CI]", "adapter mean [95% CI]", "delta [95% CI]", "win rate"]
+MONITOR_HEADER = ["monitor", "base", "adapter", "relative shift"]
+
+
+def monitor_rows(summary: dict[str, Any]) -> list[list[str]]:
+    return [
+        [n, _iv(m["base"]), _iv(m["adapter"]), _fmt(m["relative_shift"], 3)]
+        for n, m in summary["monitors"].items()
+    ]
+
+
+def lineage_rows(summary: dict[str, Any]) -> list[list[str]]:
+    lin = summary.get("lineage", {})
+    keys = [
+        "run_name",
+        "git_commit",
+        "config_hash",
+        "data_hash",
+        "adapter_sha256",
+        "base_model",
+        "base_model_revision",
+    ]
+    rows = [[k, str(lin.get(k))] for k in keys]
+    rm = lin.get("reward_models", {})
+    rows.append(["reward_manifest_sha256", str(rm.get("manifest_sha256"))])
+    for name, e in rm.get("rewards", {}).items():
+        model = e.get("model")
+        rows.append(
+            [
+                f"reward {name}",
+                f"{e['kind']}" + (f" {model}@{e.get('revision') or 'unpinned'}" if model else ""),
+            ]
+        )
+    s = summary.get("sampling", {})
+    rows.append(["sampling", ", ".join(f"{k}={s.get(k)}" for k in ("solver", "shift", "num_steps", "guidance_scale",
+                                                                    "resolution", "device"))])  # fmt: skip
+    return rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _headline(summary: dict[str, Any]) -> str:
+    gate = summary["gate_preview"]
+    comp = summary["composite"]["all"]
+    return (
+        f"{summary['num_images']} image pairs ({summary['num_prompts']} held-out prompts, same seeds). "
+        f"Composite z-score (all rewards, base vs. adapter): {_fmt(comp['base'], 3)} vs. {_fmt(comp['adapter'], 3)}. "
+        f"Gate preview (without the champion): {'PASS' if gate['passed'] else 'FAIL'}."
+    )
+
+
+# ------------------------------------------------------------------------------------------ write
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;
+padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ccc;padding:.3em .6em;
+text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.pass{color:#1a7f37;font-weight:bold}
+.fail{color:#b42318;font-weight:bold}code{font-size:.9em}
+"""
+
+
+def _gate_rows(summary: dict[str, Any]) -> list[list[str]]:
+    return [
+        [c["rule"], c["subject"], "ok" if c["passed"] else "FAIL", c["detail"]]
+        for c in summary["gate_preview"]["checks"]
+    ]
+
+
+def write_report(
+    out_dir: Path,
+    summary: dict[str, Any],
+    jobs: list[dict[str, Any]],
+    base: torch.Tensor,
+    adapter: torch.Tensor,
+    grid_prompts: int,
+    train_dir: Path | None,
+) -> dict[str, Path]:
+    """Write plots/*.png, report.md and report.html into `out_dir`; returns the plot paths."""
+    plots_dir = Path(out_dir) / "plots"
+    plots: dict[str, Path | None] = {
+        "rewards": plot_rewards(summary, plots_dir / "rewards.png"),
+        "deltas": plot_deltas(summary, plots_dir / "deltas.png"),
+        "monitors": plot_monitors(summary, plots_dir / "monitors.png"),
+        "grid": plot_grid(jobs, base, adapter, grid_prompts, plots_dir / "grid.png"),
+        "training": plot_training(read_training_metrics(train_dir), plots_dir / "training.png"),
+    }
+    made = {k: p for k, p in plots.items() if p is not None}
+    titles = {
+        "rewards": "Per-reward means",
+        "deltas": "Deltas and win rates",
+        "monitors": "Hacking monitors",
+        "grid": "Same prompt and seed: base (top) vs. adapter (bottom)",
+        "training": "Training curves",
+    }
+    gate_hdr = ["rule", "subject", "result", "detail"]
+    tables = [
+        ("Rewards", _md_table(REWARD_HEADER, reward_rows(summary)), _html_table(REWARD_HEADER, reward_rows(summary))),
+        ("Monitors", _md_table(MONITOR_HEADER, monitor_rows(summary)), _html_table(MONITOR_HEADER, monitor_rows(summary))),
+        ("Gate preview", _md_table(gate_hdr, _gate_rows(summary)), _html_table(gate_hdr, _gate_rows(summary))),
+    ]  # fmt: skip
+    lin_md = _md_table(["what", "value"], lineage_rows(summary))
+    lin_html = _html_table(["what", "value"], lineage_rows(summary))
+
+    md = [f"# marble evaluation: {summary['lineage'].get('run_name')}", "", _headline(summary), ""]
+    for title, t_md, _ in tables:
+        md += [f"## {title}", "", t_md, ""]
+    for key, p in made.items():
+        md += [f"## {titles[key]}", "", f"![{key}](plots/{p.name})", ""]
+    md += ["## Lineage", "", lin_md, ""]
+    atomic_write_text(Path(out_dir) / "report.md", "\n".join(md))
+
+    passed = summary["gate_preview"]["passed"]
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>marble evaluation: {html.escape(str(summary['lineage'].get('run_name')))}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>marble evaluation: {html.escape(str(summary['lineage'].get('run_name')))}</h1>",
+        f"<p>{html.escape(_headline(summary))} <span class='{'pass' if passed else 'fail'}'>"
+        f"{'PASS' if passed else 'FAIL'}</span></p>",
+    ]
+    for title, _, t_html in tables:
+        parts += [f"<h2>{html.escape(title)}</h2>", t_html]
+    for key, p in made.items():
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        parts += [
+            f"<h2>{html.escape(titles[key])}</h2>",
+            f"<img alt='{key}' src='data:image/png;base64,{data}'>",
+        ]
+    parts += ["<h2>Lineage</h2>", lin_html, "</body></html>"]
+    atomic_write_text(Path(out_dir) / "report.html", "\n".join(parts) + "\n")
+    return made

@@ -1,0 +1,137 @@
+"""The report renders from a synthetic evaluation: PNG plots, report.md, self-contained report.html."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from marble.config import GateConfig
+from marble.configio import load_config
+from marble.eval import monitors as mon
+from marble.eval.evaluate import _json, flat_metrics, summarize
+from marble.eval.gate import evaluate_gate
+from marble.eval.report import grid_indices, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_evaluation(n_prompts: int = 12, per_prompt: int = 2):
+    """Scores where brightness improves clearly, colorfulness a little, jpeg (held out) drops slightly;
+    color_match applies only to the 'color' family, edge_detail only to 'text' (NaN elsewhere)."""
+    cfg = load_config(REPO / "configs/tiny.yaml")
+    rng = np.random.default_rng(0)
+    fams = ["general", "color", "text"]
+    jobs = [
+        {"index": i * per_prompt + k, "seed": 1234 + i * per_prompt + k, "prompt_id": f"p{i:02d}",
+         "prompt": f"a {fams[i % 3]} prompt number {i} with some words", "family": fams[i % 3], "metadata": {}}
+        for i in range(n_prompts) for k in range(per_prompt)
+    ]  # fmt: skip
+    n = len(jobs)
+    base = rng.normal(
+        0.5, 0.1, size=(n, 5)
+    )  # [N, K]: brightness, colorfulness, color_match, edge_detail, jpeg
+    adapter = base + np.array([0.15, 0.02, 0.05, 0.0, -0.01]) + rng.normal(0, 0.02, size=(n, 5))
+    fam = np.array([j["family"] for j in jobs])
+    for arr in (base, adapter):
+        arr[fam != "color", 2] = np.nan
+        arr[fam != "text", 3] = np.nan
+    g = torch.Generator().manual_seed(0)
+    base_img = torch.rand(n, 3, 32, 32, generator=g)
+    adapter_img = (base_img * 1.1).clamp(0, 1)
+    summary = summarize(
+        cfg, base, adapter, mon.compute_monitors(base_img), mon.compute_monitors(adapter_img), jobs
+    )
+    summary.update(
+        lineage={"run_name": "tiny", "config_hash": cfg.config_hash(), "adapter_sha256": "ab" * 32},
+        sampling={"solver": "FlowMatchEulerDiscreteScheduler", "num_steps": 8},
+        num_prompts=n_prompts,
+        num_images=n,
+    )
+    summary["gate_preview"] = evaluate_gate(summary, GateConfig()).to_dict()
+    return cfg, summary, jobs, base_img, adapter_img
+
+
+def write_training_log(train_dir: Path) -> None:
+    train_dir.mkdir(parents=True)
+    lines = []
+    for step in range(30):
+        rec = {
+            "step": step,
+            "train/reward/brightness": 0.4 + 0.01 * step,
+            "train/reward/colorfulness": 0.3,
+            "balance/alpha/brightness": 0.6,
+            "balance/alpha/colorfulness": 0.4,
+            "loss/policy": 1.0 / (1 + step),
+        }
+        lines.append(json.dumps(rec))
+    (train_dir / "metrics.jsonl").write_text(
+        "\n".join(lines) + '\n{"step": 30, "train/rew'
+    )  # a cut last line
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    cfg, summary, jobs, base_img, adapter_img = synthetic_evaluation()
+    out = tmp_path_factory.mktemp("eval")
+    train_dir = out.parent / "train"
+    write_training_log(train_dir)
+    made = write_report(out, summary, jobs, base_img, adapter_img, grid_prompts=4, train_dir=train_dir)
+    return out, made, summary
+
+
+def test_statistics_of_the_synthetic_table(report):
+    _, _, summary = report
+    r = summary["rewards"]
+    assert r["brightness"]["delta"]["ci_lo"] > 0.1 and r["brightness"]["win_rate"] == 1.0
+    assert r["color_match"]["delta"]["n"] == 8 and r["edge_detail"]["delta"]["n"] == 8  # 4 prompts x 2 seeds
+    assert r["jpeg"]["held_out"] and not r["brightness"]["held_out"]
+    assert summary["composite"]["all"]["adapter"] > summary["composite"]["all"]["base"]
+    assert (
+        summary["by_family"]["color"]["color_match"]["adapter"]
+        > summary["by_family"]["color"]["color_match"]["base"]
+    )
+    assert "color_match" not in summary["by_family"]["general"]
+    flat = flat_metrics(summary)
+    assert flat["delta/brightness"] == pytest.approx(r["brightness"]["delta"]["mean"])
+    assert set(flat) >= {
+        "adapter/jpeg",
+        "win_rate/edge_detail",
+        "monitor/shift/dark_fraction",
+        "composite/all/adapter",
+    }
+    json.loads(_json(summary))  # strict JSON (no NaN)
+
+
+def test_plots_exist_and_are_not_trivial(report):
+    out, made, _ = report
+    assert set(made) == {"rewards", "deltas", "monitors", "grid", "training"}
+    for name, path in made.items():
+        assert path.parent == out / "plots" and path.suffix == ".png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert path.stat().st_size > 10_000, (name, path.stat().st_size)
+
+
+def test_report_html_is_self_contained(report):
+    out, made, _ = report
+    text = (out / "report.html").read_text()
+    assert text.count("data:image/png;base64,") == len(made)
+    assert not re.search(r"(src|href)=['\"]https?://", text), (
+        "report.html must not load anything from the network"
+    )
+    assert "brightness" in text and "Gate preview" in text and "PASS" in text
+    md = (out / "report.md").read_text()
+    assert "![grid](plots/grid.png)" in md and "| brightness |" in md
+
+
+def test_grid_takes_families_in_turn():
+    jobs = [
+        {"index": i, "prompt_id": f"p{i // 2}", "family": ["a", "a", "b", "b", "a", "a", "c", "c"][i]}
+        for i in range(8)
+    ]
+    assert grid_indices(jobs, 3) == [0, 2, 6]
+    assert grid_indices(jobs, 10) == [0, 2, 6, 4]
