@@ -1,0 +1,154 @@
+"""The local pipeline run (kfp SubprocessRunner) as an integration test.
+
+Fast variant (default suite): every stage function is replaced by a fake that writes small, checkable
+files, in the task SUBPROCESSES too (through a `sitecustomize` module on PYTHONPATH), so the test checks
+the wiring: five tasks run in order, artifacts flow between them, the adapter that train exported is
+the one evaluated and registered, and `run_local` finds every output.
+Slow variant: the real stages on configs/tiny.yaml, as `make demo` runs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from marble.configio import load_config
+from pipelines.local import LocalRunError, locate_outputs, run_local
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_STAGES = textwrap.dedent(
+    '''
+    """Installed by tests/test_pipeline_local.py: fake marble stages for the local-runner wiring test."""
+    import hashlib, json
+    from pathlib import Path
+
+    import marble.stages as S
+
+
+    def _sha(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+    def prepare_prompts(cfg, out_dir):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "test"):
+            rec = {"id": split, "prompt": f"a red circle ({split})", "family": "color", "metadata": {}}
+            (out / f"{split}.jsonl").write_text(json.dumps(rec) + "\\n")
+        (out / "manifest.json").write_text(json.dumps({"config_hash": cfg.config_hash()}))
+        return out / "manifest.json"
+
+
+    def cache_reward_models(cfg, out_dir):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text(json.dumps({"rewards": [r.name for r in cfg.rewards]}))
+        return out / "manifest.json"
+
+
+    def train(cfg, prompts_dir, out_dir, *, reward_cache=None):
+        assert (Path(prompts_dir) / "train.jsonl").is_file(), prompts_dir
+        assert (Path(reward_cache) / "manifest.json").is_file(), reward_cache
+        adapter = Path(out_dir) / "adapter"
+        adapter.mkdir(parents=True)
+        (adapter / "pytorch_lora_weights.safetensors").write_bytes(cfg.config_hash().encode() + Path(out_dir).name.encode())
+        (Path(out_dir) / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\\n")
+        return adapter
+
+
+    def evaluate(cfg, prompts_dir, adapter_dir, out_dir, *, reward_cache=None, train_dir=None):
+        assert (Path(prompts_dir) / "test.jsonl").is_file(), prompts_dir
+        assert (Path(train_dir) / "metrics.jsonl").is_file(), train_dir
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = {"adapter_sha256": _sha(Path(adapter_dir) / "pytorch_lora_weights.safetensors"),
+                   "rewards": {"brightness": {"delta": 0.25, "ci": [0.1, 0.4]}}, "gate": {"passed": True}}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        (out / "report.html").write_text("<html><body>report</body></html>")
+        (out / "report.md").write_text("# report")
+        return out / "metrics.json"
+
+
+    def register_adapter(cfg, adapter_dir, eval_dir, out_dir):
+        evaluated = json.loads((Path(eval_dir) / "metrics.json").read_text())["adapter_sha256"]
+        record = {"adapter_sha256": _sha(Path(adapter_dir) / "pytorch_lora_weights.safetensors"),
+                  "evaluated_sha256": evaluated, "version": 1, "alias": "champion"}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "registration.json").write_text(json.dumps(record))
+        return record
+
+
+    for _name in ("prepare_prompts", "cache_reward_models", "train", "evaluate", "register_adapter"):
+        setattr(S, _name, globals()[_name])
+    '''
+)
+
+
+@pytest.fixture
+def fake_stages(tmp_path, monkeypatch):
+    """Fake stages in this process and in every task subprocess (which inherit PYTHONPATH)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAKE_STAGES)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    return site
+
+
+def test_local_run_wires_all_five_stages(fake_stages, tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    out = run_local(cfg, pipeline_root=tmp_path / "kfp")
+
+    adapter_file = out.adapter / "pytorch_lora_weights.safetensors"
+    adapter_sha = hashlib.sha256(adapter_file.read_bytes()).hexdigest()
+    record = json.loads(out.registration.read_text())
+    # The adapter train exported is the one evaluated and the one registered.
+    assert record["adapter_sha256"] == adapter_sha
+    assert record["evaluated_sha256"] == adapter_sha
+    assert (out.prompts / "train.jsonl").is_file()
+    assert (out.reward_cache / "manifest.json").is_file()
+    assert out.report_html.read_text().startswith("<html>")
+    assert out.report_md.read_text() == "# report"
+    assert json.loads(out.metrics.read_text())["gate"]["passed"] is True
+    # The Metrics artifact's values are in the task's executor output (kfp writes no file for it).
+    executor_output = json.loads((out.run_dir / "evaluate" / "executor_output.json").read_text())
+    logged = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert logged["rewards/brightness/delta"] == 0.25
+    assert logged["gate/passed"] == 1.0
+    summary = out.summary()
+    for path in (out.adapter, out.report_html, out.metrics, out.registration):
+        assert str(path) in summary
+
+
+def test_local_run_reports_a_failing_task(fake_stages, tmp_path):
+    # Make the fake train stage fail: the run must stop with a LocalRunError, not a traceback.
+    (fake_stages / "sitecustomize.py").write_text(
+        FAKE_STAGES + "\ndef _broken(*a, **k):\n    raise RuntimeError('boom')\nS.train = _broken\n"
+    )
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    with pytest.raises(LocalRunError, match="failed"):
+        run_local(cfg, pipeline_root=tmp_path / "kfp")
+    assert not list((tmp_path / "kfp").glob("*/register-adapter"))
+
+
+def test_locate_outputs_names_what_is_missing(tmp_path):
+    with pytest.raises(LocalRunError, match="registration.json"):
+        locate_outputs(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_local_run_on_the_tiny_config(tmp_path):
+    """What `make demo` does: the real five stages, tiny world, SubprocessRunner."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    out = run_local(cfg, pipeline_root=tmp_path / "kfp")
+    adapter_file = out.adapter / "pytorch_lora_weights.safetensors"
+    assert adapter_file.stat().st_size > 0
+    assert out.report_html.stat().st_size > 1000
+    metrics = json.loads(out.metrics.read_text())
+    assert metrics
+    record = json.loads(out.registration.read_text())
+    assert record
