@@ -11,7 +11,7 @@ import pytest
 from marble import stages
 from marble.cli import main
 from marble.configio import load_config
-from marble.data.prepare import prepare_prompts
+from marble.data.prepare import load_prepared, prepare_prompts
 from marble.data.records import PromptRecord, read_prompt_records
 from marble.errors import DataError
 
@@ -157,3 +157,17 @@ def test_read_prompt_records_refuses_hand_edited_files(tmp_path):
         read_prompt_records(tmp_path / "missing.jsonl")
     f.write_text("", encoding="utf-8")
     assert read_prompt_records(f) == []  # an empty test split is legitimate (test_fraction 0)
+
+
+def test_load_prepared_verifies_files_against_the_manifest(tmp_path):
+    out = tmp_path / "p"
+    prepare_prompts(_tiny(), out)
+    train, test, manifest = load_prepared(out)
+    assert len(train) == manifest["counts"]["train"] and len(test) == manifest["counts"]["test"]
+    with (out / "test.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(PromptRecord.create("a smuggled prompt", "general").to_json_line() + "\n")
+    with pytest.raises(DataError, match=r"test.jsonl: content differs from .*manifest.json"):
+        load_prepared(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(DataError, match="manifest.json: not found"):
+        load_prepared(out)

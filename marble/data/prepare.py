@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from marble.config import MarbleConfig
 from marble.data.applicability import reward_applies
 from marble.data.mixing import apply_token_limit, mix, stratified_split
-from marble.data.records import PromptRecord, write_prompt_records
+from marble.data.records import PromptRecord, read_prompt_records, write_prompt_records
 from marble.data.sources import RawPrompt, read_source
 from marble.data.tokens import LETTERS_PER_TOKEN, token_limit
 from marble.errors import DataError
@@ -206,3 +206,32 @@ def prepare_prompts(cfg: MarbleConfig, out_dir: Path) -> Path:
         {f: c["total"] for f, c in counts["per_family"].items()},
     )
     return out_dir / MANIFEST_FILE
+
+
+def load_prepared(prompts_dir: Path) -> tuple[list[PromptRecord], list[PromptRecord], dict[str, Any]]:
+    """Read a `prepare` output: (train, test, manifest), refusing files that differ from the manifest.
+
+    For stages that want to be sure the prompts are exactly the prepared ones (e.g. evaluation
+    recording the data hash); raises DataError naming the file that is missing or was modified.
+    """
+    prompts_dir = Path(prompts_dir)
+    manifest_path = prompts_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise DataError(f"{manifest_path}: not found (run `marble prepare` first)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{manifest_path}: not a prepare manifest ({exc})") from None
+    for name in (TRAIN_FILE, TEST_FILE):
+        path = prompts_dir / name
+        if not path.is_file():
+            raise DataError(f"{path}: missing from the prepared prompts")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if name not in files or files[name].get("sha256") != digest:
+            raise DataError(f"{path}: content differs from {manifest_path} (modified after `marble prepare`)")
+    return (
+        read_prompt_records(prompts_dir / TRAIN_FILE),
+        read_prompt_records(prompts_dir / TEST_FILE),
+        manifest,
+    )
