@@ -46,22 +46,18 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def raise_validation_error(err: ValidationError, where: Location, prefix: str = "") -> None:
-    """Turn the first pydantic error into a DataError naming file, line and field path."""
+def validation_error(err: ValidationError, where: Location) -> DataError:
+    """The first pydantic error as a DataError naming file, line and field path."""
     first = err.errors()[0]
-    field = (
-        prefix + ".".join(str(p) for p in first["loc"])
-        if first["loc"]
-        else (prefix.rstrip(".") or "<record>")
-    )
+    field = ".".join(str(p) for p in first["loc"]) or "<record>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         msg = "required field is missing"
     elif first["type"] == "extra_forbidden":
         msg = "unknown field (check the spelling)"
-    elif "input" in first and first["type"] not in ("value_error",):
+    elif "input" in first and first["type"] != "value_error":
         msg = f"{msg} (got {_shown(first['input'])})"
-    raise data_error(where, field, msg) from None
+    return data_error(where, field, msg)
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -95,8 +91,7 @@ def validate_prompt(prompt: Any, metadata: dict[str, Any], where: Location, max_
             {"prompt": prompt, "metadata": metadata}, context={"max_chars": max_chars}
         )
     except ValidationError as err:
-        raise_validation_error(err, where)
-    raise AssertionError("unreachable")  # pragma: no cover
+        raise validation_error(err, where) from None
 
 
 # ------------------------------------------------------------------------------------------ GenEval
@@ -150,5 +145,4 @@ def validate_geneval(metadata: dict[str, Any], where: Location) -> dict[str, Any
     try:
         return GenEvalMetadata.model_validate(metadata).to_metadata()
     except ValidationError as err:
-        raise_validation_error(err, where)
-    raise AssertionError("unreachable")  # pragma: no cover
+        raise validation_error(err, where) from None
