@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -22,9 +23,26 @@ def cfg():
     return load_config(REPO / "configs/tiny.yaml")
 
 
-def test_register_is_idempotent_and_gate_moves_aliases(cfg, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def blank_db(tmp_path_factory) -> Path:
+    """An empty, fully migrated MLflow sqlite store. Creating one runs MLflow's alembic migrations
+    (~2-5 s); the tests copy this file instead of migrating a fresh store each time."""
+    from marble.registry.mlflow_backend import MlflowRegistry
+
+    store = tmp_path_factory.mktemp("blank-mlflow")
+    MlflowRegistry("warmup", store).client.search_registered_models()
+    return store / "mlflow.db"
+
+
+def seeded_store(blank_db: Path, db_path: Path) -> Path:
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(blank_db, db_path)
+    return db_path.parent
+
+
+def test_register_is_idempotent_and_gate_moves_aliases(cfg, blank_db, tmp_path, monkeypatch):
     monkeypatch.delenv("MARBLE_RUN_ID", raising=False)
-    store = tmp_path / "registry"
+    store = seeded_store(blank_db, tmp_path / "registry" / "mlflow.db")
     good = make_adapter(tmp_path, b"good-adapter")
     good_eval = make_eval(tmp_path, good, {"brightness": 0.6, "colorfulness": 0.3, "jpeg": 0.5})
 
@@ -81,9 +99,9 @@ def test_register_is_idempotent_and_gate_moves_aliases(cfg, tmp_path, monkeypatc
         fetch_adapter(cfg, store, "nobody")
 
 
-def test_concurrent_registrations_make_one_version(cfg, tmp_path, monkeypatch):
+def test_concurrent_registrations_make_one_version(cfg, blank_db, tmp_path, monkeypatch):
     monkeypatch.setenv("MARBLE_RUN_ID", "fired-twice")
-    store = tmp_path / "registry"
+    store = seeded_store(blank_db, tmp_path / "registry" / "mlflow.db")
     ad = make_adapter(tmp_path, b"same-adapter")
     ev = make_eval(tmp_path, ad, {"brightness": 0.6, "colorfulness": 0.3})
     results, errors = [], []
@@ -113,3 +131,21 @@ def test_refuses_an_evaluation_of_another_adapter(cfg, tmp_path):
     with pytest.raises(RegistryError, match="run `marble evaluate`"):
         register_adapter(cfg, a, tmp_path / "missing", tmp_path / "reg")
     assert not (tmp_path / "reg" / "mlflow.db").exists()
+
+
+def test_a_sqlite_uri_elsewhere_keeps_artifacts_beside_it(cfg, blank_db, tmp_path, monkeypatch):
+    # the pipeline points every run at one sqlite file on its cache volume, so the champion persists
+    monkeypatch.setenv("MARBLE_RUN_ID", "r1")
+    shared = tmp_path / "volume" / "registry.db"
+    seeded_store(blank_db, shared)
+    cfg2 = cfg.model_copy(
+        update={"registry": cfg.registry.model_copy(update={"tracking_uri": f"sqlite:///{shared}"})}
+    )
+    ad = make_adapter(tmp_path, b"on-a-volume")
+    rec = register_adapter(
+        cfg2, ad, make_eval(tmp_path, ad, {"brightness": 0.6}), tmp_path / "run-1-registration"
+    )
+    assert rec["champion"] == "1" and shared.is_file()
+    assert rec["source"].startswith((tmp_path / "volume" / "mlartifacts").as_uri())
+    assert (tmp_path / "run-1-registration" / "registration.json").is_file()
+    assert not (tmp_path / "run-1-registration" / "mlflow.db").exists()

@@ -50,9 +50,11 @@ SCHEMA_VERSION = 1
 # --------------------------------------------------------------------------------------- inputs
 def eval_jobs(cfg: MarbleConfig, prompts_dir: Path) -> list[dict[str, Any]]:
     """One job per (held-out prompt, seed): index, seed, prompt id/text/family/metadata."""
-    from marble.data.records import read_prompt_records
+    from marble.data.prepare import load_prepared
 
-    records = read_prompt_records(prompts_dir / "test.jsonl")
+    # load_prepared refuses a test split modified after `marble prepare`: the recorded data hash
+    # must describe exactly the prompts evaluated.
+    _, records, _ = load_prepared(prompts_dir)
     if not records:
         raise DataError(
             f"{prompts_dir / 'test.jsonl'}: no held-out prompts to evaluate (data.test_fraction?)"

@@ -50,14 +50,20 @@ def git_commit() -> str:
 
 
 def data_lineage(prompts_dir: Path) -> dict[str, str | None]:
-    """Hashes of the prepared prompts: the manifest (the data hash) and the evaluated test split."""
+    """Hashes of the prepared prompts: the manifest's data hash and the evaluated test split's sha256."""
     manifest = prompts_dir / "manifest.json"
     test = prompts_dir / "test.jsonl"
-    test_hash = file_sha256(test) if test.is_file() else None
+    data_hash = None
+    if manifest.is_file():
+        try:
+            data_hash = json.loads(manifest.read_text(encoding="utf-8")).get("data_hash")
+        except (ValueError, AttributeError):
+            log.warning("%s is not a JSON object; using its file hash as the data hash", manifest)
+        data_hash = data_hash or file_sha256(manifest)
     return {
-        "data_hash": file_sha256(manifest) if manifest.is_file() else test_hash,
-        "prompts_manifest": str(manifest) if manifest.is_file() else None,
-        "test_jsonl_sha256": test_hash,
+        "data_hash": data_hash,
+        "prompts_manifest_sha256": file_sha256(manifest) if manifest.is_file() else None,
+        "test_jsonl_sha256": file_sha256(test) if test.is_file() else None,
     }
 
 

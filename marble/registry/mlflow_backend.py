@@ -48,10 +48,14 @@ class MlflowRegistry:
     def __init__(self, model_name: str, store_dir: Path, tracking_uri: str | None = None) -> None:
         self.model_name = model_name
         self.store_dir = Path(store_dir).resolve()
-        self.embedded = tracking_uri is None
+        if tracking_uri is not None and tracking_uri.startswith("sqlite:///"):
+            # A sqlite file elsewhere (e.g. on the pipeline's cache volume, so the champion survives
+            # from run to run): still embedded; artifacts and the lock go beside the database file.
+            self.store_dir = Path(tracking_uri[len("sqlite:///") :]).resolve().parent
+        self.embedded = tracking_uri is None or tracking_uri.startswith("sqlite:///")
         if self.embedded:
             self.store_dir.mkdir(parents=True, exist_ok=True)
-            tracking_uri = f"sqlite:///{self.store_dir / DB_FILE}"
+            tracking_uri = tracking_uri or f"sqlite:///{self.store_dir / DB_FILE}"
         self.tracking_uri: str = tracking_uri
         self._client = None
 
