@@ -20,9 +20,7 @@ def flatten_metrics(data: Mapping[str, Any], prefix: str = "") -> dict[str, floa
         name = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
             flat.update(flatten_metrics(value, name))
-        elif isinstance(value, bool):
-            flat[name] = float(value)
-        elif isinstance(value, int | float) and math.isfinite(value):
+        elif isinstance(value, int | float) and math.isfinite(value):  # bool is an int: 0/1
             flat[name] = float(value)
     return flat
 

@@ -18,8 +18,10 @@ PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 """Marks an image that was never pushed: `make images` replaces it."""
 
 # >>> pinned images (rewritten by `make images`; edit through `python -m pipelines.images pin`)
+# fmt: off
 CPU_IMAGE = "ghcr.io/marble-ml/marble-cpu@sha256:0000000000000000000000000000000000000000000000000000000000000000"
 CUDA_IMAGE = "ghcr.io/marble-ml/marble-cuda@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+# fmt: on
 # <<< pinned images
 
 IMAGES = {"cpu": CPU_IMAGE, "cuda": CUDA_IMAGE}
@@ -50,11 +52,13 @@ def pin(role: str, reference: str, path: Path = Path(__file__)) -> None:
     if role not in _VARIABLE:
         raise ValueError(f"image role {role!r}: expected one of {sorted(_VARIABLE)}")
     if not is_pinned(reference) or is_placeholder(reference):
-        raise ValueError(f"{reference!r} is not a pushed image reference of the form registry/name@sha256:<64 hex>")
+        raise ValueError(
+            f"{reference!r} is not a pushed image reference of the form registry/name@sha256:<64 hex>"
+        )
     text = path.read_text(encoding="utf-8")
     pattern = re.compile(rf'^{_VARIABLE[role]} = "[^"]*"$', re.MULTILINE)
     if len(pattern.findall(text)) != 1:
-        raise ValueError(f"{path}: expected exactly one line `{_VARIABLE[role]} = \"...\"`")
+        raise ValueError(f'{path}: expected exactly one line `{_VARIABLE[role]} = "..."`')
     path.write_text(pattern.sub(f'{_VARIABLE[role]} = "{reference}"', text), encoding="utf-8")
 
 

@@ -68,7 +68,9 @@ def run_local(cfg: MarbleConfig, pipeline_root: str | Path | None = None) -> Loc
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in root.iterdir()}
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    kfp.local.init(
+        runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
+    )
     pipeline = build_pipeline(cfg, containerized=False)
     start = time.perf_counter()
     with warnings.catch_warnings():

@@ -83,7 +83,9 @@ def with_cache_volume(task: dsl.PipelineTask, k8s: PipelineConfig) -> dsl.Pipeli
 def with_secret_env(task: dsl.PipelineTask, secret: str, keys_to_env: dict[str, str]) -> dsl.PipelineTask:
     """Expose keys of a Kubernetes secret as environment variables. Optional: a missing secret (public
     models, no registry server) must not block the run; the stage that needs it says so."""
-    return kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=keys_to_env, optional=True)
+    return kubernetes.use_secret_as_env(
+        task, secret_name=secret, secret_key_to_env=keys_to_env, optional=True
+    )
 
 
 def registry_token_env(cfg: MarbleConfig) -> dict[str, str]:
@@ -151,7 +153,9 @@ def build_pipeline(cfg: MarbleConfig | None = None, *, containerized: bool = Tru
         evaluate_task.set_caching_options(False)
 
         register_task = register_op(
-            config=config, adapter=train_task.outputs["adapter"], evaluation=evaluate_task.outputs["evaluation"]
+            config=config,
+            adapter=train_task.outputs["adapter"],
+            evaluation=evaluate_task.outputs["evaluation"],
         )
         with_secret_env(register_task, k8s.registry_token_secret, registry_token_env(cfg))
         register_task.set_caching_options(False)
@@ -165,3 +169,27 @@ def pipeline_arguments(cfg: MarbleConfig, *, work_root: str | None = None) -> di
     if work_root is not None:
         args["work_root"] = work_root
     return args
+
+
+def compile_pipeline(cfg: MarbleConfig, out: str | Path) -> Path:
+    """Compile the containerized pipeline for `cfg` to IR YAML at `out` (written atomically)."""
+    import tempfile
+
+    from kfp import compiler
+
+    from pipelines.images import placeholder_images
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        compiler.Compiler().compile(build_pipeline(cfg, containerized=True), str(staged))
+        staged.replace(out)
+    if placeholder_images():
+        log.warning(
+            "%s names PLACEHOLDER image digests (%s): run `make images` to build, push and pin the images "
+            "before running it on a cluster",
+            out,
+            ", ".join(placeholder_images()),
+        )
+    return out

@@ -1,0 +1,237 @@
+"""Each component's body, called through `component.python_func` with its stage function patched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kfp import dsl
+from pydantic import ValidationError
+
+import marble.stages
+from components import cache_reward_models, evaluate, prepare_prompts, register_adapter, train
+from components._io import flatten_metrics, publish_dir, scalar_metadata
+from marble.config import MarbleConfig
+from marble.configio import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return load_config(REPO / "configs" / "tiny.yaml").model_dump(mode="json")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Patch every stage with a recorder; tests add behaviour through `calls.impl[name]`."""
+
+    class Recorder:
+        def __init__(self):
+            self.args: dict[str, tuple] = {}
+            self.impl: dict = {}
+
+    rec = Recorder()
+    for name in ("prepare_prompts", "cache_reward_models", "train", "evaluate", "register_adapter"):
+
+        def fake(*args, _name=name, **kwargs):
+            rec.args[_name] = (args, kwargs)
+            return rec.impl[_name](*args, **kwargs)
+
+        monkeypatch.setattr(marble.stages, name, fake)
+    return rec
+
+
+def art(cls, path: Path):
+    return cls(name=path.name, uri=str(path))
+
+
+def test_prepare_validates_then_writes_into_the_dataset(config, calls, tmp_path):
+    def impl(cfg, out):
+        out.mkdir()
+        (out / "manifest.json").write_text("{}")
+        return out / "manifest.json"
+
+    calls.impl["prepare_prompts"] = impl
+    prompts = art(dsl.Dataset, tmp_path / "prompts")
+    prepare_prompts.component.python_func(config=config, prompts=prompts)
+    (cfg, out), _ = calls.args["prepare_prompts"]
+    assert isinstance(cfg, MarbleConfig) and cfg.run_name == config["run_name"]
+    assert out == tmp_path / "prompts"
+    assert prompts.metadata == {"config_hash": cfg.config_hash(), "manifest": "manifest.json"}
+
+
+def test_an_invalid_config_fails_before_the_stage_runs(config, calls, tmp_path):
+    bad = {**config, "nft": {**config["nft"], "beta": -1.0}}
+    with pytest.raises(ValidationError, match="beta"):
+        prepare_prompts.component.python_func(config=bad, prompts=art(dsl.Dataset, tmp_path / "p"))
+    assert "prepare_prompts" not in calls.args
+
+
+def _write_manifest(cfg, out):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_text('{"files": []}')
+    return out / "manifest.json"
+
+
+def test_cache_rewards_locally_keeps_snapshots_in_the_artifact(config, calls, tmp_path):
+    calls.impl["cache_reward_models"] = _write_manifest
+    cache = art(dsl.Artifact, tmp_path / "reward_cache")
+    result = cache_reward_models.component.python_func(config=config, work_root="", reward_cache=cache)
+    assert result.cache_dir == str(tmp_path / "reward_cache")
+    assert (tmp_path / "reward_cache" / "manifest.json").is_file()
+
+
+def test_cache_rewards_on_a_cluster_writes_to_the_pvc_and_keeps_the_manifest(config, calls, tmp_path):
+    calls.impl["cache_reward_models"] = _write_manifest
+    pvc = tmp_path / "pvc"
+    cache = art(dsl.Artifact, tmp_path / "reward_cache")
+    result = cache_reward_models.component.python_func(config=config, work_root=str(pvc), reward_cache=cache)
+    assert result.cache_dir == str(pvc / "reward-cache")
+    assert (pvc / "reward-cache" / "manifest.json").is_file()
+    assert (tmp_path / "reward_cache" / "manifest.json").read_text() == '{"files": []}'
+    assert cache.metadata["cache_dir"] == str(pvc / "reward-cache")
+
+
+def _fake_train(cfg, prompts_dir, out_dir, *, reward_cache=None):
+    adapter = Path(out_dir) / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+    (Path(out_dir) / "checkpoints").mkdir()
+    return adapter
+
+
+@pytest.mark.parametrize("work_root", ["", "pvc"])
+def test_train_publishes_the_adapter_and_keys_checkpoints_by_run(config, calls, tmp_path, work_root):
+    calls.impl["train"] = _fake_train
+    root = str(tmp_path / work_root) if work_root else ""
+    adapter = art(dsl.Model, tmp_path / "task" / "adapter")
+    result = train.component.python_func(
+        config=config,
+        prompts=art(dsl.Dataset, tmp_path / "prompts"),
+        reward_cache_dir=str(tmp_path / "cache"),
+        work_root=root,
+        run_id="run-123",
+        adapter=adapter,
+    )
+    (_, prompts_dir, out_dir), kwargs = calls.args["train"]
+    expected = (
+        (tmp_path / "pvc" / "runs" / "run-123" / "train") if work_root else (tmp_path / "task" / "train")
+    )
+    assert out_dir == expected and result.train_dir == str(expected)
+    assert prompts_dir == tmp_path / "prompts"
+    assert kwargs == {"reward_cache": str(tmp_path / "cache")}
+    # Only the exported adapter is published, not the checkpoints.
+    assert sorted(p.name for p in Path(adapter.path).iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert adapter.metadata["lora_rank"] == config["lora"]["rank"]
+
+
+def test_train_without_a_reward_cache_passes_none(config, calls, tmp_path):
+    calls.impl["train"] = _fake_train
+    train.component.python_func(
+        config=config,
+        prompts=art(dsl.Dataset, tmp_path / "prompts"),
+        reward_cache_dir="",
+        work_root="",
+        run_id="r",
+        adapter=art(dsl.Model, tmp_path / "t" / "adapter"),
+    )
+    assert calls.args["train"][1] == {"reward_cache": None}
+
+
+def _fake_evaluate(cfg, prompts_dir, adapter_dir, out_dir, *, reward_cache=None, train_dir=None):
+    out_dir.mkdir(parents=True)
+    metrics = {
+        "rewards": {"brightness": {"mean": 0.5, "ci": [0.4, 0.6]}},
+        "gate": {"passed": False},
+        "note": "x",
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics))
+    (out_dir / "report.html").write_text("<html>r</html>")
+    (out_dir / "report.md").write_text("# r")
+    return out_dir / "metrics.json"
+
+
+def test_evaluate_publishes_metrics_and_report(config, calls, tmp_path):
+    calls.impl["evaluate"] = _fake_evaluate
+    (tmp_path / "train").mkdir()
+    outs = {
+        "evaluation": art(dsl.Artifact, tmp_path / "evaluation"),
+        "metrics": art(dsl.Metrics, tmp_path / "metrics"),
+        "report_html": art(dsl.HTML, tmp_path / "report_html"),
+        "report_md": art(dsl.Markdown, tmp_path / "report_md"),
+    }
+    evaluate.component.python_func(
+        config=config,
+        prompts=art(dsl.Dataset, tmp_path / "prompts"),
+        adapter=art(dsl.Model, tmp_path / "adapter"),
+        reward_cache_dir="",
+        train_dir=str(tmp_path / "train"),
+        **outs,
+    )
+    (_, prompts, adapter, out), kwargs = calls.args["evaluate"]
+    assert (prompts, adapter, out) == (tmp_path / "prompts", tmp_path / "adapter", tmp_path / "evaluation")
+    assert kwargs == {"reward_cache": None, "train_dir": str(tmp_path / "train")}
+    assert outs["metrics"].metadata == {"rewards/brightness/mean": 0.5, "gate/passed": 0.0}
+    assert Path(outs["report_html"].path).read_text() == "<html>r</html>"
+    assert Path(outs["report_md"].path).read_text() == "# r"
+
+
+def test_evaluate_skips_a_missing_train_dir(config, calls, tmp_path):
+    calls.impl["evaluate"] = _fake_evaluate
+    evaluate.component.python_func(
+        config=config,
+        prompts=art(dsl.Dataset, tmp_path / "prompts"),
+        adapter=art(dsl.Model, tmp_path / "adapter"),
+        reward_cache_dir="",
+        train_dir=str(tmp_path / "gone"),
+        evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
+        metrics=art(dsl.Metrics, tmp_path / "metrics"),
+        report_html=art(dsl.HTML, tmp_path / "h"),
+        report_md=art(dsl.Markdown, tmp_path / "m"),
+    )
+    assert calls.args["evaluate"][1]["train_dir"] is None
+
+
+def test_register_records_scalars_in_the_artifact(config, calls, tmp_path):
+    record = {"version": "3", "alias": "candidate", "promoted": False, "metrics": {"a": 1}}
+    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out: record
+    registration = art(dsl.Artifact, tmp_path / "registration")
+    register_adapter.component.python_func(
+        config=config,
+        adapter=art(dsl.Model, tmp_path / "adapter"),
+        evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
+        registration=registration,
+    )
+    (_, adapter, eval_dir, out), _ = calls.args["register_adapter"]
+    assert (adapter, eval_dir, out) == (
+        tmp_path / "adapter",
+        tmp_path / "evaluation",
+        tmp_path / "registration",
+    )
+    assert registration.metadata == {"version": "3", "alias": "candidate", "promoted": False}
+
+
+def test_flatten_metrics_keeps_finite_scalars_only():
+    data = {
+        "a": 1,
+        "b": {"c": 2.5, "d": float("nan"), "e": [1, 2], "f": True},
+        "g": "text",
+        "h": float("inf"),
+    }
+    assert flatten_metrics(data) == {"a": 1.0, "b/c": 2.5, "b/f": 1.0}
+
+
+def test_publish_dir_replaces_the_destination(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "new.bin").write_bytes(b"1")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "stale.bin").write_bytes(b"0")
+    publish_dir(tmp_path / "src", tmp_path / "dst")
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["new.bin"]
+    assert publish_dir(tmp_path / "dst", tmp_path / "dst") == tmp_path / "dst"
+
+
+def test_scalar_metadata_drops_nested_values():
+    assert scalar_metadata({"a": 1, "b": [1], "c": {"d": 1}, "e": "x"}) == {"a": 1, "e": "x"}

@@ -1,0 +1,237 @@
+"""The compiled pipeline: golden snapshot, Kubernetes settings, images, caching, retries, secrets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from kfp import dsl
+
+from marble.config import MarbleConfig
+from marble.configio import ConfigError, load_config
+from pipelines import images
+from pipelines.marble_pipeline import (
+    build_pipeline,
+    compile_pipeline,
+    config_dict,
+    default_config,
+    default_config_path,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "pipelines" / "marble_pipeline.yaml"
+GPU_TASKS = ("train", "evaluate")
+UNCACHED_TASKS = ("train", "evaluate", "register-adapter")
+SECRETISH = re.compile(r"pass(word|wd)?|token|secret|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
+CREDENTIAL_VALUE = re.compile(
+    r"hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|-----BEGIN|eyJ[A-Za-z0-9_-]{20,}"
+)
+K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+def compile_docs(tmp_path: Path, cfg: MarbleConfig | None = None) -> tuple[dict, dict]:
+    """(pipeline spec, Kubernetes platform spec) of the pipeline compiled for `cfg`."""
+    out = compile_pipeline(cfg or default_config(), tmp_path / "pipeline.yaml")
+    spec, platform = yaml.safe_load_all(out.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return compile_docs(tmp_path_factory.mktemp("compiled"))
+
+
+def executor(spec: dict, task: str) -> dict:
+    return spec["deploymentSpec"]["executors"][f"exec-{task}"]["container"]
+
+
+def normalise(text: str) -> list:
+    """Drop what legitimately changes without a pipeline change: kfp version pins and the default
+    config (checked against params.yaml separately, so a config edit does not need a new golden)."""
+    docs = list(yaml.safe_load_all(text))
+    docs[0].pop("sdkVersion", None)
+    docs[0]["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"] = "<default config>"
+    dumped = yaml.safe_dump_all(docs, sort_keys=True)
+    return list(yaml.safe_load_all(re.sub(r"kfp(-kubernetes)?==[0-9][0-9.a-z]*", "kfp==<pin>", dumped)))
+
+
+def test_compiled_pipeline_matches_golden(tmp_path):
+    fresh = compile_pipeline(default_config(), tmp_path / "pipeline.yaml").read_text()
+    assert normalise(fresh) == normalise(GOLDEN.read_text()), (
+        "the compiled pipeline changed: review the diff, then run `make compile` to update the golden file"
+    )
+
+
+def test_default_config_travels_losslessly(compiled):
+    spec, _ = compiled
+    default = spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
+    # Protobuf Struct turns ints into floats (48 -> 48.0); the components re-validate, so the config they
+    # see must equal the file's.
+    assert MarbleConfig.model_validate(default) == load_config(default_config_path())
+    assert default_config_path().name in ("params.yaml", "tiny.yaml")
+
+
+def test_gpu_tasks_have_accelerators_resources_and_tolerations(compiled):
+    spec, k8s = compiled
+    cfg = default_config().pipeline
+    for task in GPU_TASKS:
+        resources = executor(spec, task)["resources"]
+        assert resources["accelerator"]["resourceType"] == cfg.accelerator_type
+        assert resources["accelerator"]["resourceCount"] == str(cfg.gpus)
+        assert resources["resourceCpuLimit"] == cfg.cpu
+        assert resources["resourceMemoryLimit"] == cfg.memory
+        tolerations = k8s[f"exec-{task}"]["tolerations"]
+        assert {t["key"] for t in tolerations} == {t.key for t in cfg.tolerations}
+    for task in ("prepare-prompts", "cache-reward-models", "register-adapter"):
+        assert "accelerator" not in executor(spec, task).get("resources", {})
+        assert "tolerations" not in k8s[f"exec-{task}"]
+
+
+def test_node_selector_and_gpu_settings_come_from_the_config(tmp_path):
+    cfg = default_config()
+    cfg.pipeline.node_selector = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    cfg.pipeline.accelerator_type = "nvidia.com/gpu"
+    cfg.pipeline.gpus = 1
+    cfg.pipeline.tolerations = [
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}
+    ]
+    spec, k8s = compile_docs(tmp_path, cfg)
+    for task in GPU_TASKS:
+        assert k8s[f"exec-{task}"]["nodeSelector"]["labels"] == cfg.pipeline.node_selector
+        assert k8s[f"exec-{task}"]["tolerations"] == [
+            {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}
+        ]
+
+
+def test_no_gpu_request_when_gpus_is_zero(tmp_path):
+    cfg = default_config()
+    cfg.pipeline.gpus = 0
+    spec, _ = compile_docs(tmp_path, cfg)
+    assert "accelerator" not in executor(spec, "train")["resources"]
+
+
+def test_every_image_is_pinned_by_digest(compiled):
+    spec, _ = compiled
+    refs = [e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()]
+    assert len(refs) == 5
+    for ref in refs:
+        assert not ref.endswith(":latest") and ":latest@" not in ref, ref
+        assert images.is_pinned(ref), f"{ref} is not registry/name@sha256:<64 hex>"
+    assert set(refs) == set(images.IMAGES.values())
+
+
+def test_tasks_run_the_containerized_components(compiled):
+    spec, _ = compiled
+    for name, ex in spec["deploymentSpec"]["executors"].items():
+        assert ex["container"]["command"] == ["python3", "-m", "kfp.dsl.executor_main"], name
+        assert "pip install" not in " ".join(ex["container"]["command"] + ex["container"]["args"])
+
+
+def test_caching_is_off_for_train_evaluate_register(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in UNCACHED_TASKS:
+        assert not tasks[name]["cachingOptions"].get("enableCache", False), name
+    for name in ("prepare-prompts", "cache-reward-models"):
+        assert tasks[name]["cachingOptions"]["enableCache"] is True, name
+
+
+def test_train_retries_and_resumes_in_its_run_directory(compiled):
+    spec, _ = compiled
+    train = spec["root"]["dag"]["tasks"]["train"]
+    assert train["retryPolicy"]["maxRetryCount"] == default_config().pipeline.train_retries
+    # The run id keys the checkpoint directory, so a retry of the same run finds its checkpoints.
+    assert (
+        train["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    )
+    assert train["inputs"]["parameters"]["work_root"] == {"componentInputParameter": "work_root"}
+    assert default_config().train.resume == "latest"
+
+
+def test_cache_pvc_is_mounted_where_snapshots_and_checkpoints_are_used(compiled):
+    spec, k8s = compiled
+    cfg = default_config().pipeline
+    for task in ("cache-reward-models", "train", "evaluate"):
+        (mount,) = k8s[f"exec-{task}"]["pvcMount"]
+        assert mount["mountPath"] == cfg.cache_mount
+        assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == cfg.cache_pvc
+    default_root = spec["root"]["inputDefinitions"]["parameters"]["work_root"]["defaultValue"]
+    assert default_root == cfg.cache_mount
+
+
+def test_secrets_come_only_from_kubernetes_secrets_named_in_the_config(compiled):
+    _, k8s = compiled
+    cfg = default_config().pipeline
+    used = {
+        task: {s["secretName"] for s in ex.get("secretAsEnv", [])}
+        for task, ex in k8s.items()
+        if ex.get("secretAsEnv")
+    }
+    assert used == {
+        "exec-prepare-prompts": {cfg.dvc_secret},
+        "exec-cache-reward-models": {cfg.hub_token_secret},
+        "exec-register-adapter": {cfg.registry_token_secret},
+    }
+    for ex in k8s.values():
+        for secret in ex.get("secretAsEnv", []):
+            assert secret["optional"] is True
+            assert all(ENV_NAME.match(k["envVar"]) for k in secret["keyToEnv"])
+
+
+def _walk(node, path=""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}.{i}")
+    else:
+        yield path, node
+
+
+def test_no_parameter_name_or_default_looks_like_a_secret(compiled):
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for name in params:
+        assert not SECRETISH.search(name), f"pipeline parameter {name!r} looks like a secret"
+    for path, value in _walk({n: p.get("defaultValue") for n, p in params.items()}):
+        leaf = path.rsplit(".", 1)[-1]
+        assert not (isinstance(value, str) and CREDENTIAL_VALUE.search(value)), f"{path} holds a credential"
+        if SECRETISH.search(leaf):
+            # Only references are allowed: a Kubernetes secret's name or an environment variable's name.
+            ok = (leaf.endswith("_secret") and K8S_NAME.match(str(value))) or (
+                leaf.endswith("_env") and ENV_NAME.match(str(value))
+            )
+            assert ok, f"{path}={value!r} looks like a secret value in a pipeline parameter"
+
+
+def test_secret_scan_catches_a_token_in_the_config(tmp_path):
+    # The check above must be able to fail: a config carrying a token value in a free-text field.
+    cfg = default_config()
+    cfg.run_name = "hf_" + "a" * 30
+    spec, _ = compile_docs(tmp_path, cfg)
+    default = spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
+    assert any(isinstance(v, str) and CREDENTIAL_VALUE.search(v) for _, v in _walk(default))
+
+
+def test_local_variant_runs_lightweight_without_retries_or_kfp_install(tmp_path):
+    from kfp import compiler
+
+    out = tmp_path / "local.yaml"
+    compiler.Compiler().compile(build_pipeline(default_config(), containerized=False), str(out))
+    spec = next(yaml.safe_load_all(out.read_text()))
+    assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["train"]
+    for ex in spec["deploymentSpec"]["executors"].values():
+        text = " ".join(ex["container"]["command"])
+        assert "ephemeral_component.py" in text and "pip install" not in text
+
+
+def test_a_null_that_differs_from_the_default_is_refused_with_its_field(tmp_path):
+    cfg = default_config()
+    assert config_dict(cfg)  # the shipped config travels
+    cfg.balancer = {"kind": "marble", "ema_decay": None}  # the marble preset's default is 0.7
+    with pytest.raises(ConfigError, match="balancer.ema_decay"):
+        config_dict(cfg)
