@@ -89,3 +89,73 @@ def save_tiny_aesthetic_head(out_dir: Path, embed_dim: int = 16, seed: int = 0, 
         path = out_dir / "head.pth"
         torch.save(state, path)
     return path
+
+
+def save_tiny_trocr(out_dir: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A random TrOCR-style `VisionEncoderDecoderModel` (ViT encoder, TrOCR decoder) + `TrOCRProcessor`."""
+    from transformers import (
+        TrOCRConfig,
+        TrOCRForCausalLM,
+        TrOCRProcessor,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    torch.manual_seed(seed)
+    tok = tiny_clip_tokenizer()
+    encoder = ViTModel(
+        ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=37)
+    )  # fmt: skip
+    decoder = TrOCRForCausalLM(
+        TrOCRConfig(vocab_size=len(tok), d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                    decoder_ffn_dim=37, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                    eos_token_id=1, decoder_start_token_id=0, cross_attention_hidden_size=32)
+    )  # fmt: skip
+    model = VisionEncoderDecoderModel(encoder=encoder, decoder=decoder).eval()
+    with (
+        torch.no_grad()
+    ):  # default init decodes one token forever; wider weights make the text image-dependent
+        for p in model.decoder.parameters():
+            p.normal_(0.0, 0.5)
+    model.config.decoder_start_token_id = 0
+    model.config.pad_token_id = 1
+    model.config.eos_token_id = 1
+    model.generation_config.decoder_start_token_id = 0
+    model.generation_config.pad_token_id = 1
+    model.generation_config.eos_token_id = 1
+    processor = TrOCRProcessor(
+        image_processor=ViTImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=tok
+    )
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_tiny_owlv2(out_dir: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A random `Owlv2ForObjectDetection` + `Owlv2Processor` (tiny CLIP tokenizer), saved like the hub repo."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    torch.manual_seed(seed)
+    tok = tiny_clip_tokenizer()
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    vision = dict(
+        image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4,
+    )  # fmt: skip
+    model = Owlv2ForObjectDetection(
+        Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
+    ).eval()
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=tok
+    )
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
