@@ -61,7 +61,7 @@ images: $(STAMP)
 	@set -euo pipefail; for role in cpu cuda; do \
 	  ref="$(IMAGE_REPO)/marble-$$role:$(IMAGE_TAG)"; meta="$$(mktemp)"; \
 	  echo "[images] building and pushing $$ref"; \
-	  docker buildx build -f docker/Dockerfile.$$role -t "$$ref" --push --metadata-file "$$meta" .; \
+	  docker buildx build -f dockerfiles/Dockerfile.$$role -t "$$ref" --push --metadata-file "$$meta" .; \
 	  digest="$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["containerimage.digest"])' "$$meta")"; \
 	  $(BIN)/python -m pipelines.images pin "$$role" "$(IMAGE_REPO)/marble-$$role@$$digest"; rm -f "$$meta"; \
 	done

@@ -11,5 +11,5 @@ Two forms of the same function:
   running venv; `install_kfp_package=False` because kfp already is);
 - containerized (`containerized=True`): the task runs `python3 -m kfp.dsl.executor_main` inside the
   pinned image of `pipelines/images.py`, which finds the function through `kfp_config.ini`
-  (docker/kfp_config.ini); used for the compiled pipeline that runs on a cluster.
+  (dockerfiles/kfp_config.ini); used for the compiled pipeline that runs on a cluster.
 """

@@ -1,6 +1,6 @@
 """Container images of the pipeline, pinned by digest in ONE place.
 
-`make images` builds `docker/Dockerfile.cpu` and `docker/Dockerfile.cuda`, pushes them, and rewrites
+`make images` builds `dockerfiles/Dockerfile.cpu` and `dockerfiles/Dockerfile.cuda`, pushes them, and rewrites
 the two references below with the digests the registry returned (`python -m pipelines.images pin ...`).
 Until then the digests are PLACEHOLDERS (all zeros): the compiled pipeline is well-formed but its
 images cannot be pulled. `marble pipeline compile` warns and cluster submissions refuse while any

@@ -55,7 +55,7 @@ def test_kfp_config_ini_names_every_component_function():
     """The containerized executor finds a component through kfp_config.ini in the image's WORKDIR."""
     parser = configparser.ConfigParser()
     parser.optionxform = str
-    parser.read(REPO / "docker" / "kfp_config.ini")
+    parser.read(REPO / "dockerfiles" / "kfp_config.ini")
     listed = dict(parser["Components"])
     for module in STAGE_MODULES:
         component = __import__(f"components.{module}", fromlist=["component"]).component
@@ -80,17 +80,24 @@ def test_component_bodies_import_heavy_libraries_inside(module):
 def test_dockerfiles_copy_what_the_components_need(dockerfile):
     """No Docker daemon here: check what can be checked statically (sources exist, base not :latest,
     kfp_config.ini lands in the WORKDIR the executor reads it from)."""
-    lines = [line.strip() for line in (REPO / "docker" / dockerfile).read_text().splitlines()]
+    lines = [line.strip() for line in (REPO / "dockerfiles" / dockerfile).read_text().splitlines()]
     bases = [line.split("=", 1)[1] for line in lines if line.startswith("ARG ") and "_IMAGE=" in line]
     assert bases and all(":" in b and not b.endswith(":latest") for b in bases), bases
     copies = [line.split()[1:] for line in lines if line.startswith("COPY ")]
     for *sources, _dest in copies:
         for src in sources:
             assert (REPO / src).exists(), f"{dockerfile}: COPY source {src} does not exist"
-    assert ["docker/kfp_config.ini", "kfp_config.ini"] in copies
+    assert ["dockerfiles/kfp_config.ini", "kfp_config.ini"] in copies
     assert "WORKDIR /app" in lines
     for package in ("marble", "components", "pipelines", "configs"):
         assert [package, package] in copies
-    ignore = (REPO / "docker" / f"{dockerfile}.dockerignore").read_text().splitlines()
+    ignore = (REPO / "dockerfiles" / f"{dockerfile}.dockerignore").read_text().splitlines()
     for package in ("marble/", "components/", "pipelines/", "configs/"):
         assert f"!{package}" in ignore
+
+
+def test_no_repo_directory_shadows_the_docker_sdk():
+    """kfp.local imports `docker` unconditionally; a top-level `docker/` folder in the working directory
+    becomes a namespace package that shadows the SDK (or its absence) and breaks every local run started
+    with the repo root on sys.path (`python -m pytest`). Hence the Dockerfiles live in dockerfiles/."""
+    assert not (REPO / "docker").exists()
