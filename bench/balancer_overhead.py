@@ -1,0 +1,231 @@
+"""Micro-benchmark of the MARBLE balancer's own cost (issue 3): K = 5 rewards on a small MLP.
+
+Measures, as medians over repeats after a warm-up (wall clock, CPU, this process's torch threads):
+- `train_step_ms`: forward + NFT terms + ONE backward of the (ω, ρ) loss (what every preset pays);
+- `gram_params_ms`: the exact Gram from parameters (K backward passes with a retained graph);
+- `gram_output_ms`: the output-space Gram from the three scalars per sample (marble_ub);
+- `balancer_update_ms`: normalisation + QP + EMA + rescale (`balancer.update`);
+- overhead of a refresh step vs. a plain step, and amortised per step with `refresh_every`;
+- the osqp solve alone at K = 5, warm (kept solver, `update(Px=...)`) and cold (setup + solve), both raw
+  osqp and through `MinNormSolver` (which adds the exact KKT refinement on osqp's support).
+
+Run: `python -m bench.balancer_overhead` (writes bench/results/balancer_overhead.json). Not a test:
+nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import osqp
+import scipy.sparse as sp
+import torch
+
+from marble.config import MarbleBalancer
+from marble.configio import atomic_write_text
+from marble.rl.advantages import group_advantages, optimality_probability
+from marble.rl.balancers import build_balancer
+from marble.rl.gram import gram_from_output, gram_from_params
+from marble.rl.nft import combine_coefficients, combined_loss, nft_terms, per_reward_losses, reward_weights
+from marble.rl.qp import MinNormSolver
+
+RESULTS = Path(__file__).parent / "results" / "balancer_overhead.json"
+
+
+def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _mlp(dim: int, hidden: int, layers: int) -> torch.nn.Module:
+    mods: list[torch.nn.Module] = [torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU()]
+    for _ in range(layers - 2):
+        mods += [torch.nn.Linear(hidden, hidden), torch.nn.SiLU()]
+    mods.append(torch.nn.Linear(hidden, dim))
+    return torch.nn.Sequential(*mods)
+
+
+def _random_grams(K: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    out = []
+    for _ in range(n):
+        X = rng.normal(size=(K, 64)) + rng.uniform(0, 1.5) * rng.normal(size=64)
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        out.append(X @ X.T)
+    return out
+
+
+def bench_osqp(K: int, n: int, seed: int = 0) -> dict[str, float]:
+    """Solve time of the K-reward simplex QP: raw osqp warm/cold and MinNormSolver warm/cold."""
+    grams = _random_grams(K, n, np.random.default_rng(seed))
+    rows = np.concatenate([np.arange(j + 1) for j in range(K)])
+    cols = np.concatenate([np.full(j + 1, j) for j in range(K)])
+    indptr = np.concatenate([[0], np.cumsum(np.arange(1, K + 1))])
+    A = sp.csc_matrix(np.vstack([np.ones((1, K)), np.eye(K)]))
+    lo, hi = np.r_[1.0, np.zeros(K)], np.r_[1.0, np.ones(K)]
+    settings = dict(eps_abs=1e-9, eps_rel=1e-9, max_iter=20000, polishing=True, verbose=False)
+
+    def setup(Q):
+        s = osqp.OSQP()
+        s.setup(
+            sp.csc_matrix((Q[rows, cols], rows, indptr), shape=(K, K)), np.zeros(K), A, lo, hi, **settings
+        )
+        return s
+
+    def timed(fn):
+        ts = []
+        for Q in grams:
+            t0 = time.perf_counter()
+            fn(Q)
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    warm = setup(grams[0])
+    warm.solve(raise_error=False)
+    mns_warm = MinNormSolver()
+    mns_warm.solve(grams[0])
+    return {
+        "osqp_raw_warm_ms": timed(lambda Q: (warm.update(Px=Q[rows, cols]), warm.solve(raise_error=False))),
+        "osqp_raw_cold_ms": timed(lambda Q: setup(Q).solve(raise_error=False)),
+        "min_norm_solver_warm_ms": timed(mns_warm.solve),
+        "min_norm_solver_cold_ms": timed(lambda Q: MinNormSolver().solve(Q)),
+    }
+
+
+def bench_step(
+    K: int, batch: int, dim: int, hidden: int, layers: int, repeats: int, refresh_every: int
+) -> dict:
+    """Per-step costs of one micro-batch on an MLP velocity model."""
+    g = torch.Generator().manual_seed(0)
+    net, old = _mlp(dim, hidden, layers), _mlp(dim, hidden, layers)
+    params = [p for p in net.parameters() if p.requires_grad]
+    x0 = torch.randn(batch, dim, generator=g)
+    eps = torch.randn(batch, dim, generator=g)
+    t = torch.rand(batch, generator=g) * 0.9 + 0.05
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    inp = torch.cat([x_t, t[:, None]], 1)
+    R = torch.randn(batch, K, generator=g, dtype=torch.float64)
+    R[torch.rand(batch, K, generator=g) < 0.3] = float("nan")
+    r, mask = optimality_probability(group_advantages(R, torch.arange(batch) // 4).adv, 5.0)
+    c = reward_weights(mask, 5.0)
+    beta = 0.1
+    balancer = build_balancer(MarbleBalancer(refresh_every=refresh_every), [f"r{k}" for k in range(K)])
+    with torch.no_grad():
+        v_old = old(inp)
+
+    def terms():
+        return nft_terms(net(inp), v_old, x_t, x0, t, beta)
+
+    def plain_step():
+        tm = terms()
+        omega, rho = combine_coefficients(balancer.gamma, c, r)
+        combined_loss(tm, omega, rho, beta).backward()
+        net.zero_grad(set_to_none=True)
+
+    def gram_params():
+        tm = terms()
+        return gram_from_params(per_reward_losses(tm, c, r, beta), params, retain_graph=False).gram
+
+    def refresh_step():
+        tm = terms()
+        G = gram_from_params(per_reward_losses(tm, c, r, beta), params).gram
+        balancer.update(G)
+        omega, rho = combine_coefficients(balancer.gamma, c, r)
+        combined_loss(tm, omega, rho, beta).backward()
+        net.zero_grad(set_to_none=True)
+
+    tm_fixed = terms()
+    G_fixed = gram_params()
+    out = {
+        "num_params": sum(p.numel() for p in params),
+        "train_step_ms": _median_ms(plain_step, repeats),
+        "forward_terms_ms": _median_ms(terms, repeats),
+        "gram_params_ms": _median_ms(gram_params, repeats),
+        "gram_output_ms": _median_ms(lambda: gram_from_output(tm_fixed, c, r, beta), repeats),
+        "balancer_update_ms": _median_ms(lambda: balancer.update(G_fixed), repeats),
+        "refresh_step_ms": _median_ms(refresh_step, repeats),
+    }
+    overhead = out["refresh_step_ms"] - out["train_step_ms"]
+    out["refresh_overhead_ms"] = overhead
+    out["refresh_every"] = refresh_every
+    out["amortized_overhead_ms_per_step"] = overhead / refresh_every
+    out["amortized_speed_ratio_vs_plain"] = out["train_step_ms"] / (
+        out["train_step_ms"] + overhead / refresh_every
+    )
+    out["full_speed_ratio_vs_plain"] = out["train_step_ms"] / out["refresh_step_ms"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--K", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=256, help="elements per latent (MLP in/out width)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--qp-problems", type=int, default=300)
+    ap.add_argument("--refresh-every", type=int, default=10)
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (1 default: with 2 threads on a shared 2-core machine, timings swing 10x)",
+    )  # fmt: skip
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    step = bench_step(
+        args.K, args.batch, args.dim, args.hidden, args.layers, args.repeats, args.refresh_every
+    )
+    qp = bench_osqp(args.K, args.qp_problems)
+    result = {
+        "benchmark": "balancer_overhead",
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "osqp": osqp.__version__,
+            "numpy": np.__version__,
+        },  # fmt: skip
+        "settings": vars(args) | {"out": str(args.out)},
+        "step": step,
+        "qp": qp,
+    }
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(
+        f"balancer overhead, K={args.K}, MLP {step['num_params']:,} params, batch {args.batch} (medians, ms)"
+    )
+    for key in ("train_step_ms", "gram_params_ms", "gram_output_ms", "balancer_update_ms", "refresh_step_ms",
+                "refresh_overhead_ms", "amortized_overhead_ms_per_step"):  # fmt: skip
+        print(f"  {key:34s} {step[key]:10.3f}")
+    print(
+        f"  {'speed vs plain, refresh every ' + str(args.refresh_every):34s} {step['amortized_speed_ratio_vs_plain']:10.3f}x"
+    )
+    print(f"  {'speed vs plain, refresh every step':34s} {step['full_speed_ratio_vs_plain']:10.3f}x")
+    print(f"osqp at K={args.K} over {args.qp_problems} random Grams (median ms)")
+    for key, val in qp.items():
+        print(f"  {key:34s} {val:10.4f}")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
