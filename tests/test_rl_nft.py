@@ -5,6 +5,7 @@ Reference losses here are written independently, sample by sample, straight from
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from marble.rl.advantages import group_advantages, optimality_probability
@@ -18,10 +19,18 @@ from marble.rl.nft import (
     reward_weights,
 )
 
-torch.set_default_dtype(torch.float64)
 BETA, C, FLOOR = 0.3, 2.0, 1e-5
 SHAPE = (2, 3, 3)  # latent [C, h, w] -> D = 18
 D = 18
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """Everything in this module in float64 (restored afterwards: other test modules share the process)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 class TinyVelocity(torch.nn.Module):
@@ -156,3 +165,15 @@ def test_reward_weights_mean_over_valid_times_clip():
 def test_kl_loss_is_mean_squared_difference():
     v, ref = torch.randn(3, *SHAPE), torch.randn(3, *SHAPE)
     torch.testing.assert_close(kl_loss(v, ref), ((v - ref) ** 2).mean())
+
+
+def test_half_precision_outputs_are_upcast():
+    """bf16 model outputs (GPU autocast): P, N come out float32 and finite, weights float64."""
+    g = torch.Generator().manual_seed(0)
+    x0, x_t = torch.randn(3, *SHAPE, generator=g), torch.randn(3, *SHAPE, generator=g)
+    v = torch.randn(3, *SHAPE, generator=g).bfloat16().requires_grad_(True)
+    terms = nft_terms(v, v.detach() * 0.9, x_t.bfloat16(), x0.bfloat16(), torch.full((3,), 0.5), BETA)
+    assert terms.P.dtype == torch.float32 and torch.isfinite(terms.P).all()
+    assert terms.w_neg.dtype == torch.float64
+    terms.P.sum().backward()
+    assert v.grad is not None and v.grad.dtype == torch.bfloat16
