@@ -5,7 +5,7 @@ Layout of one checkpoint (`<out>/checkpoints/step-00000040/`):
     adapter-old.safetensors         the frozen old-policy adapter
     adapter-ema.safetensors         the evaluation EMA of the trainable weights
     objects.pt                      optimizer, scheduler, balancer state, optional epoch buffer
-    rng-rank<r>.pt                  python / numpy / torch RNG states of rank r
+    rank<r>.pt                      rank r's RNG states (python / numpy / torch) and per-rank extras
     state.json                      step, epoch, data position, counters, compatibility fields
     manifest.json                   sha256 of every file above (written last)
 
@@ -49,7 +49,8 @@ class Checkpoint:
     state: dict[str, Any]  # step, epoch, data position, counters, "compat" fields
     adapters: dict[str, dict[str, torch.Tensor]]  # "trainable" / "old" / "ema" -> state dict
     objects: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, balancer, buffer
-    rng: dict[str, Any] | None = None  # this rank's RNG states
+    rng: dict[str, Any] | None = None  # this rank's RNG states (captured at save time if None)
+    rank_extra: dict[str, Any] = field(default_factory=dict)  # per-rank values (e.g. balancer state)
     path: Path | None = None
 
     @property
@@ -182,7 +183,8 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         self._barrier()
-        torch.save(capture_rng() if ckpt.rng is None else ckpt.rng, tmp / f"rng-rank{self.rank}.pt")
+        rank_state = {"rng": capture_rng() if ckpt.rng is None else ckpt.rng, "extra": ckpt.rank_extra}
+        torch.save(rank_state, tmp / f"rank{self.rank}.pt")
         if self.is_main:
             for name in ADAPTERS:
                 save_file(_contiguous(ckpt.adapters[name]), str(tmp / f"adapter-{name}.safetensors"))
@@ -249,13 +251,22 @@ class CheckpointManager:
         check_compatible(state.get("compat", {}), self.compat, path)
         adapters = {n: load_file(str(path / f"adapter-{n}.safetensors"), device="cpu") for n in ADAPTERS}
         objects = torch.load(path / "objects.pt", map_location=map_location, weights_only=False)
-        rng_file = path / f"rng-rank{self.rank}.pt"
-        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
-        if rng is None:
+        rank_file = path / f"rank{self.rank}.pt"
+        rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+        if not rank_state:
+            # Every random draw of the trainer is seeded by (seed, epoch, global index), so a resume
+            # with another process count is still exact; only the global RNG streams are not restored.
             log.warning(
-                "%s: no RNG state for rank %d (world size changed?); RNG not restored", path, self.rank
+                "%s: no state for rank %d (process count changed?); RNG not restored", path, self.rank
             )
-        return Checkpoint(state=state, adapters=adapters, objects=objects, rng=rng, path=path)
+        return Checkpoint(
+            state=state,
+            adapters=adapters,
+            objects=objects,
+            rng=rank_state.get("rng"),
+            rank_extra=rank_state.get("extra", {}),
+            path=path,
+        )
 
 
 def _fsync_dir(path: Path) -> None:

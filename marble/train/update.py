@@ -1,0 +1,177 @@
+"""One micro-step of the balanced NFT update, and the gradient-cosine diagnostic.
+
+Wiring only: the math lives in `marble.rl` (nft.py, gram.py, balancers.py, diagnostics.py). Per
+micro-step (ALGORITHM.md §3-§5): three velocities (trainable adapter with graph; old adapter and
+reference without), the per-sample NFT terms, the Gram when the balancer asks for one, the balancer
+update, γ -> (ω, ρ), and ONE scalar `combined + λ KL` for the caller to backprop.
+
+Multi-process: the weights `c` arrive already normalised over the GLOBAL micro-batch and multiplied by
+the world size, so averaging gradients over ranks gives exactly the global micro-batch's gradient; the
+parameter Gram is reduced (mean) over ranks before it is formed, the output Gram summed and rescaled,
+so every rank feeds the balancer the same matrix and gets the same α.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from marble.rl.balancers import mgda_gamma
+from marble.rl.gram import flat_grads, gram_from_output, gram_from_params
+from marble.rl.nft import NFTTerms, combine_coefficients, combined_loss, kl_loss, nft_terms, per_reward_losses
+from marble.rl.qp import MinNormSolver
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class MicroBatch:
+    """The B samples of one micro-step (B = train.micro_batch_size on this rank)."""
+
+    x0: Tensor  # [B, C, h, w] clean rollout latents
+    emb: Any  # PromptEmbeddings with prompt_embeds [B, L, D], pooled [B, P]
+    t: Tensor  # [B] timesteps in (0, 1]
+    noise: Tensor  # [B, C, h, w] fresh noise
+    r: Tensor  # [B, K'] optimality probability of the balancer's objectives
+    c: Tensor  # [B, K'] masked weights (global normalisation x world size)
+    r_raw: Tensor  # [B, K] per-reward r (diagnostics)
+    c_raw: Tensor  # [B, K] per-reward weights (diagnostics)
+
+
+@dataclass
+class MicroStepResult:
+    loss: Tensor  # scalar to backprop: combined policy loss + λ KL
+    policy: float
+    kl: float
+    balance: Any | None  # BalanceStats of a refresh on this micro-step, else None
+    balance_s: float
+
+
+@contextmanager
+def use_adapter(model: Any, name: str) -> Iterator[None]:
+    """Activate adapter `name` for a no-grad forward, then restore the trainable "default".
+
+    peft's `set_adapter` also flips `requires_grad` (active adapter trainable, others frozen);
+    switching back to "default" restores exactly the training state.
+    """
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
+
+
+class NFTUpdate:
+    """Computes micro-step losses; holds no optimizer (the trainer steps it)."""
+
+    def __init__(
+        self,
+        model: Any,
+        params: Sequence[Tensor],
+        balancer: Any,
+        *,
+        predict_velocity: Callable[..., Tensor],
+        beta: float,
+        weight_floor: float,
+        kl_weight: float,
+        world_size: int = 1,
+        reduce_mean: Reduce | None = None,
+        reduce_sum: Reduce | None = None,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
+        self.model = model
+        self.params = list(params)
+        self.balancer = balancer
+        self.predict_velocity = predict_velocity
+        self.beta = beta
+        self.floor = weight_floor
+        self.kl_weight = kl_weight
+        self.world_size = world_size
+        self.reduce_mean = reduce_mean
+        self.reduce_sum = reduce_sum
+        self.autocast = autocast
+        self._solver = MinNormSolver()
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, mb: MicroBatch, output_grads: bool) -> tuple[NFTTerms, Tensor, Tensor]:
+        """NFT terms of the micro-batch, plus v (with graph) and v_ref for the KL."""
+        t4 = mb.t.reshape(-1, *([1] * (mb.x0.ndim - 1))).to(mb.x0.dtype)  # [B, 1, 1, 1]
+        x_t = (1 - t4) * mb.x0 + t4 * mb.noise  # [B, C, h, w] rectified-flow forward process
+        with self.autocast():
+            v = self.predict_velocity(self.model, x_t, mb.t, mb.emb)  # [B, C, h, w]
+            with torch.no_grad():
+                with use_adapter(self.model, "old"):
+                    v_old = self.predict_velocity(self.model, x_t, mb.t, mb.emb)
+                with self.model.disable_adapter():
+                    v_ref = self.predict_velocity(self.model, x_t, mb.t, mb.emb)
+        terms = nft_terms(v, v_old, x_t, mb.x0, mb.t, self.beta, self.floor, output_grads=output_grads)
+        return terms, v, v_ref
+
+    # ------------------------------------------------------------------------------ gram
+    def gram(
+        self, terms: NFTTerms, c: Tensor, r: Tensor, keep_grads: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """The balancer's Gram for this micro-batch, identical on every rank."""
+        if self.balancer.gram_source == "output":
+            H = gram_from_output(terms, c, r, self.beta)  # [K', K'] local samples
+            if self.reduce_sum is not None:
+                # c carries a factor world_size; H is quadratic in c.
+                H = self.reduce_sum(H) / self.world_size**2
+            return H, None
+        losses = per_reward_losses(terms, c, r, self.beta)  # [K']
+        pg = gram_from_params(losses, self.params, all_reduce=self.reduce_mean, keep_grads=keep_grads)
+        return pg.gram, pg.grads
+
+    # ------------------------------------------------------------------------------ step
+    def micro_step(self, mb: MicroBatch, step: int, micro_step: int) -> MicroStepResult:
+        """Forward, optional balancer refresh, and the loss of ONE backward (caller backprops)."""
+        refresh = self.balancer.needs_gram(step, micro_step)
+        source = self.balancer.gram_source
+        terms, v, v_ref = self.forward(mb, output_grads=refresh and source == "output")
+        stats = None
+        balance_s = 0.0
+        if refresh and source is not None:
+            t0 = time.perf_counter()
+            G, _ = self.gram(terms, mb.c, mb.r)
+            stats = self.balancer.update(G, step=step)
+            balance_s = time.perf_counter() - t0
+        gamma = self.balancer.gamma.to(mb.c.device)  # [K']
+        omega, rho = combine_coefficients(gamma, mb.c, mb.r)  # [B], [B]
+        policy = combined_loss(terms, omega, rho, self.beta)
+        kl = kl_loss(v, v_ref)
+        loss = policy + self.kl_weight * kl
+        return MicroStepResult(loss, float(policy.detach()), float(kl.detach()), stats, balance_s)
+
+    # ------------------------------------------------------------------------------ diagnostics
+    def diagnose(
+        self, mb: MicroBatch, direction_cosines: Callable[[Tensor, Tensor], Any]
+    ) -> dict[str, float]:
+        """Cosines of the per-reward gradients g_k (masked, KL excluded) with three directions:
+        the applied one (cached γ through (ω, ρ)), the fresh MGDA one, the equal-weight sum
+        (ALGORITHM.md §6). Costs K + 1 extra backward passes; touches no `.grad` and no state."""
+        terms, _, _ = self.forward(mb, output_grads=False)
+        losses = per_reward_losses(terms, mb.c_raw, mb.r_raw, self.beta)  # [K]
+        pg = gram_from_params(losses, self.params, all_reduce=self.reduce_mean, keep_grads=True)
+        grads = pg.grads  # [K, P]
+        gamma = self.balancer.gamma.to(mb.c.device)
+        omega, rho = combine_coefficients(gamma, mb.c, mb.r)
+        applied = flat_grads(combined_loss(terms, omega, rho, self.beta), self.params, retain_graph=False)
+        applied = torch.where(torch.isfinite(applied), applied, torch.zeros_like(applied))
+        if self.reduce_mean is not None:
+            applied = self.reduce_mean(applied)
+        fresh_gamma = mgda_gamma(pg.gram, self._solver)  # [K] α*_k mean|g| / |g_k|
+        fresh = fresh_gamma.to(grads.dtype).to(grads.device) @ grads  # [P]
+        equal = grads.mean(0)  # [P]
+        out: dict[str, float] = {}
+        for name, d in (("applied", applied), ("fresh", fresh), ("weighted_sum", equal)):
+            cs = direction_cosines(d, grads)
+            out[f"diag/cos_{name}/min"] = float(cs.min)
+            out[f"diag/cos_{name}/mean"] = float(cs.mean)
+            out[f"diag/cos_{name}/var"] = float(cs.var)
+        return out
