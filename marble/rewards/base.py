@@ -27,6 +27,23 @@ from marble.errors import RewardError
 log = logging.getLogger(__name__)
 
 
+WEIGHT_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors", "*.bin")
+"""Files of a transformers checkpoint worth caching (no flax/tf weights). `*.bin` is dropped by the cache
+when the repo also has safetensors."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One model repo (or local directory) a reward needs, pinned to a revision.
+
+    allow_patterns: glob patterns of the files to snapshot (None = every file).
+    """
+
+    id: str
+    revision: str | None
+    allow_patterns: tuple[str, ...] | None = WEIGHT_PATTERNS
+
+
 @dataclass
 class RewardOutput:
     """What a reward returns for a batch.
@@ -121,6 +138,11 @@ class BaseReward:
                 extras.setdefault(key, torch.full((n,), math.nan, dtype=torch.float64))
                 extras[key][chunk] = val.detach().to("cpu", torch.float64).reshape(-1)
         return RewardOutput(scores=scores, extras=extras)
+
+    @classmethod
+    def artifacts(cls, spec: Any) -> list[Artifact]:
+        """Model repos this reward loads (what `marble cache-rewards` snapshots); none for rule rewards."""
+        return []
 
     # ---- for subclasses
     def _load(self, cache_dir: Path | None) -> None:

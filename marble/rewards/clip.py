@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from marble.rewards.base import BaseReward, RewardOutput
+from marble.rewards.base import Artifact, BaseReward, RewardOutput
 from marble.rewards.hub import from_pretrained, load_state_dict_file, resolve_file
 from marble.rewards.offline import to_uint8
 
@@ -61,6 +61,10 @@ class _ClipReward(BaseReward):
     def _processor_source(self) -> tuple[str, str | None]:
         return self.spec.model, self.spec.revision
 
+    @classmethod
+    def artifacts(cls, spec) -> list[Artifact]:
+        return [Artifact(spec.model, spec.revision)]
+
     def _load(self, cache_dir: Path | None) -> None:
         from transformers import AutoProcessor, CLIPModel
 
@@ -92,6 +96,12 @@ class PickScoreScorer(_ClipReward):
 
     def _processor_source(self) -> tuple[str, str | None]:
         return self.spec.processor, self.spec.processor_revision
+
+    @classmethod
+    def artifacts(cls, spec) -> list[Artifact]:
+        # only the processor files of the (large) laion CLIP repo, not its weights
+        processor = Artifact(spec.processor, spec.processor_revision, ("*.json", "*.txt", "*.model"))
+        return [Artifact(spec.model, spec.revision), processor]
 
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
         raw = self.model.logit_scale.exp().item() * self._cosine(images, prompts)  # [n]
@@ -129,6 +139,13 @@ class AestheticScorer(BaseReward):
 
     requires_weights = True
     score_range = (-math.inf, math.inf)
+
+    @classmethod
+    def artifacts(cls, spec) -> list[Artifact]:
+        return [
+            Artifact(spec.model, spec.revision),
+            Artifact(spec.head, spec.head_revision, (spec.head_file,)),
+        ]
 
     def _load(self, cache_dir: Path | None) -> None:
         from transformers import AutoProcessor, CLIPModel

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from marble.rewards.base import BaseReward, RewardOutput
+from marble.rewards.base import Artifact, BaseReward, RewardOutput
 from marble.rewards.clip import clip_text_embeds, to_pil
 from marble.rewards.hub import from_pretrained
 
@@ -162,6 +162,10 @@ class GenEvalScorer(BaseReward):
 
     def applies_to(self, prompt: str, metadata: dict) -> bool:
         return bool(metadata) and bool(metadata.get("include"))
+
+    @classmethod
+    def artifacts(cls, spec) -> list[Artifact]:
+        return [Artifact(spec.model, spec.revision), Artifact(spec.clip_model, spec.clip_revision)]
 
     def _load(self, cache_dir: Path | None) -> None:
         from transformers import AutoProcessor, CLIPModel, Owlv2ForObjectDetection

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from marble.data.tiny_world import quoted_text
 from marble.errors import RewardError
-from marble.rewards.base import BaseReward
+from marble.rewards.base import Artifact, BaseReward
 from marble.rewards.clip import to_pil
 from marble.rewards.hub import from_pretrained
 from marble.rewards.offline import to_uint8
@@ -130,6 +130,11 @@ class OcrScorer(BaseReward):
 
     def applies_to(self, prompt: str, metadata: dict) -> bool:
         return ocr_target(prompt) is not None
+
+    @classmethod
+    def artifacts(cls, spec) -> list[Artifact]:
+        # easyocr and PaddleOCR fetch their own weights into their own directories
+        return [Artifact(spec.model, spec.revision)] if spec.backend == "trocr" else []
 
     def _load(self, cache_dir: Path | None) -> None:
         s = self.spec
