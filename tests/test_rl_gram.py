@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from marble.rl.gram import gram_from_params, normalize_gram, stacked_gram
+from marble.rl.gram import flat_grads, gram_from_params, normalize_gram, stacked_gram
 
 
 def _net_and_losses(K: int = 3, seed: int = 0):
@@ -84,3 +84,11 @@ def test_normalize_gram_validity():
     assert ng.valid.tolist() == [True, False, False]
     assert ng.norms[0] == 5.0 and ng.gram_hat[0, 0] == 1.0
     assert np.all(ng.gram_hat[1:, :] == 0) and np.all(ng.gram_hat[:, 1:] == 0)
+
+
+def test_flat_grads_uses_the_same_parameter_selection():
+    net, losses = _net_and_losses(K=2)
+    frozen = torch.nn.Parameter(torch.ones(2, dtype=torch.float64), requires_grad=False)
+    params = [*net.parameters(), frozen]
+    res = gram_from_params(losses, params, keep_grads=True)
+    torch.testing.assert_close(flat_grads(losses[1], params), res.grads[1], rtol=0, atol=0)

@@ -47,8 +47,10 @@ def stacked_gram(grads: Tensor) -> Tensor:
 
 
 def flat_grads(loss: Tensor, params: Sequence[Tensor], retain_graph: bool = True) -> Tensor:
-    """Gradient of a scalar `loss` w.r.t. `params`, flattened to `[P]` (unused params give zeros)."""
-    grads = torch.autograd.grad(loss, list(params), retain_graph=retain_graph, allow_unused=True)
+    """Gradient of a scalar `loss` w.r.t. the trainable `params` (those with `requires_grad`, the same
+    selection and order as `gram_from_params`), flattened to `[P]`; unused params give zeros."""
+    params = [p for p in params if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     return torch.cat(
         [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
     )
