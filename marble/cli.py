@@ -128,6 +128,16 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from marble.registry.register import fetch_adapter
+
+    cfg, d = _dirs(args)
+    path, version = fetch_adapter(cfg, Path(args.registry_dir or d.registry), args.alias, args.out)
+    print(f"{cfg.registry.model_name} version {version.version} ({args.alias}): {path}")
+    print(f"load it with: pipe.load_lora_weights({str(path)!r})")
+    return 0
+
+
 def cmd_rewards_check(args: argparse.Namespace) -> int:
     from marble.rewards.check import check_rewards
 
@@ -189,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--adapter", help="adapter directory")
             p.add_argument("--eval-dir", help="directory written by `marble evaluate`")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("fetch", help="download the registered adapter an alias points to (sha256 verified)")
+    _add_config_args(p)
+    p.add_argument("--alias", default="champion", help="registry alias (champion or candidate)")
+    p.add_argument("--registry-dir", help="embedded registry dir (default: <output_dir>/<run_name>/registry)")
+    p.add_argument("--out", help="download directory (default: <registry dir>/fetched/<alias>-v<version>)")
+    p.set_defaults(func=cmd_fetch)
 
     rw = sub.add_parser("rewards", help="reward tools")
     rw_sub = rw.add_subparsers(dest="rewards_command", required=True, metavar="ACTION")

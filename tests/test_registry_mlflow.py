@@ -95,7 +95,7 @@ def test_register_is_idempotent_and_gate_moves_aliases(cfg, blank_db, tmp_path, 
     path, version = fetch_adapter(cfg, store, "champion", tmp_path / "fetched")
     assert version.version == "5"
     assert (path / "pytorch_lora_weights.safetensors").read_bytes() == b"better-adapter"
-    with pytest.raises(RegistryError, match="no version has the alias 'nobody'"):
+    with pytest.raises(RegistryError, match="no version has the alias 'nobody' yet"):
         fetch_adapter(cfg, store, "nobody")
 
 
