@@ -84,12 +84,26 @@ def reward_lineage(cfg: MarbleConfig, reward_cache: Path | None) -> dict[str, An
         if path.is_file():
             out["manifest_sha256"] = file_sha256(path)
             try:
-                out["manifest"] = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError:
-                log.warning("%s is not valid JSON; only its hash is recorded", path)
+                out["manifest"] = _manifest_summary(json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, AttributeError, TypeError):
+                log.warning("%s is not a reward cache manifest; only its hash is recorded", path)
         else:
             log.warning("reward cache %s has no manifest.json; reward hashes not recorded", reward_cache)
     return out
+
+
+def _manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The reward cache manifest without its per-file lists: each snapshot's id, the revision it
+    resolved to (an unpinned config is pinned there), who uses it, and its size."""
+    keep = ("id", "requested_revision", "revision", "source", "used_by", "total_bytes")
+    return {
+        "format": manifest.get("format"),
+        "created_utc": manifest.get("created_utc"),
+        "artifacts": [
+            {**{k: a.get(k) for k in keep}, "num_files": len(a.get("files", []))}
+            for a in manifest.get("artifacts", [])
+        ],
+    }
 
 
 def collect_lineage(
