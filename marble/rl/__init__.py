@@ -6,9 +6,19 @@ qp: the min-norm point on the simplex (osqp). balancers: the presets, by `kind`.
 """
 
 from marble.rl.advantages import AdvantageResult, AdvantageStats, group_advantages, optimality_probability
-from marble.rl.balancers import BALANCERS, Balancer, BalanceStats, build_balancer, mgda_gamma
+from marble.rl.balancers import (
+    BALANCERS,
+    Balancer,
+    BalanceStats,
+    build_balancer,
+    cagrad_coefficients,
+    mgda_gamma,
+    pcgrad_coefficients,
+    register_balancer,
+    rescale_to_gamma,
+)
 from marble.rl.diagnostics import CosineStats, combine_directions, direction_cosines, gram_cosines
-from marble.rl.gram import ParamGram, gram_from_output, gram_from_params, normalize_gram
+from marble.rl.gram import ParamGram, flat_grads, gram_from_output, gram_from_params, normalize_gram
 from marble.rl.nft import (
     NFTTerms,
     combine_coefficients,
@@ -32,6 +42,11 @@ __all__ = [
     "ParamGram",
     "QPResult",
     "build_balancer",
+    "cagrad_coefficients",
+    "flat_grads",
+    "pcgrad_coefficients",
+    "register_balancer",
+    "rescale_to_gamma",
     "combine_coefficients",
     "combine_directions",
     "combined_loss",

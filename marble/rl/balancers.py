@@ -60,7 +60,7 @@ class BalanceStats:
     alpha: Tensor  # applied weights on the simplex (EMA α; γ/Σγ for PCGrad/CAGrad)
     gamma: Tensor  # coefficients applied through (ω, ρ)
     refreshed: bool  # a Gram was consumed at this call
-    alpha_fresh: Tensor | None = None  # this refresh's solution before the EMA
+    alpha_fresh: Tensor | None = None  # this refresh's solution before the EMA (normalised to Σ = 1)
     grad_norms: Tensor | None = None  # |g_k| of this refresh's Gram (NaN if not finite)
     min_norm: float | None = None  # MGDA: |Σ α* ĝ|; PCGrad/CAGrad: |Σ γ g|
     qp_fallbacks: int = 0  # cumulative count of fallbacks
@@ -94,6 +94,12 @@ class BalanceStats:
 
 def _t(x: np.ndarray | list[float]) -> Tensor:
     return torch.tensor(np.asarray(x, dtype=np.float64), dtype=torch.float64)
+
+
+def _on_simplex(c: np.ndarray) -> np.ndarray:
+    """Weights for logging: c / Σc (already so for MGDA; PCGrad/CAGrad γ are non-negative)."""
+    s = c.sum()
+    return c / s if s > 0 else np.full(c.shape, 1.0 / c.size)
 
 
 def _floats(x: np.ndarray | None) -> list[float] | None:
@@ -284,16 +290,14 @@ class GramBalancer(Balancer):
         return self._stats(fresh, ng.norms, min_norm, reason, qp_ms)
 
     def _alpha(self) -> np.ndarray:
-        c = self._coeffs if self._coeffs is not None else self._gamma
-        s = c.sum()
-        return c / s if s > 0 else np.full(c.shape, 1.0 / c.size)
+        return _on_simplex(self._coeffs if self._coeffs is not None else self._gamma)
 
     def _stats(self, fresh, norms, min_norm, reason, qp_ms) -> BalanceStats:
         return BalanceStats(
             alpha=_t(self._alpha()),
             gamma=_t(self._gamma),
             refreshed=True,
-            alpha_fresh=None if fresh is None else _t(fresh),
+            alpha_fresh=None if fresh is None else _t(_on_simplex(fresh)),
             grad_norms=_t(norms),
             min_norm=min_norm,
             qp_fallbacks=self._fallbacks,
