@@ -47,8 +47,16 @@ def placeholder_images() -> list[str]:
     return [role for role, ref in IMAGES.items() if is_placeholder(ref)]
 
 
-def pin(role: str, reference: str, path: Path = Path(__file__)) -> None:
-    """Rewrite the pinned reference of `role` ('cpu' or 'cuda') in this file."""
+MANIFEST_IMAGES = (
+    Path(__file__).resolve().parents[1] / "manifests" / "components" / "images" / "kustomization.yaml"
+)
+"""The kustomize component that pins the same images for manifests/ (kept equal by `pin` and a test)."""
+
+
+def pin(
+    role: str, reference: str, path: Path = Path(__file__), manifest: Path | None = MANIFEST_IMAGES
+) -> None:
+    """Rewrite the pinned reference of `role` ('cpu' or 'cuda') here and in the kustomize images component."""
     if role not in _VARIABLE:
         raise ValueError(f"image role {role!r}: expected one of {sorted(_VARIABLE)}")
     if not is_pinned(reference) or is_placeholder(reference):
@@ -59,7 +67,22 @@ def pin(role: str, reference: str, path: Path = Path(__file__)) -> None:
     pattern = re.compile(rf'^{_VARIABLE[role]} = "[^"]*"$', re.MULTILINE)
     if len(pattern.findall(text)) != 1:
         raise ValueError(f'{path}: expected exactly one line `{_VARIABLE[role]} = "..."`')
+    if manifest is not None:
+        _pin_manifest(role, reference, manifest)
     path.write_text(pattern.sub(f'{_VARIABLE[role]} = "{reference}"', text), encoding="utf-8")
+
+
+def _pin_manifest(role: str, reference: str, manifest: Path) -> None:
+    name, digest = reference.split("@", 1)
+    text = manifest.read_text(encoding="utf-8")
+    entry = re.compile(rf"(- name: marble-{role}\n\s+newName: )\S+(\n\s+digest: )\S+")
+    if len(entry.findall(text)) != 1:
+        raise ValueError(
+            f"{manifest}: expected one images entry `- name: marble-{role}` with newName and digest"
+        )
+    manifest.write_text(
+        entry.sub(lambda m: f"{m.group(1)}{name}{m.group(2)}{digest}", text), encoding="utf-8"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

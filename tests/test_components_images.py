@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 import components
 from pipelines import images
@@ -16,13 +17,25 @@ STAGE_MODULES = ("prepare_prompts", "cache_reward_models", "train", "evaluate", 
 PUSHED = "registry.example.com/team/marble-cpu@sha256:" + "ab" * 32
 
 
-def test_pin_rewrites_exactly_one_reference(tmp_path):
-    copy = tmp_path / "images.py"
+def test_pin_rewrites_the_reference_here_and_in_the_manifests(tmp_path):
+    copy, manifest = tmp_path / "images.py", tmp_path / "kustomization.yaml"
     shutil.copyfile(REPO / "pipelines" / "images.py", copy)
-    images.pin("cpu", PUSHED, path=copy)
+    shutil.copyfile(images.MANIFEST_IMAGES, manifest)
+    images.pin("cpu", PUSHED, path=copy, manifest=manifest)
     text = copy.read_text()
     assert f'CPU_IMAGE = "{PUSHED}"' in text
     assert f'CUDA_IMAGE = "{images.CUDA_IMAGE}"' in text
+    entries = {
+        e["name"]: f"{e['newName']}@{e['digest']}" for e in yaml.safe_load(manifest.read_text())["images"]
+    }
+    assert entries == {"marble-cpu": PUSHED, "marble-cuda": images.CUDA_IMAGE}
+
+
+def test_manifests_pin_the_same_images_as_the_pipeline():
+    entries = yaml.safe_load(images.MANIFEST_IMAGES.read_text())["images"]
+    assert {e["name"]: f"{e['newName']}@{e['digest']}" for e in entries} == {
+        f"marble-{role}": ref for role, ref in images.IMAGES.items()
+    }
 
 
 @pytest.mark.parametrize(
@@ -38,7 +51,7 @@ def test_pin_refuses_undigested_or_placeholder_references(tmp_path, reference):
     copy = tmp_path / "images.py"
     shutil.copyfile(REPO / "pipelines" / "images.py", copy)
     with pytest.raises(ValueError, match="sha256"):
-        images.pin("cpu", reference, path=copy)
+        images.pin("cpu", reference, path=copy, manifest=None)
     assert copy.read_text() == (REPO / "pipelines" / "images.py").read_text()
 
 

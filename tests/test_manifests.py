@@ -1,0 +1,273 @@
+"""manifests/: kustomize renders each overlay; kubernetes-validate --strict accepts every built-in
+resource; the PyTorchJob converts into the Kubeflow training SDK's models with no unknown field; names,
+paths, images and commands agree with the config, the pipeline and the CLI."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import kubernetes.client.models as k8s_models
+import kubernetes_validate
+import pytest
+import yaml
+
+from marble.cli import build_parser
+from marble.configio import load_config
+from pipelines import images
+from pipelines.marble_pipeline import DVC_CREDENTIAL_KEYS, HF_TOKEN_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO / "manifests"
+OVERLAYS = ("local", "gpu-cluster")
+K8S_VERSION = "1.30"
+KUBE_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
+CFG = load_config(REPO / "configs" / "sd35m-marble.yaml").pipeline
+
+
+def kustomize_command() -> list[str] | None:
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    return None
+
+
+needs_kustomize = pytest.mark.skipif(
+    kustomize_command() is None, reason="neither `kubectl kustomize` nor `kustomize` is installed"
+)
+
+
+@cache
+def rendered(overlay: str) -> str:
+    out = subprocess.run(
+        [*kustomize_command(), str(MANIFESTS / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def docs(overlay: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(rendered(overlay)) if d]
+
+
+def by_kind(overlay: str, kind: str) -> list[dict]:
+    return [d for d in docs(overlay) if d["kind"] == kind]
+
+
+# ---------------------------------------------------------------- strict conversion through SDK models
+QUANTITY_PARENTS = ("limits", "requests")
+
+
+def to_model(data, type_name: str, path: str):
+    """Build the SDK model `type_name` from `data`, refusing unknown fields and wrong scalar types.
+
+    The SDK's own deserializer silently drops unknown keys, so the walk is done here with the models'
+    `openapi_types` / `attribute_map`; the models' constructors still check required fields.
+    """
+    from kubeflow.training import models as kf_models
+
+    if type_name.startswith("list["):
+        assert isinstance(data, list), f"{path}: expected a list"
+        return [to_model(v, type_name[5:-1], f"{path}[{i}]") for i, v in enumerate(data)]
+    if type_name.startswith("dict("):
+        assert isinstance(data, dict), f"{path}: expected a mapping"
+        inner = type_name[type_name.index(",") + 1 : -1].strip()
+        if path.rsplit(".", 1)[-1] in QUANTITY_PARENTS:
+            # Resource quantities are IntOrString in Kubernetes; the Python client types them as str.
+            inner = "quantity"
+        return {k: to_model(v, inner, f"{path}.{k}") for k, v in data.items()}
+    if type_name == "quantity":
+        assert isinstance(data, str | int) and not isinstance(data, bool), f"{path}: not a quantity: {data!r}"
+        return str(data)
+    if type_name == "str":
+        assert isinstance(data, str), f"{path}: expected a string, got {data!r}"
+        return data
+    if type_name == "int":
+        assert isinstance(data, int) and not isinstance(data, bool), (
+            f"{path}: expected an integer, got {data!r}"
+        )
+        return data
+    if type_name == "bool":
+        assert isinstance(data, bool), f"{path}: expected a boolean, got {data!r}"
+        return data
+    if type_name in ("object", "float", "datetime"):
+        return data
+    cls = getattr(kf_models, type_name, None) or getattr(k8s_models, type_name)
+    assert isinstance(data, dict), f"{path}: expected a {type_name} mapping"
+    fields = {json_name: attr for attr, json_name in cls.attribute_map.items()}
+    unknown = sorted(set(data) - set(fields))
+    assert not unknown, f"{path}: unknown field(s) {unknown} for {type_name}"
+    return cls(
+        **{fields[k]: to_model(v, cls.openapi_types[fields[k]], f"{path}.{k}") for k, v in data.items()}
+    )
+
+
+# ----------------------------------------------------------------------------------------------- tests
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates_strictly(overlay, tmp_path):
+    out = tmp_path / f"{overlay}.yaml"
+    out.write_text(rendered(overlay))
+    result = subprocess.run(
+        [str(KUBE_VALIDATE), "--strict", "-k", K8S_VERSION, str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    builtin = [d for d in docs(overlay) if d["kind"] != "PyTorchJob"]
+    assert {d["kind"] for d in builtin} == {
+        "Namespace", "PersistentVolumeClaim", "ServiceAccount", "Role", "RoleBinding",
+    }  # fmt: skip
+    for d in builtin:
+        assert (
+            f"passed for resource {d['kind'].lower()}/{d['metadata']['name']}"
+            in result.stdout + result.stderr
+        )
+
+
+def test_strict_validation_catches_an_unknown_field():
+    pvc = yaml.safe_load((MANIFESTS / "base" / "pvc.yaml").read_text())
+    kubernetes_validate.validate(pvc, K8S_VERSION, strict=True)
+    pvc["spec"]["storageClass"] = "fast"  # the real field is storageClassName
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pvc, K8S_VERSION, strict=True)
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pytorchjob_converts_into_the_training_sdk_models(overlay):
+    (job,) = by_kind(overlay, "PyTorchJob")
+    model = to_model(job, "KubeflowOrgV1PyTorchJob", "PyTorchJob")
+    replicas = model.spec.pytorch_replica_specs
+    assert replicas["Master"].replicas == 1
+    for name, spec in replicas.items():
+        (container,) = spec.template.spec.containers
+        assert container.name == "pytorch", (
+            "the training operator injects its env into the `pytorch` container"
+        )
+        # Each pod template is also a valid built-in PodTemplate, strictly.
+        template = job["spec"]["pytorchReplicaSpecs"][name]["template"]
+        pod_template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": "t"},
+            "template": template,
+        }
+        kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+    if overlay == "gpu-cluster":
+        assert replicas["Worker"].replicas == 3 and model.spec.nproc_per_node == "8"
+        for spec in replicas.values():
+            assert spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "8"
+            assert spec.template.spec.tolerations[0].key == "nvidia.com/gpu"
+    else:
+        assert set(replicas) == {"Master"}
+        assert "nvidia.com/gpu" not in replicas["Master"].template.spec.containers[0].resources.limits
+
+
+def test_the_sdk_conversion_refuses_an_unknown_field():
+    job = yaml.safe_load((MANIFESTS / "base" / "pytorchjob.yaml").read_text())
+    to_model(job, "KubeflowOrgV1PyTorchJob", "PyTorchJob")
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["restartPolicyy"] = "Never"
+    with pytest.raises(AssertionError, match="restartPolicyy"):
+        to_model(job, "KubeflowOrgV1PyTorchJob", "PyTorchJob")
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_are_the_pipelines_pinned_images(overlay):
+    (job,) = by_kind(overlay, "PyTorchJob")
+    refs = {
+        c["image"]
+        for spec in job["spec"]["pytorchReplicaSpecs"].values()
+        for c in spec["template"]["spec"]["containers"] + spec["template"]["spec"].get("initContainers", [])
+    }
+    expected = images.CPU_IMAGE if overlay == "local" else images.CUDA_IMAGE
+    assert refs == {expected}
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_names_and_paths_agree_with_the_pipeline_config(overlay):
+    (pvc,) = by_kind(overlay, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == CFG.cache_pvc
+    assert all(d["metadata"].get("namespace", "marble") == "marble" for d in docs(overlay))
+    (role,) = by_kind(overlay, "Role")
+    (secret_rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert set(secret_rule["resourceNames"]) == {
+        CFG.hub_token_secret,
+        CFG.registry_token_secret,
+        CFG.dvc_secret,
+    }
+    assert secret_rule["verbs"] == ["get"]
+    (job,) = by_kind(overlay, "PyTorchJob")
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = spec["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert volume["persistentVolumeClaim"]["claimName"] == CFG.cache_pvc
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert {m["mountPath"] for m in c["volumeMounts"] if m["name"] == volume["name"]} == {
+                CFG.cache_mount
+            }
+
+
+def _expand(text: str, env: list[dict]) -> str:
+    for var in env:
+        if "value" in var:
+            text = text.replace(f'"${var["name"]}"', var["value"]).replace(f"${var['name']}", var["value"])
+    return text
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pytorchjob_commands_are_real_marble_commands(overlay):
+    """Every `marble ...` call in the job parses with the real CLI parser and names a shipped config."""
+    (job,) = by_kind(overlay, "PyTorchJob")
+    parser = build_parser()
+    seen = set()
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = spec["template"]["spec"]
+        for c in pod["containers"] + pod.get("initContainers", []):
+            script = _expand(" ".join(c.get("args", [])), c.get("env", []))
+            for part in script.split(";"):
+                words = shlex.split(part)
+                if "marble" in words:
+                    argv = words[words.index("marble") + 1 :]
+                elif "marble.cli" in words:
+                    argv = words[words.index("marble.cli") + 1 :]
+                else:
+                    continue
+                args = parser.parse_args(argv)
+                seen.add(args.command)
+                config = Path(args.config)
+                assert config.parts[:2] == ("/", "app"), "configs are read from the image's WORKDIR"
+                load_config(REPO / config.relative_to("/app"), args.overrides)
+    assert seen == {"prepare", "cache-rewards", "train"}
+
+
+def test_secret_templates_hold_no_values_and_match_the_pipeline():
+    expected = {
+        CFG.hub_token_secret: {HF_TOKEN_ENV},
+        CFG.dvc_secret: set(DVC_CREDENTIAL_KEYS),
+        CFG.registry_token_secret: {"MLFLOW_TRACKING_TOKEN", "MODEL_REGISTRY_TOKEN"},
+    }
+    templates = sorted((MANIFESTS / "secrets").glob("*.template.yaml"))
+    found = {}
+    for path in templates:
+        secret = yaml.safe_load(path.read_text())
+        kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
+        assert "data" not in secret, f"{path.name}: templates use empty stringData only"
+        assert all(v == "" for v in secret["stringData"].values()), f"{path.name} holds a value"
+        found[secret["metadata"]["name"]] = set(secret["stringData"])
+    assert found == expected
+    # Templates are never part of what kustomize applies.
+    for kustomization in MANIFESTS.rglob("kustomization.yaml"):
+        assert "secrets" not in kustomization.read_text().split("resources:")[-1].split("components:")[0]
