@@ -69,6 +69,9 @@ def write_training_log(train_dir: Path) -> None:
             "loss/policy": 1.0 / (1 + step),
         }
         lines.append(json.dumps(rec))
+    (train_dir / "train_summary.json").write_text(
+        json.dumps({"steps": 30, "train_seconds": 12.5, "adapter_weights": "ema"})
+    )
     (train_dir / "metrics.jsonl").write_text(
         "\n".join(lines) + '\n{"step": 30, "train/rew'
     )  # a cut last line
@@ -124,6 +127,7 @@ def test_report_html_is_self_contained(report):
         "report.html must not load anything from the network"
     )
     assert "brightness" in text and "Gate preview" in text and "PASS" in text
+    assert "Training run" in text and "train_seconds" in text
     md = (out / "report.md").read_text()
     assert "![grid](plots/grid.png)" in md and "| brightness |" in md
 

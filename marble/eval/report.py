@@ -187,6 +187,22 @@ def read_training_metrics(train_dir: Path | None) -> list[dict[str, Any]]:
     return out
 
 
+def read_train_summary(train_dir: Path | None) -> list[list[str]]:
+    """Scalar fields of `<train_dir>/train_summary.json` as table rows ([] when absent)."""
+    path = Path(train_dir) / "train_summary.json" if train_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return []
+    return [
+        [k, _fmt(v) if isinstance(v, float) else str(v)]
+        for k, v in data.items()
+        if isinstance(v, (int, float, str))
+    ]
+
+
 def plot_training(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Training curves: mean reward per trained reward, the balancer's α, and the losses."""
     groups = [
@@ -352,6 +368,15 @@ def write_report(
         ("Monitors", _md_table(MONITOR_HEADER, monitor_rows(summary)), _html_table(MONITOR_HEADER, monitor_rows(summary))),
         ("Gate preview", _md_table(gate_hdr, _gate_rows(summary)), _html_table(gate_hdr, _gate_rows(summary))),
     ]  # fmt: skip
+    train_rows = read_train_summary(train_dir)
+    if train_rows:
+        tables.append(
+            (
+                "Training run",
+                _md_table(["what", "value"], train_rows),
+                _html_table(["what", "value"], train_rows),
+            )
+        )
     lin_md = _md_table(["what", "value"], lineage_rows(summary))
     lin_html = _html_table(["what", "value"], lineage_rows(summary))
 
