@@ -1,8 +1,9 @@
 """Micro-benchmark of the MARBLE balancer's own cost (issue 3): K = 5 rewards on a small MLP.
 
-Measures, as medians over repeats after a warm-up (wall clock, CPU, this process's torch threads):
+Measures, as medians over interleaved repeats after a warm-up (wall clock, CPU, `--threads` torch threads):
 - `train_step_ms`: forward + NFT terms + ONE backward of the (ω, ρ) loss (what every preset pays);
-- `gram_params_ms`: the exact Gram from parameters (K backward passes with a retained graph);
+- `gram_params_ms`: the exact Gram from parameters (forward + K backward passes with a retained graph
+  + the float64 Gram), and `gram_matmul_ms` the float64 Gram of the stacked `[K, P]` gradients alone;
 - `gram_output_ms`: the output-space Gram from the three scalars per sample (marble_ub);
 - `balancer_update_ms`: normalisation + QP + EMA + rescale (`balancer.update`);
 - overhead of a refresh step vs. a plain step, and amortised per step with `refresh_every`;
@@ -33,22 +34,28 @@ from marble.config import MarbleBalancer
 from marble.configio import atomic_write_text
 from marble.rl.advantages import group_advantages, optimality_probability
 from marble.rl.balancers import build_balancer
-from marble.rl.gram import gram_from_output, gram_from_params
+from marble.rl.gram import gram_from_output, gram_from_params, stacked_gram
 from marble.rl.nft import combine_coefficients, combined_loss, nft_terms, per_reward_losses, reward_weights
 from marble.rl.qp import MinNormSolver
 
 RESULTS = Path(__file__).parent / "results" / "balancer_overhead.json"
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+def _interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median wall time (ms) of each function, measured round-robin (A B C A B C ...) so that load
+    drift on a shared machine hits every candidate alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _mlp(dim: int, hidden: int, layers: int) -> torch.nn.Module:
@@ -149,15 +156,20 @@ def bench_step(
 
     tm_fixed = terms()
     G_fixed = gram_params()
-    out = {
-        "num_params": sum(p.numel() for p in params),
-        "train_step_ms": _median_ms(plain_step, repeats),
-        "forward_terms_ms": _median_ms(terms, repeats),
-        "gram_params_ms": _median_ms(gram_params, repeats),
-        "gram_output_ms": _median_ms(lambda: gram_from_output(tm_fixed, c, r, beta), repeats),
-        "balancer_update_ms": _median_ms(lambda: balancer.update(G_fixed), repeats),
-        "refresh_step_ms": _median_ms(refresh_step, repeats),
-    }
+    stacked = torch.randn(K, sum(p.numel() for p in params), generator=g)  # [K, P]
+    out: dict = {"num_params": sum(p.numel() for p in params)}
+    out |= _interleaved_medians(
+        {
+            "train_step_ms": plain_step,
+            "forward_terms_ms": terms,
+            "gram_params_ms": gram_params,
+            "gram_matmul_ms": lambda: stacked_gram(stacked),
+            "gram_output_ms": lambda: gram_from_output(tm_fixed, c, r, beta),
+            "balancer_update_ms": lambda: balancer.update(G_fixed),
+            "refresh_step_ms": refresh_step,
+        },
+        repeats,
+    )
     overhead = out["refresh_step_ms"] - out["train_step_ms"]
     out["refresh_overhead_ms"] = overhead
     out["refresh_every"] = refresh_every
@@ -213,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"balancer overhead, K={args.K}, MLP {step['num_params']:,} params, batch {args.batch} (medians, ms)"
     )
-    for key in ("train_step_ms", "gram_params_ms", "gram_output_ms", "balancer_update_ms", "refresh_step_ms",
+    for key in ("train_step_ms", "gram_params_ms", "gram_matmul_ms", "gram_output_ms", "balancer_update_ms", "refresh_step_ms",
                 "refresh_overhead_ms", "amortized_overhead_ms_per_step"):  # fmt: skip
         print(f"  {key:34s} {step[key]:10.3f}")
     print(
