@@ -13,6 +13,7 @@ from marble.configio import load_config
 from marble.errors import CacheError
 from marble.rewards import build_reward
 from marble.rewards.cache import MANIFEST, cache_reward_models, cached_snapshot, read_manifest, sha256_file
+from marble.rewards.check import check_rewards
 from marble.rewards.tiny_models import save_tiny_aesthetic_head, save_tiny_clip
 
 HUB_ID = "marble-tests/tiny-clip"
@@ -85,6 +86,8 @@ def test_rewards_load_through_the_cache_offline(tmp_path, mirror, monkeypatch):
         assert torch.isfinite(scores).all()
         if spec.kind == "clipscore":
             torch.testing.assert_close(scores, direct)  # same weights as the mirror
+    report = check_rewards(cfg, reward_cache=out)  # the health check loads through the cache too
+    assert all(name in report for name in ("clipscore", "aesthetic", "brightness"))
     with pytest.raises(CacheError, match="no snapshot of 'other/model'"):
         cached_snapshot(out, "other/model", None)
 
