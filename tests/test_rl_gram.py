@@ -92,3 +92,9 @@ def test_flat_grads_uses_the_same_parameter_selection():
     params = [*net.parameters(), frozen]
     res = gram_from_params(losses, params, keep_grads=True)
     torch.testing.assert_close(flat_grads(losses[1], params), res.grads[1], rtol=0, atol=0)
+
+
+def test_constant_loss_gives_a_zero_row():
+    net, losses = _net_and_losses(K=2)
+    res = gram_from_params([losses[0], torch.tensor(0.0, dtype=torch.float64)], list(net.parameters()))
+    assert res.gram[1].tolist() == [0.0, 0.0] and res.gram[0, 0].item() > 0

@@ -84,9 +84,14 @@ def gram_from_params(
         raise ValueError("gram_from_params: no trainable parameters")
     K = len(losses)
     sizes = [p.numel() for p in params]
+    dtypes = {p.dtype for p in params}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed precision params: float32 rows
     # one [K, P] buffer filled in place: no per-pass torch.cat and no torch.stack copy
-    grads = torch.empty(K, sum(sizes), dtype=params[0].dtype, device=params[0].device)  # [K, P]
+    grads = torch.empty(K, sum(sizes), dtype=dtype, device=params[0].device)  # [K, P]
     for k in range(K):
+        if not losses[k].requires_grad:  # a loss with no path to the parameters: zero gradient
+            grads[k].zero_()
+            continue
         keep = retain_graph or k < K - 1
         gs = torch.autograd.grad(losses[k], params, retain_graph=keep, allow_unused=True)
         for view, g in zip(torch.split(grads[k], sizes), gs, strict=True):
