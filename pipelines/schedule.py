@@ -97,13 +97,21 @@ def build_request(
     )
 
 
+TOKEN_ENV = "KFP_TOKEN"
+"""Bearer token for an endpoint behind authentication, read from the environment (never an argument:
+arguments end up in shell history and process lists). In-cluster, kfp finds the projected service
+account token by itself (KF_PIPELINES_SA_TOKEN_PATH)."""
+
+
 def _client(host: str | None):
+    import os
+
     import kfp
 
     if not host:
         raise ClusterError("no KFP endpoint: pass --host https://<kubeflow>/pipeline")
     try:
-        return kfp.Client(host=host)
+        return kfp.Client(host=host, existing_token=os.environ.get(TOKEN_ENV) or None)
     except Exception as exc:  # the client raises many transport types; the message is what matters
         raise ClusterError(f"cannot connect to the KFP endpoint {host}: {exc}") from None
 

@@ -149,6 +149,7 @@ def test_pytorchjob_converts_into_the_training_sdk_models(overlay):
     model = to_model(job, "KubeflowOrgV1PyTorchJob", "PyTorchJob")
     replicas = model.spec.pytorch_replica_specs
     assert replicas["Master"].replicas == 1
+    assert model.spec.run_policy.suspend is True, "applying the manifests must not start a training job"
     for name, spec in replicas.items():
         (container,) = spec.template.spec.containers
         assert container.name == "pytorch", (
