@@ -157,6 +157,8 @@ def build_pipeline(cfg: MarbleConfig | None = None, *, containerized: bool = Tru
             adapter=train_task.outputs["adapter"],
             evaluation=evaluate_task.outputs["evaluation"],
         )
+        # The PVC is where an embedded registry (registry.tracking_uri: sqlite:////<mount>/...) persists.
+        with_cache_volume(register_task, k8s)
         with_secret_env(register_task, k8s.registry_token_secret, registry_token_env(cfg))
         register_task.set_caching_options(False)
 

@@ -154,7 +154,7 @@ def test_train_retries_and_resumes_in_its_run_directory(compiled):
 def test_cache_pvc_is_mounted_where_snapshots_and_checkpoints_are_used(compiled):
     spec, k8s = compiled
     cfg = default_config().pipeline
-    for task in ("cache-reward-models", "train", "evaluate"):
+    for task in ("cache-reward-models", "train", "evaluate", "register-adapter"):
         (mount,) = k8s[f"exec-{task}"]["pvcMount"]
         assert mount["mountPath"] == cfg.cache_mount
         assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == cfg.cache_pvc
