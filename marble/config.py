@@ -246,6 +246,10 @@ class AestheticReward(_HubModelReward):
 class ImageRewardReward(_HubModelReward):
     kind: Literal["imagereward"] = "imagereward"
     model: str = "THUDM/ImageReward"
+    checkpoint_file: str = Field("ImageReward.pt", description="State dict file inside the repo (BLIP + MLP).")
+    config_file: str = Field("med_config.json", description="BLIP text-encoder (BERT) config inside the repo.")
+    tokenizer: str = Field("google-bert/bert-base-uncased", description="BERT tokenizer hub id or directory.")
+    tokenizer_revision: str | None = Field(None, description="Tokenizer revision to pin.")
 
 
 class OcrReward(_HubModelReward):
