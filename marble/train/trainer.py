@@ -260,21 +260,29 @@ class Trainer:
             if self.batch_pos == 0:
                 self.buffer = self._rollout(self.epoch)
             if not self._train_epoch(self.buffer):
-                return self._interrupted()
+                self._interrupted(self._save())
             # §5: θ_old ← η θ_old + (1 - η) θ with η = min(rate · step, cap), after each epoch.
             eta = min(self.cfg.nft.old_decay_rate * self.step, self.cfg.nft.old_decay_cap)
             self.lora.blend_old_adapter(self.model, eta)
             self.epoch, self.batch_pos, self.buffer = self.epoch + 1, 0, None
             last = self.epoch == t.epochs
-            if last or self.epoch % t.checkpoint_every == 0 or self.stop.requested:
-                self._save()
+            stop = self._stop_requested()
+            if last or self.epoch % t.checkpoint_every == 0 or stop:
+                path = self._save()
                 self.logger.write_plots()
-            if self.stop.requested and not last:
-                return self._interrupted()
+                if stop and not last:
+                    self._interrupted(path)
         return self._finish(time.perf_counter() - t0)
 
-    def _interrupted(self) -> Path:
-        path = self._save()
+    def _stop_requested(self) -> bool:
+        """SIGTERM seen by ANY rank (all ranks must stop at the same step, or they deadlock)."""
+        flag = torch.tensor([float(self.stop.requested)], device=self.device)
+        if self.world > 1:
+            flag = self.accelerator.reduce(flag, "sum")
+        return bool(flag.item() > 0)
+
+    def _interrupted(self, path: Path) -> None:
+        self.logger.write_plots()
         raise TrainingInterrupted(
             f"stopped by signal at step {self.step} (epoch {self.epoch}); checkpoint {path}; "
             "run the same command again to resume"
@@ -310,11 +318,11 @@ class Trainer:
         plan = stepping.EpochPlan(self.cfg, buf, self.world, self.rank, self.grid)
         accum = self.cfg.train.gradient_accumulation_steps
         while self.batch_pos < plan.num_batches:
+            if self._stop_requested():
+                return False
             metrics = self._optimizer_step(plan, range(self.batch_pos, self.batch_pos + accum))
             self.batch_pos += accum
-            self._log(metrics, buf)
-            if self.stop.requested and self.batch_pos < plan.num_batches:
-                return False
+            self._log(metrics, buf, end_of_epoch=self.batch_pos >= plan.num_batches)
         return True
 
     def _optimizer_step(self, plan: stepping.EpochPlan, batches: range) -> dict[str, float]:
@@ -359,11 +367,11 @@ class Trainer:
             )
         return metrics
 
-    def _log(self, metrics: dict[str, float], buf: EpochBuffer) -> None:
+    def _log(self, metrics: dict[str, float], buf: EpochBuffer, end_of_epoch: bool = False) -> None:
         metrics = {**buf.stats, **metrics, **stepping.peak_memory(self.device)}
         metrics["train/old_eta"] = min(self.cfg.nft.old_decay_rate * self.step, self.cfg.nft.old_decay_cap)
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-        if self.step % self.cfg.train.log_every == 0 or self.batch_pos >= buf.num_samples:
+        if self.step % self.cfg.train.log_every == 0 or end_of_epoch:
             self.logger.log(self.step, metrics)
         self.bar.update(self.step, metrics)
 
