@@ -118,7 +118,12 @@ def generate_images(
     max_sequence_length: int,
     batch_size: int,
 ) -> torch.Tensor:
-    """Stock pipeline call in batches from given starting latents: images [N, 3, H, W] in [0, 1] (CPU)."""
+    """Stock pipeline call in batches from given starting latents: 8-bit images [N, 3, H, W] uint8 (CPU).
+
+    Quantised to 8 bits at once: the scores are then computed on exactly the pixels saved as PNG (anyone
+    can re-score the saved images and get the same numbers), and a large evaluation holds a quarter of
+    the memory (2,000 pairs at 512 px: 3 GB instead of 12 GB).
+    """
     device = pipe.transformer.device
     dtype = pipe.transformer.dtype
     chunks = []
@@ -134,8 +139,18 @@ def generate_images(
             max_sequence_length=max_sequence_length,
             output_type="pt",
         )
-        chunks.append(out.images.detach().float().cpu().clamp(0.0, 1.0))  # [b, 3, H, W]
-    return torch.cat(chunks)  # [N, 3, H, W]
+        chunks.append(to_uint8(out.images.detach().float().cpu()))  # [b, 3, H, W]
+    return torch.cat(chunks)  # [N, 3, H, W] uint8
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] float in [0, 1] -> uint8 (round to nearest, as PNG export does)."""
+    return (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] uint8 -> float32 in [0, 1] (what rewards and monitors take)."""
+    return images.float() / 255.0
 
 
 def load_adapter(pipe, adapter_dir: Path) -> None:
@@ -190,12 +205,18 @@ def sample_both(cfg: MarbleConfig, adapter_dir: Path, jobs: list[dict[str, Any]]
         "seconds_adapter": round(t2 - t1, 3),
     }
     del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the reward models come next
     return base, adapted, info
 
 
 # ---------------------------------------------------------------------------------------- scores
+SCORE_CHUNK = 256
+"""Images converted to float and scored at a time (each reward batches further by its batch_size)."""
+
+
 def score_images(cfg: MarbleConfig, images: torch.Tensor, jobs: list[dict], device: str, cache: Path | None):
-    """Every reward's scores [N, K] float64 (columns in config order; NaN = does not apply)."""
+    """Every reward's scores of uint8 images: [N, K] float64 (columns in config order; NaN = n/a)."""
     from marble.rewards.registry import build_rewards, score_all
 
     rewards = build_rewards(cfg.rewards)
@@ -203,7 +224,20 @@ def score_images(cfg: MarbleConfig, images: torch.Tensor, jobs: list[dict], devi
         r.setup(device, cache_dir=cache)
     prompts = [j["prompt"] for j in jobs]
     meta = [j["metadata"] for j in jobs]
-    return score_all(rewards, images.to(device), prompts, meta).cpu().numpy()  # [N, K]
+    out = []
+    for a in range(0, len(jobs), SCORE_CHUNK):
+        sl = slice(a, a + SCORE_CHUNK)
+        out.append(score_all(rewards, to_float(images[sl]).to(device), prompts[sl], meta[sl]).cpu())  # [n, K]
+    return torch.cat(out).numpy()  # [N, K]
+
+
+def monitor_images(images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Hacking monitors of uint8 images in chunks: name -> [N]."""
+    parts = [
+        mon.compute_monitors(to_float(images[a : a + SCORE_CHUNK]))
+        for a in range(0, len(images), SCORE_CHUNK)
+    ]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def summarize(
@@ -315,11 +349,11 @@ def _json(obj: Any) -> str:
 
 
 def save_images(images: torch.Tensor, out: Path) -> None:
-    """[N, 3, H, W] in [0, 1] -> out/0000.png ..."""
+    """[N, 3, H, W] uint8 -> out/0000.png ..."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
-    arr = (images.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)  # [N, H, W, 3]
+    arr = images.permute(0, 2, 3, 1).numpy()  # [N, H, W, 3] uint8
     for i, a in enumerate(arr):
         Image.fromarray(a).save(out / f"{i:04d}.png")
 
@@ -372,7 +406,7 @@ def run_evaluation(
     base_img, adapter_img, sampling = sample_both(cfg, adapter_dir, jobs, device)
     base_scores = score_images(cfg, base_img, jobs, device, reward_cache)  # [N, K]
     adapter_scores = score_images(cfg, adapter_img, jobs, device, reward_cache)  # [N, K]
-    base_mon, adapter_mon = mon.compute_monitors(base_img), mon.compute_monitors(adapter_img)
+    base_mon, adapter_mon = monitor_images(base_img), monitor_images(adapter_img)
 
     summary: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -386,7 +420,9 @@ def run_evaluation(
         "num_prompts": len({j["prompt_id"] for j in jobs}),
         "num_images": len(jobs),
         **summarize(cfg, base_scores, adapter_scores, base_mon, adapter_mon, jobs),
-        "adapter_effect": {"max_abs_pixel_diff": float((adapter_img - base_img).abs().max())},
+        "adapter_effect": {
+            "max_abs_pixel_diff": float((adapter_img.int() - base_img.int()).abs().max()) / 255.0
+        },
     }
     if summary["adapter_effect"]["max_abs_pixel_diff"] == 0.0:
         log.warning("the adapter did not change a single pixel: an untrained (zero) adapter?")

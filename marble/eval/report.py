@@ -162,7 +162,7 @@ def plot_grid(
     for c, i in enumerate(idx):
         for r, (label, imgs) in enumerate((("base", base), ("adapter", adapter))):
             ax = axes[r, c]
-            ax.imshow(imgs[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.imshow(imgs[i].permute(1, 2, 0).numpy(), interpolation="nearest")  # uint8 or [0, 1] float
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
