@@ -8,6 +8,7 @@ in it, as `make setup` does). Kubernetes settings are compiled but ignored local
 from __future__ import annotations
 
 import logging
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -79,7 +80,8 @@ def run_local(cfg: MarbleConfig, pipeline_root: str | Path | None = None) -> Loc
         try:
             pipeline(**pipeline_arguments(cfg, work_root=""))
         except RuntimeError as exc:
-            raise LocalRunError(f"local pipeline run failed under {root}: {exc}") from None
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp colours its messages for terminals
+            raise LocalRunError(f"local pipeline run failed under {root}: {plain}") from None
     seconds = time.perf_counter() - start
     return locate_outputs(_new_run_dir(root, before, cfg.pipeline.name), seconds)
 
