@@ -162,3 +162,22 @@ def test_non_file_uri_cannot_be_fetched(tmp_path, monkeypatch):
     )
     with pytest.raises(RegistryError, match="only file://"):
         reg.download(RegisteredVersion("m", "v", "s3://bucket/adapter"), tmp_path / "x")
+
+
+def test_the_real_client_against_a_closed_port_is_a_clear_error(tmp_path, monkeypatch):
+    # The actual `model-registry` client (optional extra) contacting nothing: a RegistryError that
+    # names the address, not an aiohttp traceback.
+    pytest.importorskip("model_registry")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    reg_cfg = KubeflowRegistry(
+        server_address="http://127.0.0.1", port=port, is_secure=False, token_env="UNSET_MR_TOKEN"
+    )
+    monkeypatch.delenv("UNSET_MR_TOKEN", raising=False)
+    with pytest.raises(
+        RegistryError, match=rf"cannot reach the Kubeflow Model Registry at http://127.0.0.1:{port}"
+    ):
+        KubeflowModelRegistry(reg_cfg).find_versions("k:r")

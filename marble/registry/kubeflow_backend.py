@@ -16,6 +16,7 @@ The client is imported lazily, and built by `client_factory` (tests pass a fake 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -148,6 +149,10 @@ class KubeflowModelRegistry:
         uri = os.environ.get(ADAPTER_URI_ENV) or Path(adapter_dir).resolve().as_uri()
         metadata: dict[str, Any] = {**tags, TAG_KEY: key}
         metadata.update({f"metric.{k}": float(v) for k, v in metrics.items()})
+        # `description` became `version_description` in model-registry 0.3 (the old name still works,
+        # with a deprecation warning); use whichever this client has.
+        params = inspect.signature(self.client.register_model).parameters
+        desc = "version_description" if "version_description" in params else "description"
         try:
             self.client.register_model(
                 self.model_name,
@@ -156,8 +161,8 @@ class KubeflowModelRegistry:
                 model_format_version=MODEL_FORMAT[1],
                 version=name,
                 author=self.cfg.author,
-                description=f"marble LoRA adapter {key}",
                 metadata=metadata,
+                **{desc: f"marble LoRA adapter {key}"},
             )
         except Exception as exc:
             if "already exists" not in str(exc):
