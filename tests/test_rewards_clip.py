@@ -74,7 +74,9 @@ def test_aesthetic_head_on_normalised_embedding(tiny_dirs, images):
     model, proc = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
     head = aesthetic_mlp()
     head[0] = torch.nn.Linear(16, 1024)
-    head.load_state_dict(load_state_dict_file(tiny_dirs / "head" / "head.pth"))
+    published = load_state_dict_file(tiny_dirs / "head" / "head.pth")
+    assert "layers.0.weight" in published  # the LAION file's naming
+    head.load_state_dict({k.removeprefix("layers."): v for k, v in published.items()})
     with torch.no_grad():
         px = proc(images=to_pil(images), return_tensors="pt")["pixel_values"]
         emb = model.visual_projection(model.vision_model(pixel_values=px).pooler_output)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from marble.errors import RewardError
 from marble.rewards.base import Artifact, BaseReward, RewardOutput
 from marble.rewards.hub import from_pretrained, load_state_dict_file, resolve_file
 from marble.rewards.offline import to_uint8
@@ -158,14 +159,15 @@ class AestheticScorer(BaseReward):
         self.clip = clip.eval().requires_grad_(False).to(self.device)
         head_path = resolve_file(s.head, s.head_file, s.head_revision, cache_dir)
         state = load_state_dict_file(head_path)
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        # the published file is the state dict of an MLP module holding `layers` (a Sequential)
+        state = {k.removeprefix("module.").removeprefix("layers."): v for k, v in state.items()}
         head = aesthetic_mlp()
         embed_dim = self.clip.config.projection_dim
-        if state.get("layers.0.weight") is not None and state["layers.0.weight"].shape[1] != embed_dim:
-            from marble.errors import RewardError
-
+        if "0.weight" not in state:
+            raise RewardError(f"{head_path}: not an aesthetic MLP state dict (no layers.0.weight)")
+        if state["0.weight"].shape[1] != embed_dim:
             raise RewardError(
-                f"{head_path}: aesthetic head expects {state['layers.0.weight'].shape[1]}-d embeddings but "
+                f"{head_path}: aesthetic head expects {state['0.weight'].shape[1]}-d embeddings but "
                 f"{s.model!r} gives {embed_dim}-d (use CLIP ViT-L/14)"
             )
         if embed_dim != 768:  # tiny test CLIPs: same layer layout, narrower input

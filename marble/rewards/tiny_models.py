@@ -77,7 +77,8 @@ def save_tiny_aesthetic_head(out_dir: Path, embed_dim: int = 16, seed: int = 0, 
     torch.manual_seed(seed)
     head = aesthetic_mlp()
     head[0] = torch.nn.Linear(embed_dim, 1024)
-    state = {k: v.contiguous() for k, v in head.state_dict().items()}
+    # named like the published file: the state dict of a module whose Sequential is called `layers`
+    state = {f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
