@@ -128,6 +128,7 @@ def test_report_html_is_self_contained(report):
     )
     assert "brightness" in text and "Gate preview" in text and "PASS" in text
     assert "Training run" in text and "train_seconds" in text
+    assert "Per prompt family" in text and "general (n=8)" in text
     md = (out / "report.md").read_text()
     assert "![grid](plots/grid.png)" in md and "| brightness |" in md
 

@@ -257,6 +257,19 @@ def reward_rows(summary: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def family_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Reward means per prompt family, 'base -> adapter' (a specialist's gain shows on its family)."""
+    names = list(summary["rewards"])
+    rows = []
+    for fam, entry in summary.get("by_family", {}).items():
+        cells = [f"{fam} (n={entry['n']})"]
+        for n in names:
+            e = entry.get(n)
+            cells.append(f"{_fmt(e['base'], 3)} -> {_fmt(e['adapter'], 3)}" if e else "n/a")
+        rows.append(cells)
+    return ["family", *names], rows
+
+
 REWARD_HEADER = ["reward", "n", "base mean [95% CI]", "adapter mean [95% CI]", "delta [95% CI]", "win rate"]
 MONITOR_HEADER = ["monitor", "base", "adapter", "relative shift"]
 
@@ -368,6 +381,11 @@ def write_report(
         ("Monitors", _md_table(MONITOR_HEADER, monitor_rows(summary)), _html_table(MONITOR_HEADER, monitor_rows(summary))),
         ("Gate preview", _md_table(gate_hdr, _gate_rows(summary)), _html_table(gate_hdr, _gate_rows(summary))),
     ]  # fmt: skip
+    fam_header, fam_rows = family_table(summary)
+    if fam_rows:
+        tables.insert(
+            1, ("Per prompt family", _md_table(fam_header, fam_rows), _html_table(fam_header, fam_rows))
+        )
     train_rows = read_train_summary(train_dir)
     if train_rows:
         tables.append(

@@ -220,7 +220,9 @@ def fetch_adapter(
     registry = open_registry(cfg, Path(registry_dir))
     version = registry.get_alias(alias)
     if version is None:
-        raise RegistryError(f"{registry!r}: no version has the alias {alias!r} yet (no registration has set it)")
+        raise RegistryError(
+            f"{registry!r}: no version has the alias {alias!r} yet (no registration has set it)"
+        )
     dst = Path(dst) if dst is not None else Path(registry_dir) / "fetched" / f"{alias}-v{version.version}"
     path = registry.download(version, dst)
     found = [p.parent for p in Path(path).rglob(ADAPTER_FILE)]
