@@ -24,6 +24,7 @@ def make_eval(root: Path, adapter: Path, means: dict[str, float], *, improve=Tru
         name: {
             "held_out": name == "jpeg",
             "base_std": 0.1,
+            "base": {"mean": m - (0.05 if improve else 0.0)},
             "adapter": {"mean": m},
             "delta": {"mean": 0.05 if improve else 0.0, "ci_lo": lo, "ci_hi": 0.1, "n": 8},
         }

@@ -70,6 +70,10 @@ def test_register_is_idempotent_and_gate_moves_aliases(cfg, blank_db, tmp_path, 
     )
     assert r["created"] and not r["gate_passed"] and "pareto" in r["gate_summary"]
     assert (r["version"], r["candidate"], r["champion"], r["champion_before"]) == ("2", "2", "1", "1")
+    # the paper's composite over base, champion and candidate: the dominated candidate is below the champion
+    scores = r["composite"]["scores"]
+    assert scores["champion v1"] > scores["this adapter"] > scores["base"]
+    assert first["composite"] is None  # no champion to compare with
 
     # a hacked one (dark monitor tripled) with better rewards: also refused
     hacked = make_adapter(tmp_path, b"hacked-adapter")

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from marble.config import KubeflowRegistry, MarbleConfig
 from marble.configio import atomic_write_text
 from marble.errors import RegistryError
 from marble.eval.gate import evaluate_gate
+from marble.eval.stats import composite_zscores
 from marble.registry.base import (
     CANDIDATE,
     CHAMPION,
@@ -168,10 +172,11 @@ def _register_locked(
             registry.delete_version(version.version)
             version, created = same[0], False
     alias = CHAMPION if gate.passed else CANDIDATE
+    composite = composite_with_champion(summary, champion)
     registry.set_alias(alias, version.version)
     registry.set_tags(version.version, {TAG_APPLIED: "true"})
     log.info("version %s: gate %s -> alias %s", version.version, gate.summary(), alias)
-    return _record(
+    record = _record(
         registry,
         version,
         key,
@@ -179,6 +184,36 @@ def _register_locked(
         champion_before=champion.version if champion else None,
         gate=gate,
     )
+    return {**record, "composite": composite}
+
+
+def composite_with_champion(
+    summary: dict[str, Any], champion: RegisteredVersion | None
+) -> dict[str, Any] | None:
+    """The paper's composite (mean z-score, population std) over base, champion and this adapter, on
+    the rewards all three were measured on; None without a champion."""
+    if champion is None:
+        return None
+    theirs = champion.reward_means()
+    rewards = summary["rewards"]
+    names = [
+        n
+        for n, r in rewards.items()
+        if n in theirs
+        and all(math.isfinite(float(x)) for x in (r["base"]["mean"], r["adapter"]["mean"], theirs[n]))
+    ]
+    if not names:
+        return None
+    table = np.array(
+        [
+            [rewards[n]["base"]["mean"] for n in names],
+            [theirs[n] for n in names],
+            [rewards[n]["adapter"]["mean"] for n in names],
+        ]
+    )  # [3, K]
+    z = composite_zscores(table)  # [3]
+    labels = ["base", f"champion v{champion.version}", "this adapter"]
+    return {"rewards": names, "scores": dict(zip(labels, z.tolist(), strict=True))}
 
 
 def _record(
