@@ -267,6 +267,22 @@ class GenEvalReward(_HubModelReward):
     count_threshold: float = Field(0.9, gt=0, lt=1, description="Score threshold for counting [GenEval: 0.9].")
 
 
+class HttpReward(_RewardBase):
+    """A reward served over HTTP (JSON wire format `marble-reward/1`, see marble/rewards/http.py)."""
+
+    kind: Literal["http"] = "http"
+    url: str = Field(description="Endpoint receiving POST JSON {schema, prompts, metadata, images (base64 PNG)}.")
+    applies_when: Literal["always", "quoted_text", "named_color", "geneval_metadata"] = Field(
+        "always", description="Which prompts the reward scores (others get NaN without a request)."
+    )
+    timeout_s: float = Field(60.0, gt=0, le=600, description="Per-request timeout, seconds.")
+    retries: int = Field(2, ge=0, le=10, description="Retries after a timeout, connection error or 5xx reply.")
+    backoff_s: float = Field(1.0, ge=0, description="Wait before retry k is backoff_s * 2**k seconds.")
+    token_env: str | None = Field(None, description="Environment variable holding a bearer token, if any.")
+    score_min: float | None = Field(None, description="Documented lower bound of the score (health check).")
+    score_max: float | None = Field(None, description="Documented upper bound of the score (health check).")
+
+
 RewardSpec = Annotated[
     BrightnessReward
     | ColorfulnessReward
@@ -279,7 +295,8 @@ RewardSpec = Annotated[
     | AestheticReward
     | ImageRewardReward
     | OcrReward
-    | GenEvalReward,
+    | GenEvalReward
+    | HttpReward,
     Field(discriminator="kind"),
 ]
 

@@ -34,6 +34,7 @@ REWARD_KINDS: dict[str, str] = {
     "imagereward": "marble.rewards.imagereward:ImageRewardScorer",
     "ocr": "marble.rewards.ocr:OcrScorer",
     "geneval": "marble.rewards.geneval:GenEvalScorer",
+    "http": "marble.rewards.http:HttpScorer",
 }
 """`kind` -> implementing class ("module:Class"); the config's `RewardSpec` union lists the same kinds."""
 
