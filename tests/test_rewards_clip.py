@@ -49,6 +49,9 @@ def test_pickscore_and_clipscore_match_clip_forward(tiny_dirs, images):
     out = pick(images, PROMPTS, [{}] * 4)
     torch.testing.assert_close(out.extras["raw"], ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.scores, ref / 26.0, atol=1e-5, rtol=1e-4)  # the training scale
+    from marble.rewards import score_all
+
+    torch.testing.assert_close(score_all([pick], images, PROMPTS, None, mode="eval")[:, 0], out.extras["raw"])
     clip = build_reward(ClipScoreReward(name="clipscore", model=clip_dir, batch_size=3))  # two chunks
     cos = clip(images, PROMPTS, [{}] * 4).scores
     torch.testing.assert_close(cos, ref / scale, atol=1e-5, rtol=1e-4)

@@ -133,3 +133,15 @@ def test_owlv2_and_clip_colour_through_real_loading(tiny_geneval, monkeypatch):
     assert out.scores[0].item() == 1.0 and out.extras["binary"][0].item() == 1.0
     assert math.isnan(out.scores[1].item()) and math.isnan(out.extras["binary"][1].item())
     assert out.scores[2].item() == 0.5 and out.extras["binary"][2].item() == 0.0  # one dog of two
+
+
+def test_score_all_eval_mode_reports_binary_accuracy(tiny_geneval, monkeypatch):
+    from marble.rewards import score_all
+
+    monkeypatch.setattr(tiny_geneval, "detect", lambda img, classes: [det("dog", 0.95, 0, 0, 20, 20)])
+    meta = [{"tag": "counting", "include": [{"class": "dog", "count": 2}]}, {}]
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    train = score_all([tiny_geneval], images, ["a", "b"], meta)
+    evaluation = score_all([tiny_geneval], images, ["a", "b"], meta, mode="eval")
+    assert train[0, 0].item() == 0.5 and evaluation[0, 0].item() == 0.0  # partial credit vs. binary
+    assert math.isnan(train[1, 0].item()) and math.isnan(evaluation[1, 0].item())

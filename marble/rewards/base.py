@@ -91,10 +91,13 @@ class BaseReward:
     Class attributes a subclass sets:
         score_range: the documented (low, high) range of a valid score; `rewards check` enforces it.
         requires_weights: True for model rewards (they need `setup` before scoring).
+        eval_extra: name of the `RewardOutput.extras` entry that evaluation reports instead of `scores`
+            (`score_all(..., mode="eval")`), e.g. GenEval's binary accuracy; None = `scores`.
     """
 
     score_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)
     requires_weights: ClassVar[bool] = False
+    eval_extra: ClassVar[str | None] = None
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec

@@ -94,6 +94,7 @@ class PickScoreScorer(_ClipReward):
     """
 
     score_range = (-100.0 / 26.0, 100.0 / 26.0)  # logit_scale is clamped at 100 in CLIP training
+    eval_extra = "raw"  # the paper's table reports the raw scale (SD3.5 Medium base: 20.51)
 
     def _processor_source(self) -> tuple[str, str | None]:
         return self.spec.processor, self.spec.processor_revision

@@ -159,6 +159,7 @@ class GenEvalScorer(BaseReward):
 
     requires_weights = True
     score_range = (0.0, 1.0)
+    eval_extra = "binary"  # GenEval reports accuracy [MARBLE §7: "GenEval reported as binary accuracy"]
 
     def applies_to(self, prompt: str, metadata: dict) -> bool:
         return bool(metadata) and bool(metadata.get("include"))

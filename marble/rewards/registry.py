@@ -11,7 +11,7 @@ import importlib
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -68,8 +68,12 @@ def score_all(
     metadata: list[dict] | None = None,
     *,
     nonfinite_counts: dict[str, int] | None = None,
+    mode: Literal["train", "eval"] = "train",
 ) -> Tensor:
     """Score `images` `[N, 3, H, W]` with every reward: returns `[N, K]` float64, columns in reward order.
+
+    mode="train" gives each reward's training score; mode="eval" the score its paper reports where that
+    differs (a reward's `eval_extra`: GenEval's binary accuracy, PickScore's raw logit scale).
 
     NaN where a reward does not apply (a value, not an error). An UNEXPECTED non-finite score (inf, or
     NaN for a prompt the reward claims to apply to) is set to NaN so it is excluded like "not
@@ -78,7 +82,9 @@ def score_all(
     metadata = metadata if metadata is not None else [{} for _ in prompts]
     columns = []
     for reward in rewards:
-        scores = reward(images, prompts, metadata).scores.to("cpu", torch.float64).reshape(-1)  # [N]
+        out = reward(images, prompts, metadata)
+        key = getattr(reward, "eval_extra", None) if mode == "eval" else None
+        scores = out.extras.get(key, out.scores).to("cpu", torch.float64).reshape(-1)  # [N]
         if scores.shape[0] != len(prompts):
             raise RewardError(
                 f"reward {reward.name!r} returned {scores.shape[0]} scores for {len(prompts)} images"
