@@ -96,6 +96,10 @@ class PickScoreScorer(_ClipReward):
     score_range = (-100.0 / 26.0, 100.0 / 26.0)  # logit_scale is clamped at 100 in CLIP training
     eval_extra = "raw"  # the paper's table reports the raw scale (SD3.5 Medium base: 20.51)
 
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.score_range = (-100.0 / spec.scale, 100.0 / spec.scale)
+
     def _processor_source(self) -> tuple[str, str | None]:
         return self.spec.processor, self.spec.processor_revision
 
