@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from marble.config import DataConfig, RewardSpec
-from marble.data.applicability import KNOWN_KINDS, reward_applies
+from marble.config import DataConfig, HttpReward, RewardSpec
+from marble.data.applicability import KIND_RULES, RULES, reward_applies, spec_applies
 from marble.data.mixing import apply_token_limit, mix, stratified_split
 from marble.data.records import PromptRecord, normalize_prompt, prompt_id
 from marble.data.sources import RawPrompt
@@ -152,7 +152,34 @@ def test_reward_applies(kind, prompt, metadata, expected):
 
 def test_every_configured_reward_kind_has_a_rule_and_unknown_kinds_are_refused():
     (union, _field) = typing.get_args(RewardSpec)
-    kinds = {typing.get_args(m.model_fields["kind"].annotation)[0] for m in typing.get_args(union)}
-    assert kinds == set(KNOWN_KINDS)
+    models = typing.get_args(union)
+    configured = {m for m in models if "applies_when" in m.model_fields}
+    fixed = {typing.get_args(m.model_fields["kind"].annotation)[0] for m in models if m not in configured}
+    assert fixed == set(KIND_RULES)
+    for m in configured:  # rules chosen in the config must all exist here
+        assert set(typing.get_args(m.model_fields["applies_when"].annotation)) == set(RULES)
     with pytest.raises(ValueError, match="no applicability rule"):
         reward_applies("mystery", "x", {})
+
+
+@pytest.mark.parametrize(
+    ("rule", "prompt", "metadata", "expected"),
+    [
+        ("always", "x", {}, True),
+        ("quoted_text", 'say "hi"', {}, True),
+        ("quoted_text", "say hi", {}, False),
+        ("named_color", "a green box", {}, True),
+        ("geneval_metadata", "x", GENEVAL_META, True),
+        ("geneval_metadata", "x", {}, False),
+    ],
+)
+def test_spec_applies_uses_the_configured_rule_of_http_rewards(rule, prompt, metadata, expected):
+    spec = HttpReward(name="remote", url="http://localhost:1/score", applies_when=rule)
+    assert spec_applies(spec, prompt, metadata) is expected
+
+
+def test_spec_applies_falls_back_to_the_rule_of_the_kind():
+    from marble.config import OcrReward
+
+    assert spec_applies(OcrReward(name="ocr"), 'a "sign"', {}) is True
+    assert spec_applies(OcrReward(name="ocr"), "a sign", {}) is False

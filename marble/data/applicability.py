@@ -3,10 +3,11 @@
 Specialist rewards score only some prompts and return NaN elsewhere (MARBLE's per-reward
 advantages are taken over the prompts a reward applies to). The `prepare` stage counts
 applicability per configured reward so that a prompt set in which, say, no prompt carries quoted
-text fails loudly instead of training an OCR reward on nothing; the rewards import the same
-function for their `applies_to`, so the counts in the manifest are exactly what training sees.
+text fails loudly instead of training an OCR reward on nothing. Rewards should answer `applies_to`
+with `spec_applies(self.spec, prompt, metadata)`, so the counts in the manifest are exactly what
+training sees.
 
-Pure: (reward kind, prompt, metadata) -> bool. No files, no models.
+Pure: (reward kind or spec, prompt, metadata) -> bool. No files, no models.
 """
 
 from __future__ import annotations
@@ -16,29 +17,21 @@ from typing import Any
 
 from marble.data.tiny_world import named_colors, quoted_text
 
-GENERAL_KINDS = frozenset(
-    {
-        "brightness",
-        "colorfulness",
-        "jpeg_compressibility",
-        "pickscore",
-        "clipscore",
-        "hpsv21",
-        "aesthetic",
-        "imagereward",
-    }
-)
-"""Reward kinds that score every prompt (image quality / preference / alignment models)."""
+
+def always(prompt: str, metadata: Mapping[str, Any]) -> bool:
+    """General rewards (quality, preference, alignment models) score every prompt."""
+    return True
 
 
 def has_quoted_text(prompt: str, metadata: Mapping[str, Any]) -> bool:
-    """OCR convention (DiffusionNFT's ocr set): the text to render is between the first pair of double quotes."""
+    """OCR convention (DiffusionNFT's ocr set): the text to render is between the first pair of double
+    quotes; it must be non-empty after removing whitespace (else there is nothing to read)."""
     text = quoted_text(prompt)
     return text is not None and bool(text.strip())
 
 
 def has_palette_color(prompt: str, metadata: Mapping[str, Any]) -> bool:
-    """The tiny world's colour-match reward needs a colour word from its PALETTE."""
+    """The tiny world's colour-match reward needs a colour word from its PALETTE (whole word)."""
     return bool(named_colors(prompt))
 
 
@@ -48,24 +41,59 @@ def has_geneval_metadata(prompt: str, metadata: Mapping[str, Any]) -> bool:
     return isinstance(include, list) and len(include) > 0 and all(isinstance(o, Mapping) for o in include)
 
 
-_SPECIALISTS: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
-    "ocr": has_quoted_text,
-    "edge_detail": has_quoted_text,
-    "color_match": has_palette_color,
-    "geneval": has_geneval_metadata,
+RULES: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
+    "always": always,
+    "quoted_text": has_quoted_text,
+    "named_color": has_palette_color,
+    "geneval_metadata": has_geneval_metadata,
 }
+"""Applicability rules by name (the names `http` rewards choose from with `applies_when`)."""
 
-KNOWN_KINDS = GENERAL_KINDS | frozenset(_SPECIALISTS)
+KIND_RULES: dict[str, str] = {
+    "brightness": "always",
+    "colorfulness": "always",
+    "jpeg_compressibility": "always",
+    "pickscore": "always",
+    "clipscore": "always",
+    "hpsv21": "always",
+    "aesthetic": "always",
+    "imagereward": "always",
+    "ocr": "quoted_text",
+    "edge_detail": "quoted_text",
+    "color_match": "named_color",
+    "geneval": "geneval_metadata",
+}
+"""The rule of each reward kind whose applicability is fixed by its kind."""
+
+GENERAL_KINDS = frozenset(k for k, rule in KIND_RULES.items() if rule == "always")
+
+
+def rule_applies(rule: str, prompt: str, metadata: Mapping[str, Any] | None = None) -> bool:
+    """Whether the named rule (a key of RULES) holds for `prompt` with `metadata`."""
+    if rule not in RULES:
+        raise ValueError(f"unknown applicability rule {rule!r}; known: {sorted(RULES)}")
+    return RULES[rule](prompt, metadata or {})
 
 
 def reward_applies(kind: str, prompt: str, metadata: Mapping[str, Any] | None = None) -> bool:
     """Whether a reward of `kind` scores `prompt` (with its `metadata`); False means it returns NaN.
 
-    Raises ValueError for an unknown kind so that a new reward must declare its rule here.
+    Raises ValueError for a kind without a fixed rule, so that a new reward must declare one here
+    (kinds whose rule is a config field, like `http`, go through `spec_applies`).
     """
-    if kind in GENERAL_KINDS:
-        return True
-    rule = _SPECIALISTS.get(kind)
+    rule = KIND_RULES.get(kind)
     if rule is None:
-        raise ValueError(f"reward kind {kind!r} has no applicability rule in marble/data/applicability.py")
-    return rule(prompt, metadata or {})
+        raise ValueError(
+            f"reward kind {kind!r} has no applicability rule in marble/data/applicability.py"
+            " (use spec_applies for rewards whose rule is configured)"
+        )
+    return rule_applies(rule, prompt, metadata)
+
+
+def spec_applies(spec: Any, prompt: str, metadata: Mapping[str, Any] | None = None) -> bool:
+    """Whether the configured reward `spec` scores `prompt`: its `applies_when` rule if it has one
+    (HTTP rewards), else the rule of its kind."""
+    rule = getattr(spec, "applies_when", None)
+    if rule is not None:
+        return rule_applies(rule, prompt, metadata)
+    return reward_applies(spec.kind, prompt, metadata)

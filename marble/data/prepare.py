@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from marble.config import MarbleConfig
-from marble.data.applicability import reward_applies
+from marble.data.applicability import spec_applies
 from marble.data.mixing import apply_token_limit, mix, stratified_split
 from marble.data.records import PromptRecord, read_prompt_records, write_prompt_records
 from marble.data.sources import RawPrompt, read_source
@@ -67,8 +67,8 @@ def applicability_counts(
     """Per configured reward: how many train/test prompts it applies to (marble.data.applicability)."""
     out: dict[str, Any] = {}
     for spec in cfg.rewards:
-        n_train = sum(reward_applies(spec.kind, r.prompt, r.metadata) for r in train)
-        n_test = sum(reward_applies(spec.kind, r.prompt, r.metadata) for r in test)
+        n_train = sum(spec_applies(spec, r.prompt, r.metadata) for r in train)
+        n_test = sum(spec_applies(spec, r.prompt, r.metadata) for r in test)
         out[spec.name] = {
             "kind": spec.kind,
             "held_out": spec.held_out,
