@@ -167,3 +167,15 @@ def test_bad_inputs_and_unknown_kind_are_refused():
         build_reward(Spec())
     with pytest.raises(RewardError, match="unique"):
         build_rewards([BrightnessReward(name="b"), BrightnessReward(name="b")])
+
+
+def test_applicability_is_the_projects_single_rule():
+    from marble.data.applicability import reward_applies
+
+    cases = [('a sign that says "open"', {}), ('blank "  " quotes', {}), ("a red ring", {}), ("a ring", {})]
+    cfg = load_config("configs/tiny.yaml")
+    for reward in build_rewards(cfg.rewards):
+        for prompt, meta in cases:
+            assert reward.applies_to(prompt, meta) == reward_applies(reward.spec.kind, prompt, meta)
+    edge = build_reward(EdgeDetailReward(name="edge"))
+    assert math.isnan(edge(stripes(), ['blank "  " quotes'], [{}]).scores[0].item())  # nothing to read

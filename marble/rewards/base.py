@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from marble.data.applicability import spec_applies
 from marble.errors import RewardError
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,9 @@ class BaseReward:
         self._ready = True
 
     def applies_to(self, prompt: str, metadata: dict) -> bool:
-        """General rewards apply to every prompt; specialists override this."""
-        return True
+        """The project's single applicability rule (`marble.data.applicability`), so that the prepare
+        stage's per-reward counts are exactly what training sees."""
+        return spec_applies(self.spec, prompt, metadata)
 
     def __call__(
         self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None

@@ -161,9 +161,6 @@ class GenEvalScorer(BaseReward):
     score_range = (0.0, 1.0)
     eval_extra = "binary"  # GenEval reports accuracy [MARBLE §7: "GenEval reported as binary accuracy"]
 
-    def applies_to(self, prompt: str, metadata: dict) -> bool:
-        return bool(metadata) and bool(metadata.get("include"))
-
     @classmethod
     def artifacts(cls, spec) -> list[Artifact]:
         return [Artifact(spec.model, spec.revision), Artifact(spec.clip_model, spec.clip_revision)]

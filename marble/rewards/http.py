@@ -29,7 +29,6 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-from marble.data.tiny_world import named_colors, quoted_text
 from marble.errors import RewardError
 from marble.rewards.base import BaseReward
 from marble.rewards.offline import to_uint8
@@ -85,16 +84,6 @@ class HttpScorer(BaseReward):
         lo = spec.score_min if spec.score_min is not None else -math.inf
         hi = spec.score_max if spec.score_max is not None else math.inf
         self.score_range = (lo, hi)
-
-    def applies_to(self, prompt: str, metadata: dict) -> bool:
-        rule = self.spec.applies_when
-        if rule == "quoted_text":
-            return quoted_text(prompt) is not None
-        if rule == "named_color":
-            return bool(named_colors(prompt))
-        if rule == "geneval_metadata":
-            return bool(metadata) and bool(metadata.get("include"))
-        return True
 
     def _post(self, body: bytes) -> bytes:
         s = self.spec

@@ -128,9 +128,6 @@ class OcrScorer(BaseReward):
     requires_weights = True
     score_range = (0.0, 1.0)
 
-    def applies_to(self, prompt: str, metadata: dict) -> bool:
-        return ocr_target(prompt) is not None
-
     @classmethod
     def artifacts(cls, spec) -> list[Artifact]:
         # easyocr and PaddleOCR fetch their own weights into their own directories

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from marble.data.tiny_world import PALETTE, named_colors, quoted_text
+from marble.data.tiny_world import PALETTE, named_colors
 from marble.rewards.base import BaseReward
 
 LUMA = (0.299, 0.587, 0.114)
@@ -135,10 +135,7 @@ class ColorMatchScorer(BaseReward):
     With several named colours the score is the mean over them (each should be present).
     """
 
-    score_range = (0.0, 1.0)
-
-    def applies_to(self, prompt: str, metadata: dict) -> bool:
-        return bool(named_colors(prompt))
+    score_range = (0.0, 1.0)  # applies to prompts naming a PALETTE colour (rule "named_color")
 
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
         out = torch.zeros(images.shape[0], dtype=torch.float64)  # [n]
@@ -153,10 +150,7 @@ class ColorMatchScorer(BaseReward):
 class EdgeDetailScorer(BaseReward):
     """Specialist: mean gradient magnitude for prompts with quoted text (OCR-like); NaN otherwise."""
 
-    score_range = (0.0, math.sqrt(2.0))
-
-    def applies_to(self, prompt: str, metadata: dict) -> bool:
-        return quoted_text(prompt) is not None
+    score_range = (0.0, math.sqrt(2.0))  # applies to prompts with quoted text (rule "quoted_text")
 
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
         return edge_detail(images)
