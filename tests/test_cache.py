@@ -122,3 +122,23 @@ def test_unreachable_hub_is_a_cache_error(tmp_path, monkeypatch):
         cache_reward_models(cfg, tmp_path / "cache")
     assert not (tmp_path / "cache" / MANIFEST).exists()
     assert not any((tmp_path / "cache" / "snapshots").glob(".partial-*"))
+
+
+def test_size_only_verification_mode(tmp_path, mirror, monkeypatch):
+    cfg = model_config()
+    out = tmp_path / "cache"
+    cache_reward_models(cfg, out, mirror=mirror)
+    clip = next(e for e in read_manifest(out)["artifacts"] if e["id"] == HUB_ID)
+    weights = out / clip["path"] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    monkeypatch.setenv("MARBLE_CACHE_VERIFY", "size")
+    assert cached_snapshot(out, HUB_ID, REV) == out / clip["path"]  # same size: passes the quick check
+    weights.write_bytes(bytes(data[:-1]))
+    monkeypatch.setattr("marble.rewards.cache._VERIFIED", {})  # verification is memoised per process
+    with pytest.raises(CacheError, match="model.safetensors: size"):
+        cached_snapshot(out, HUB_ID, REV)
+    monkeypatch.setenv("MARBLE_CACHE_VERIFY", "nope")
+    with pytest.raises(CacheError, match="MARBLE_CACHE_VERIFY"):
+        cached_snapshot(out, HUB_ID, REV)

@@ -41,9 +41,12 @@ FORMAT = "marble-reward-cache/1"
 PIPELINE_PATTERNS = ("model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model")
 """A diffusers pipeline repo without its root-level single-file checkpoints."""
 MIRROR_ENV = "MARBLE_HUB_MIRROR"
+VERIFY_ENV = "MARBLE_CACHE_VERIFY"
+"""`full` (default): sizes and sha256 on load; `size`: sizes only (faster start for >10 GB snapshots;
+`cache-rewards` itself always verifies in full)."""
 
-_VERIFIED: dict[tuple[str, int], set[str]] = {}
-"""(manifest path, mtime_ns) -> snapshot dirs already verified in this process (hashing GBs once is enough)."""
+_VERIFIED: dict[tuple[str, int, str], set[str]] = {}
+"""(manifest path, mtime_ns, mode) -> snapshot dirs verified in this process (hashing GBs once is enough)."""
 
 
 # ------------------------------------------------------------------------------------- artifacts
@@ -97,8 +100,11 @@ def _file_records(root: Path) -> list[dict[str, Any]]:
     ]
 
 
-def verify_entry(cache_dir: Path, entry: dict[str, Any]) -> None:
-    """Refuse a snapshot whose files differ from the manifest (missing, resized, altered or extra)."""
+def verify_entry(cache_dir: Path, entry: dict[str, Any], *, hashes: bool = True) -> None:
+    """Refuse a snapshot whose files differ from the manifest (missing, resized, altered or extra).
+
+    hashes=False checks presence and sizes only.
+    """
     root = cache_dir / entry["path"]
     if not root.is_dir():
         raise CacheError(f"{root}: snapshot of {entry['id']!r} listed in {cache_dir / MANIFEST} is missing")
@@ -113,7 +119,7 @@ def verify_entry(cache_dir: Path, entry: dict[str, Any]) -> None:
             raise CacheError(
                 f"{path}: size {path.stat().st_size} != {rec['size']} in the manifest (partial or tampered)"
             )
-        if sha256_file(path) != rec["sha256"]:
+        if hashes and sha256_file(path) != rec["sha256"]:
             raise CacheError(f"{path}: sha256 differs from the manifest (tampered or corrupted)")
     extra = sorted(set(_list_files(root)) - set(listed))
     if extra:
@@ -157,10 +163,13 @@ def cached_snapshot(cache_dir: Path, model: str, revision: str | None) -> Path:
             f"{cache_dir / MANIFEST}: no snapshot of {model!r} at revision {revision}; rerun "
             "`marble cache-rewards` with this config"
         )
+    mode = os.environ.get(VERIFY_ENV, "full").strip().lower()
+    if mode not in ("full", "size"):
+        raise CacheError(f"{VERIFY_ENV}={mode!r}: use 'full' or 'size'")
     mpath = cache_dir / MANIFEST
-    done = _VERIFIED.setdefault((str(mpath.resolve()), mpath.stat().st_mtime_ns), set())
+    done = _VERIFIED.setdefault((str(mpath.resolve()), mpath.stat().st_mtime_ns, mode), set())
     if entry["path"] not in done:
-        verify_entry(cache_dir, entry)
+        verify_entry(cache_dir, entry, hashes=mode == "full")
         done.add(entry["path"])
     return cache_dir / entry["path"]
 

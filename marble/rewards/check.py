@@ -164,12 +164,13 @@ def check_rewards(
     reward_cache: Path | None = None,
     *,
     rewards: Sequence[Reward] | None = None,
-    device: str = "cpu",
+    device: str | None = None,
 ) -> str:
     """Health-check every reward of `cfg` (or the given `rewards`) on the golden set.
 
     Returns a plain-text report; raises `RewardError` (with the report) if any reward is broken.
     """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if rewards is None:
         rewards = build_rewards(cfg.rewards)
         for r in rewards:
