@@ -142,3 +142,20 @@ def test_size_only_verification_mode(tmp_path, mirror, monkeypatch):
     monkeypatch.setenv("MARBLE_CACHE_VERIFY", "nope")
     with pytest.raises(CacheError, match="MARBLE_CACHE_VERIFY"):
         cached_snapshot(out, HUB_ID, REV)
+
+
+def test_a_new_reward_adds_its_snapshot_and_keeps_the_others(tmp_path, mirror, monkeypatch):
+    out = tmp_path / "cache"
+    only_clip = load_config(
+        "configs/tiny.yaml", [f"rewards=[{{name: c, kind: clipscore, model: {HUB_ID}, revision: '{REV}'}}]"]
+    )
+    cache_reward_models(only_clip, out, mirror=mirror)
+    (first,) = read_manifest(out)["artifacts"]
+    fetched = []
+    real_fetch = __import__("marble.rewards.cache", fromlist=["_fetch"])._fetch
+    monkeypatch.setattr(
+        "marble.rewards.cache._fetch", lambda art, *a: fetched.append(art.id) or real_fetch(art, *a)
+    )
+    cache_reward_models(model_config(), out, mirror=mirror)
+    entries = read_manifest(out)["artifacts"]
+    assert fetched == [HEAD_ID] and entries[0] == first and [e["id"] for e in entries] == [HUB_ID, HEAD_ID]
