@@ -127,7 +127,9 @@ class Trainer:
         self.models = sampling
         self.lora = lora
         self.text_cache = text.TextEmbeddingCache(pipe, m.max_sequence_length)
-        self.text_cache.get(sorted({r.prompt for r in self.records}))  # encode once ...
+        unique = sorted({r.prompt for r in self.records})
+        for i in range(0, len(unique), self.cfg.sampling.batch_size):  # encode every prompt once ...
+            self.text_cache.get(unique[i : i + self.cfg.sampling.batch_size])
         stepping.drop_text_encoders(pipe)  # ... then free the (large) text encoders
         self.model = lora.add_lora_adapters(pipe.transformer, self.cfg.lora)
         self.vae = pipe.vae
