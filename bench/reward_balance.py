@@ -1,0 +1,352 @@
+"""Does every reward improve? Each balancer preset trained on the tiny world, three seeds (issue 9, study 3).
+
+Training is the real `marble train` command (`python -m marble.cli train --config configs/tiny.yaml
+--set ...`), one subprocess per (preset, seed), `--workers` at a time with one torch thread each
+(the machine has few cores; runs are independent). Every preset trains the SAME number of optimizer
+steps (`--epochs`; configs/tiny.yaml has one step per epoch) from the same prepared prompts; only
+`balancer` (the preset's defaults) and `train.seed` change.
+
+Evaluation uses the evaluate stage's own pieces (`marble.eval.evaluate`): the held-out split
+(`test.jsonl`), fixed per-image seeds and initial noise shared by base and adapter, the stock SD3
+pipeline with the pinned Euler solver, `pipe.load_lora_weights` of the exported adapter (EMA weights,
+as `marble evaluate`), and every reward (trained and held out). The base images are sampled and scored
+once and compared with every adapter (same seeds), so a delta is a paired per-image difference.
+
+Reported per run and reward: base and adapter means, the paired delta with its 95% bootstrap CI
+(`marble.eval.stats.paired_delta_ci`) and the delta in base-std units. Per preset and reward over the
+seeds: the mean delta and a 95% t-interval across seeds (seed-to-seed variation is the honest error
+bar: with 3 seeds t(0.975, 2) = 4.30, so the interval is wide). A preset "improves all trained
+rewards" when the seed-mean delta is > 0 for every trained reward (`improves_all_mean`), and
+significantly so when every lower bound of the across-seed interval is > 0 (`improves_all_ci`).
+
+Run: `python -m bench.reward_balance [--epochs E --seeds 0 1 2]` -> bench/results/reward_balance.json/.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import common
+
+log = logging.getLogger(__name__)
+
+OUT_JSON = common.RESULTS / "reward_balance.json"
+
+
+# ---------------------------------------------------------------------------------------- training
+def train_command(
+    preset: str, seed: int, epochs: int, prompts: Path, out: Path, extra: list[str]
+) -> list[str]:
+    """The `marble train` command line of one run."""
+    k = len(common.bench_config(preset).trained_reward_names)
+    sets = [
+        *common.QUIET,
+        *common.preset_overrides(preset, k),
+        f"train.seed={seed}",
+        f"train.epochs={epochs}",
+        *extra,
+    ]
+    cmd = [sys.executable, "-m", "marble.cli", "train", "--config", str(common.TINY_CONFIG)]
+    for s in sets:
+        cmd += ["--set", s]
+    return [*cmd, "--prompts", str(prompts), "--out", str(out)]
+
+
+def train_one(preset: str, seed: int, epochs: int, prompts: Path, runs_dir: Path, extra: list[str]) -> dict:
+    out = runs_dir / f"{preset}-seed{seed}"
+    cmd = train_command(preset, seed, epochs, prompts, out, extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with (out.parent / f"{out.name}.log").open("w") as fh:
+        proc = subprocess.run(cmd, cwd=common.REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (out.parent / f"{out.name}.log").read_text()[-2000:]
+        raise RuntimeError(f"marble train failed for {preset} seed {seed} (exit {proc.returncode}):\n{tail}")
+    summary = json.loads((out / "train_summary.json").read_text())
+    return {"preset": preset, "seed": seed, "dir": out, "wall_seconds": seconds, "train_summary": summary}
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """Base images once; then each adapter on the same prompts and noise (marble.eval.evaluate pieces)."""
+
+    def __init__(self, cfg, prompts: Path, device: str = "cpu"):
+        from marble.models.loading import load_pipeline
+
+        from marble.eval import evaluate as ev
+
+        self.ev, self.cfg, self.device = ev, cfg, device
+        self.jobs = ev.eval_jobs(cfg, prompts)
+        self.pipe = load_pipeline(cfg.model, device=device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.solver = ev.pin_euler_solver(self.pipe)
+        seeds = [j["seed"] for j in self.jobs]
+        self.noise = ev.initial_noise(seeds, ev.latent_shape(self.pipe, cfg.eval_resolution))  # [N, C, h, w]
+        self.base = self.scores(self._images())  # [N, K]
+
+    def _images(self) -> torch.Tensor:
+        c = self.cfg
+        return self.ev.generate_images(
+            self.pipe, [j["prompt"] for j in self.jobs], self.noise, num_steps=c.eval.num_steps,
+            guidance_scale=c.eval.guidance_scale, resolution=c.eval_resolution,
+            max_sequence_length=c.model.max_sequence_length, batch_size=c.sampling.batch_size,
+        )  # fmt: skip
+
+    def scores(self, images: torch.Tensor) -> np.ndarray:
+        return self.ev.score_images(self.cfg, images, self.jobs, self.device, None)
+
+    def adapter(self, adapter_dir: Path) -> np.ndarray:
+        self.ev.load_adapter(self.pipe, adapter_dir)
+        try:
+            return self.scores(self._images())
+        finally:
+            self.pipe.delete_adapters(self.ev.ADAPTER_NAME)
+
+
+def run_stats(cfg, base: np.ndarray, adapter: np.ndarray) -> dict[str, Any]:
+    """Per reward: base/adapter means, paired delta with bootstrap CI, delta in base-std units."""
+    from marble.eval.stats import bootstrap_mean_ci, paired_delta_ci
+
+    boot = {"num_samples": cfg.eval.bootstrap_samples, "seed": cfg.eval.seed}
+    out = {}
+    for k, spec in enumerate(cfg.rewards):
+        b, a = base[:, k], adapter[:, k]
+        sd = float(np.nanstd(b)) if np.isfinite(b).any() else float("nan")
+        d = paired_delta_ci(b, a, **boot)
+        out[spec.name] = {
+            "held_out": spec.held_out,
+            "base": bootstrap_mean_ci(b, **boot).mean,
+            "adapter": bootstrap_mean_ci(a, **boot).mean,
+            "delta": d.to_dict(),
+            "delta_std_units": d.mean / sd if sd > 0 else float("nan"),
+        }
+    return out
+
+
+def t_interval(xs: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean and Student-t interval across seeds (NaN width with one seed)."""
+    from scipy import stats
+
+    v = np.asarray([x for x in xs if x is not None and math.isfinite(x)], dtype=np.float64)
+    n = v.size
+    if n == 0:
+        return {"mean": float("nan"), "ci_lo": float("nan"), "ci_hi": float("nan"), "n": 0}
+    m = float(v.mean())
+    if n == 1:
+        return {"mean": m, "ci_lo": float("nan"), "ci_hi": float("nan"), "n": 1}
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return {"mean": m, "ci_lo": m - half, "ci_hi": m + half, "n": int(n)}
+
+
+def aggregate(cfg, runs: list[dict[str, Any]], presets: list[str]) -> dict[str, Any]:
+    """Per preset: across-seed delta intervals per reward and the 'improves all rewards' flags."""
+    trained = cfg.trained_reward_names
+    out: dict[str, Any] = {}
+    for p in presets:
+        mine = [r for r in runs if r["preset"] == p]
+        rewards = {}
+        for spec in cfg.rewards:
+            deltas = [r["eval"][spec.name]["delta"]["mean"] for r in mine]
+            units = [r["eval"][spec.name]["delta_std_units"] for r in mine]
+            rewards[spec.name] = {
+                "held_out": spec.held_out,
+                "delta": t_interval(deltas),
+                "delta_std_units": t_interval(units),
+                "seeds_improved": int(sum(d is not None and d > 0 for d in deltas)),
+            }
+        improved_mean = [n for n in trained if rewards[n]["delta"]["mean"] > 0]
+        improved_ci = [n for n in trained if (rewards[n]["delta"]["ci_lo"] or float("nan")) > 0]
+        out[p] = {
+            "seeds": [r["seed"] for r in mine],
+            "rewards": rewards,
+            "improved_trained_mean": improved_mean,
+            "improved_trained_ci": improved_ci,
+            "improves_all_mean": len(improved_mean) == len(trained),
+            "improves_all_ci": len(improved_ci) == len(trained),
+            "mean_delta_std_units_trained": float(
+                np.nanmean([rewards[n]["delta_std_units"]["mean"] for n in trained])
+            ),
+            "worst_delta_std_units_trained": float(
+                np.nanmin([rewards[n]["delta_std_units"]["mean"] for n in trained])
+            ),
+            "train_seconds_median": float(np.median([r["train_seconds"] for r in mine])),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------- run
+def run(
+    cfg,
+    work: Path,
+    *,
+    presets: list[str],
+    seeds: list[int],
+    epochs: int,
+    workers: int = 2,
+    images_per_prompt: int = 4,
+    threads: int = 2,
+    extra: list[str] | None = None,
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    load_start = common.load_average()
+    extra = list(extra or [])
+    eval_cfg = common.bench_config("marble", [*extra, f"eval.images_per_prompt={images_per_prompt}"])
+    prompts = common.prepare_prompts(eval_cfg, work)
+    runs_dir = work / "reward_balance"
+    jobs = [(p, s) for s in seeds for p in presets]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(train_one, p, s, epochs, prompts, runs_dir, extra) for p, s in jobs]
+        trained = [f.result() for f in futures]
+    t_trained = time.perf_counter()
+    load_train = common.load_average()
+    with common.pinned_threads(threads):
+        evaluator = Evaluator(eval_cfg, prompts)
+        runs = []
+        for t in trained:
+            scores = evaluator.adapter(t["dir"] / "adapter")
+            ts = t["train_summary"]
+            runs.append(
+                {
+                    "preset": t["preset"],
+                    "seed": t["seed"],
+                    "train_seconds": ts.get("train_seconds"),
+                    "wall_seconds": t["wall_seconds"],
+                    "steps": ts.get("steps"),
+                    "skipped_steps": ts.get("skipped_steps"),
+                    "train_reward_first": ts.get("reward_first"),
+                    "train_reward_last": ts.get("reward_last"),
+                    "eval": run_stats(eval_cfg, evaluator.base, scores),
+                }
+            )
+    base_means = {
+        spec.name: float(np.nanmean(evaluator.base[:, k]))
+        if np.isfinite(evaluator.base[:, k]).any()
+        else None
+        for k, spec in enumerate(eval_cfg.rewards)
+    }
+    return {
+        "benchmark": "reward_balance",
+        **common.environment(),
+        "load_average": {"start": load_start, "after_training": load_train, "end": common.load_average()},
+        "settings": {
+            "config": str(common.TINY_CONFIG.relative_to(common.REPO)),
+            "presets": presets,
+            "seeds": seeds,
+            "epochs": epochs,
+            "optimizer_steps": trained[0]["train_summary"].get("steps") if trained else None,
+            "workers": workers,
+            "worker_torch_threads": 1,
+            "eval_images": len(evaluator.jobs),
+            "eval_prompts": len({j["prompt_id"] for j in evaluator.jobs}),
+            "eval_images_per_prompt": images_per_prompt,
+            "eval_num_steps": eval_cfg.eval.num_steps,
+            "eval_seeds": [j["seed"] for j in evaluator.jobs],
+            "eval_weights": "ema" if eval_cfg.eval.use_ema else "trainable",
+            "rewards_trained": eval_cfg.trained_reward_names,
+            "rewards_held_out": [r.name for r in eval_cfg.rewards if r.held_out],
+            "extra_overrides": extra,
+        },
+        "base_means": base_means,
+        "train_wall_seconds": t_trained - t_start,
+        "wall_seconds": time.perf_counter() - t_start,
+        "presets": aggregate(eval_cfg, runs, presets),
+        "runs": runs,
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Delta vs base (base-std units) per reward and preset, seed mean with the across-seed interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(result["presets"])
+    rewards = list(result["presets"][presets[0]]["rewards"])
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(presets)
+    x = np.arange(len(rewards))
+    for i, p in enumerate(presets):
+        r = result["presets"][p]["rewards"]
+        m = np.array([r[k]["delta_std_units"]["mean"] for k in rewards], dtype=float)
+        lo = np.array([r[k]["delta_std_units"]["ci_lo"] for k in rewards], dtype=float)
+        hi = np.array([r[k]["delta_std_units"]["ci_hi"] for k in rewards], dtype=float)
+        err = np.vstack([np.nan_to_num(m - lo), np.nan_to_num(hi - m)])
+        ax.bar(x + (i - len(presets) / 2 + 0.5) * width, m, width, yerr=err, capsize=2, label=p)
+        for run in (q for q in result["runs"] if q["preset"] == p):
+            ys = [run["eval"][k]["delta_std_units"] for k in rewards]
+            ax.scatter(x + (i - len(presets) / 2 + 0.5) * width, ys, s=6, color="k", zorder=3)
+    ax.axhline(0, color="k", lw=0.6)
+    labels = [
+        f"{k}\n(held out)" if result["presets"][presets[0]]["rewards"][k]["held_out"] else k for k in rewards
+    ]
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("adapter - base (base std units)")
+    s = result["settings"]
+    ax.set_title(
+        f"held-out prompts, {s['optimizer_steps']} optimizer steps, seeds {s['seeds']} "
+        "(bars: seed mean, whiskers: 95% t-interval, dots: runs)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=20, help="epochs = optimizer steps on configs/tiny.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--presets", nargs="+", default=list(common.PRESETS))
+    ap.add_argument("--workers", type=int, default=2, help="concurrent training processes (1 thread each)")
+    ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the evaluation")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--work", type=Path, default=common.WORK_DIR)
+    ap.add_argument("--out", type=Path, default=OUT_JSON)
+    args = ap.parse_args(argv)
+    cfg = common.bench_config("marble", args.overrides)
+    result = run(
+        cfg, args.work, presets=args.presets, seeds=args.seeds, epochs=args.epochs, workers=args.workers,
+        images_per_prompt=args.images_per_prompt, threads=args.threads, extra=args.overrides,
+    )  # fmt: skip
+    common.write_json(args.out, result)
+    plot(result, args.out.with_suffix(".png"))
+    names = list(result["presets"][args.presets[0]]["rewards"])
+    print(f"reward balance: delta vs base in base-std units, mean over seeds {args.seeds} [95% t-interval]")
+    print("  " + f"{'preset':13s}" + "".join(f"{n[:14]:>24s}" for n in names) + "  all>0  all CI>0")
+    for p, s in result["presets"].items():
+        cells = []
+        for n in names:
+            d = s["rewards"][n]["delta_std_units"]
+            cells.append(f"{d['mean']:+.2f} [{d['ci_lo']:+.2f},{d['ci_hi']:+.2f}]")
+        print(
+            "  "
+            + f"{p:13s}"
+            + "".join(f"{c:>24s}" for c in cells)
+            + f"  {str(s['improves_all_mean']):5s}  {s['improves_all_ci']}"
+        )
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main()

@@ -1,0 +1,112 @@
+"""`make bench`: every benchmark study on the tiny world, then the README table (issue 9).
+
+Studies, in this order (each writes bench/results/<name>.json and .png):
+1. `balancer_overhead` (issue 3's micro-benchmark, its own defaults);
+2. `throughput` (interleaved step timing of every preset, one process, nothing else running);
+3. `alignment` (gradient cosines of every preset on the same batches);
+4. `reward_balance` (every preset trained with `marble train`, three seeds, evaluated on held-out prompts).
+Then `bench/results/run_all.json` (wall time per study, the load average, the scale settings) and the
+README section between the bench markers (`bench.readme_table`).
+
+The scale below is what fits the 30-minute budget of `make bench` on the 2-core development machine
+(measured; see bench/README.md). `--quick` is a smoke run of the same code (minutes, not for reading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import common
+
+log = logging.getLogger(__name__)
+
+# Scale of the committed run (see bench/README.md for the timing that chose it).
+FULL = {
+    "throughput": {"repeats": 20},
+    "alignment": {"epochs": 4},
+    "reward_balance": {"epochs": 20, "seeds": [0, 1, 2], "images_per_prompt": 4},
+}
+QUICK = {
+    "throughput": {"repeats": 2},
+    "alignment": {"epochs": 1},
+    "reward_balance": {"epochs": 2, "seeds": [0], "images_per_prompt": 1},
+}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke scale (results are not meaningful)")
+    ap.add_argument("--skip", nargs="*", default=[], help="studies to skip")
+    ap.add_argument("--readme", type=Path, default=common.REPO / "README.md")
+    ap.add_argument(
+        "--results", type=Path, default=None, help="results dir (default bench/results; --quick: a temp dir)"
+    )
+    args = ap.parse_args(argv)
+    results = args.results or (
+        common.REPO / "outputs" / "bench" / "quick-results" if args.quick else common.RESULTS
+    )
+    results.mkdir(parents=True, exist_ok=True)
+
+    def out(name: str) -> list[str]:
+        return ["--out", str(results / f"{name}.json")]
+
+    scale = QUICK if args.quick else FULL
+    t0 = time.perf_counter()
+    load_start = common.load_average()
+    seconds: dict[str, float] = {}
+
+    def study(name: str, fn) -> None:
+        if name in args.skip:
+            return
+        log.info("=== %s ===", name)
+        t = time.perf_counter()
+        fn()
+        seconds[name] = time.perf_counter() - t
+        log.info("=== %s done in %.1f s ===", name, seconds[name])
+
+    from bench import alignment, balancer_overhead, reward_balance, throughput
+
+    study("balancer_overhead", lambda: balancer_overhead.main(out("balancer_overhead")))
+    thr = scale["throughput"]
+    study("throughput", lambda: throughput.main(["--repeats", str(thr["repeats"]), *out("throughput")]))
+    study(
+        "alignment",
+        lambda: alignment.main(["--epochs", str(scale["alignment"]["epochs"]), *out("alignment")]),
+    )
+    rb = scale["reward_balance"]
+    study(
+        "reward_balance",
+        lambda: reward_balance.main(
+            ["--epochs", str(rb["epochs"]), "--seeds", *map(str, rb["seeds"]),
+             "--images-per-prompt", str(rb["images_per_prompt"]), *out("reward_balance")]
+        ),
+    )  # fmt: skip
+    result = {
+        "benchmark": "run_all",
+        **common.environment(),
+        "quick": args.quick,
+        "scale": scale,
+        "load_average": {"start": load_start, "end": common.load_average()},
+        "study_seconds": seconds,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    common.write_json(results / "run_all.json", result)
+    from bench import readme_table
+
+    if results == common.RESULTS:
+        readme_table.main(["--write", str(args.readme)])
+    else:  # a smoke run never touches the README
+        readme_table.main(["--results", str(results)])
+    print(
+        f"make bench: {result['wall_seconds'] / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main()

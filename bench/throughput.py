@@ -1,0 +1,422 @@
+"""Throughput of every balancer preset on the tiny world (issue 9, study 1).
+
+One process, one trainer (`Trainer.setup()` on configs/tiny.yaml: model, adapters, rewards, optimizer)
+and one epoch of rollouts; the presets differ only by the balancer object swapped into the trainer.
+Each measured optimizer step is the trainer's own `_optimizer_step` (micro-steps, backward passes,
+accelerate accumulation, clip, AdamW, evaluation EMA): nothing of the update is re-implemented here.
+
+Protocol: torch threads pinned; one warm-up step per preset; then `repeats` rounds, each running one
+optimizer step of every preset in a rotated interleaved order (A B C ..., B C ... A, ...), every step
+starting from the same adapter and optimizer state (restored outside the timed region). Each preset
+keeps its own step counter, so the amortised presets go through their refresh schedule as in training.
+
+Reported per preset (medians over the measured steps):
+- `step_ms`: optimizer step; for a preset that refreshes every n-th step, also the medians of refresh
+  and cached steps and the amortised cost `(refresh + (n-1) cached) / n` (a plain median would hide
+  the one-in-n refresh); `speed_vs_weighted_sum` = weighted-sum time / this preset's amortised time
+  (the paper's "0.97x": higher is faster);
+- `micro_step_ms`: one micro-step, from the start of `NFTUpdate.micro_step` to the end of its
+  backward (building the micro-batch excluded), split into refresh and plain micro-steps;
+- balancer overhead: Gram + QP time inside the update (`time/balance_s`), the QP/EMA/rescale part
+  (`Balancer.update`) and the Gram part (the rest), per refresh and amortised per step;
+- memory, measured untimed after the timing (CPU torch has no allocator peak counter): the peak of
+  live CPU tensor bytes during the first micro-step of a refresh step above those live at its start
+  (torch profiler memory timeline, a private torch API: null if it fails), and the kernel's peak-RSS
+  mark over one refresh step minus the RSS before it (reset through /proc/self/clear_refs; the
+  allocator reuses pages freed by earlier steps, so this understates what a fresh process needs).
+
+Run: `python -m bench.throughput [--repeats N]` -> bench/results/throughput.json and throughput.png.
+Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import common
+
+log = logging.getLogger(__name__)
+
+OUT_JSON = common.RESULTS / "throughput.json"
+OUT_PNG = common.RESULTS / "throughput.png"
+
+
+# ---------------------------------------------------------------------------------------- probes
+class MicroStepProbe:
+    """Observes the trainer's micro-steps without changing them: wraps `update.micro_step` (start,
+    whether it refreshed) and `accelerator.backward` (end), and each balancer's `update` (QP time)."""
+
+    def __init__(self, trainer: Any):
+        self.micro: list[tuple[float, bool]] = []  # (ms, refreshed)
+        self.update_ms = 0.0
+        self._t0 = 0.0
+        self._refresh = False
+        upd, acc = trainer.update, trainer.accelerator
+        micro_step, backward = upd.micro_step, acc.backward
+
+        def micro_step_probe(mb, step, micro):
+            self._t0 = time.perf_counter()
+            res = micro_step(mb, step, micro)
+            self._refresh = res.balance is not None
+            return res
+
+        def backward_probe(loss, **kwargs):
+            backward(loss, **kwargs)
+            self.micro.append(((time.perf_counter() - self._t0) * 1e3, self._refresh))
+
+        upd.micro_step = micro_step_probe
+        acc.backward = backward_probe
+
+    def watch(self, balancer: Any) -> None:
+        if not hasattr(balancer, "num_refreshes"):
+            return  # weighted_sum / equal: update() is never called
+        update = balancer.update
+
+        def update_probe(gram, step=None):
+            t0 = time.perf_counter()
+            out = update(gram, step=step)
+            self.update_ms += (time.perf_counter() - t0) * 1e3
+            return out
+
+        balancer.update = update_probe
+
+    def reset(self) -> None:
+        self.micro, self.update_ms = [], 0.0
+
+
+@dataclass
+class PresetRun:
+    """One preset's balancer, epoch plan, step counter and measurements."""
+
+    name: str
+    balancer: Any
+    plan: Any
+    refresh_fraction: float  # share of optimizer steps that refresh the Gram in a long run
+    step: int = 0
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _refresh_fraction(balancer: Any) -> float:
+    if balancer.gram_source is None:
+        return 0.0
+    return 1.0 / balancer.refresh_every
+
+
+def _one_step(world: common.World, run: PresetRun, probe: MicroStepProbe) -> dict[str, Any]:
+    tr = world.trainer
+    common.install_balancer(world, run.balancer)
+    accum = world.cfg.train.gradient_accumulation_steps
+    first = (run.step * accum) % run.plan.num_batches
+    tr.step = run.step
+    before = getattr(run.balancer, "num_refreshes", 0)
+    probe.reset()
+    ms, metrics = common.timed(lambda: tr._optimizer_step(run.plan, range(first, first + accum)))
+    run.step += 1
+    refreshes = getattr(run.balancer, "num_refreshes", 0) - before
+    balance_ms = float(metrics.get("time/balance_s", 0.0)) * 1e3
+    return {
+        "step": run.step - 1,
+        "step_ms": ms,
+        "refreshes": refreshes,
+        "balance_ms": balance_ms,
+        "qp_ms": probe.update_ms,
+        "gram_ms": balance_ms - probe.update_ms,
+        "micro_ms": [m for m, _ in probe.micro],
+        "micro_refresh": [r for _, r in probe.micro],
+        "finite": tr.counters["consecutive_skips"] == 0,
+    }
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _live_tensor_peak_mb(fn) -> float | None:
+    """Peak live CPU tensor memory during `fn()` above what was live at its start (MB), from the torch
+    profiler's memory timeline (private API `_memory_profile`: None if this torch lacks it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+        ) as prof:
+            fn()
+        timeline = prof._memory_profile().timeline
+    except (AttributeError, RuntimeError, ValueError) as exc:
+        log.warning("torch profiler memory timeline unavailable (%s); tensor peak not measured", exc)
+        return None
+    sizes: dict[Any, int] = {}
+    cur = peak = 0
+    for _, action, (key, _version), size in timeline:
+        if key.device.type != "cpu" or action.name == "PREEXISTING":
+            continue
+        if action.name == "CREATE":
+            cur += size
+            sizes[key] = size
+        elif action.name == "INCREMENT_VERSION":
+            cur += size - sizes.get(key, 0)
+            sizes[key] = size
+        elif action.name == "DESTROY":
+            cur -= sizes.pop(key, size)
+        peak = max(peak, cur)
+    return peak / 1e6
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"/proc/self/status has no {key}")
+
+
+def _rss_peak_delta_mb(fn) -> float | None:
+    """Peak RSS during `fn()` minus RSS before it (MB): the kernel's high-water mark VmHWM is reset
+    first (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0). None where that is not available."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        start = _proc_status_bytes("VmRSS")
+    except (OSError, ValueError):
+        return None
+    fn()
+    return (_proc_status_bytes("VmHWM") - start) / 1e6
+
+
+def _memory(world: common.World, run: PresetRun, probe: MicroStepProbe, state: common.TrainState) -> dict:
+    """Both memory figures of one preset, on step 0 (a refresh step for every Gram preset)."""
+    tr = world.trainer
+    common.install_balancer(world, run.balancer)
+    state.restore()
+    # One micro-step (the first of a refresh step: forward, Gram, QP, backward) under the profiler:
+    # profiling a whole step with stacks takes minutes; the rest of a step repeats this micro-step and
+    # adds only the accumulated .grad and AdamW's state (the same for every preset).
+    mb = run.plan.micro_batch(0, 0, tr.text_cache, tr.device)
+    tensor_mb = _live_tensor_peak_mb(lambda: tr.update.micro_step(mb, 0, 0).loss.backward())
+    tr.optimizer.zero_grad(set_to_none=True)
+    state.restore()
+    run.step = 0
+    rss_mb = _rss_peak_delta_mb(lambda: _one_step(world, run, probe))
+    return {"peak_tensor_mb": tensor_mb, "peak_rss_delta_mb": rss_mb}
+
+
+# ---------------------------------------------------------------------------------------- summary
+def summarize(run: PresetRun) -> dict[str, Any]:
+    """Medians of one preset's measured steps (see the module docstring)."""
+    steps = run.steps
+    all_ms = [s["step_ms"] for s in steps]
+    ref = [s["step_ms"] for s in steps if s["refreshes"] > 0]
+    cached = [s["step_ms"] for s in steps if s["refreshes"] == 0]
+    f = run.refresh_fraction
+    if f >= 1.0 or not cached:
+        amortized = common.median(ref or all_ms)
+    elif f == 0.0 or not ref:
+        amortized = common.median(cached)
+    else:
+        amortized = f * common.median(ref) + (1 - f) * common.median(cached)
+    micro = [m for s in steps for m in s["micro_ms"]]
+    micro_ref = [m for s in steps for m, r in zip(s["micro_ms"], s["micro_refresh"], strict=True) if r]
+    micro_plain = [m for s in steps for m, r in zip(s["micro_ms"], s["micro_refresh"], strict=True) if not r]
+    per_refresh = [s for s in steps if s["refreshes"] > 0]
+    gram_per_refresh = [s["gram_ms"] / s["refreshes"] for s in per_refresh]
+    qp_per_refresh = [s["qp_ms"] / s["refreshes"] for s in per_refresh]
+    refreshes_per_step = max((s["refreshes"] for s in steps), default=0)
+    balance_ref = common.median([s["balance_ms"] for s in per_refresh])
+    return {
+        "steps_measured": len(steps),
+        "refresh_fraction": f,
+        "refreshes_per_refresh_step": refreshes_per_step,
+        "step_ms_median": common.median(all_ms),
+        "step_ms_refresh_median": common.median(ref),
+        "step_ms_cached_median": common.median(cached),
+        "step_ms_amortized": amortized,
+        "micro_steps_per_step": len(steps[0]["micro_ms"]) if steps else 0,
+        "micro_step_ms_median": common.median(micro),
+        "micro_step_ms_refresh_median": common.median(micro_ref),
+        "micro_step_ms_plain_median": common.median(micro_plain),
+        "balancer_ms_per_refresh_step": balance_ref if per_refresh else 0.0,
+        "balancer_ms_amortized_per_step": (f * balance_ref) if per_refresh else 0.0,
+        "gram_ms_per_refresh": common.median(gram_per_refresh) if per_refresh else 0.0,
+        "qp_ms_per_refresh": common.median(qp_per_refresh) if per_refresh else 0.0,
+        "non_finite_steps": sum(not s["finite"] for s in steps),
+    }
+
+
+# ---------------------------------------------------------------------------------------- run
+def run(
+    cfg,
+    work: Path,
+    *,
+    presets: list[str],
+    repeats: int,
+    warmup: int = 1,
+    threads: int = 2,
+    memory: bool = True,
+) -> dict[str, Any]:
+    """Build the world once and time every preset interleaved; returns the results dict."""
+    load_start = common.load_average()
+    t_start = time.perf_counter()
+    with common.pinned_threads(threads):
+        world = common.build_world(cfg, work, "throughput")
+        tr = world.trainer
+        probe = MicroStepProbe(tr)
+        runs: dict[str, PresetRun] = {}
+        for name in presets:
+            bal = common.make_balancer(world, name)
+            probe.watch(bal)
+            buf = common.buffer_for(world, bal)
+            from marble.train.stepping import EpochPlan
+
+            plan = EpochPlan(world.cfg, buf, 1, 0, tr.grid)
+            runs[name] = PresetRun(name, bal, plan, _refresh_fraction(bal))
+        for _ in range(warmup):  # first calls pay allocation, optimizer state creation, caches
+            for name in presets:
+                _one_step(world, runs[name], probe)
+        state = common.TrainState(tr)
+        for i in range(repeats):
+            for name in common.rotated(list(presets), i):
+                state.restore()
+                runs[name].steps.append(_one_step(world, runs[name], probe))
+            log.info("throughput round %d/%d done", i + 1, repeats)
+        load_timed = common.load_average()
+        memory_res: dict[str, dict[str, float | None]] = {}
+        if memory:
+            for name in presets:
+                memory_res[name] = _memory(world, runs[name], probe, state)
+        tr.cleanup()
+    summary = {name: summarize(r) for name, r in runs.items()}
+    base = summary.get("weighted_sum")
+    for name, s in summary.items():
+        if base is not None:
+            s["speed_vs_weighted_sum"] = base["step_ms_amortized"] / s["step_ms_amortized"]
+            s["time_ratio_vs_weighted_sum"] = s["step_ms_amortized"] / base["step_ms_amortized"]
+            s["micro_step_time_ratio_vs_weighted_sum"] = (
+                s["micro_step_ms_median"] / base["micro_step_ms_median"]
+            )
+        if memory:
+            s.update(memory_res[name])
+            if base is not None and memory_res["weighted_sum"]["peak_tensor_mb"]:
+                tm = memory_res[name]["peak_tensor_mb"]
+                s["peak_tensor_ratio_vs_weighted_sum"] = (
+                    None if tm is None else tm / memory_res["weighted_sum"]["peak_tensor_mb"]
+                )
+    s_cfg = world.cfg
+    return {
+        "benchmark": "throughput",
+        **common.environment(),
+        "load_average": {"start": load_start, "after_timing": load_timed, "end": common.load_average()},
+        "settings": {
+            "config": str(common.TINY_CONFIG.relative_to(common.REPO)),
+            "presets": list(presets),
+            "repeats": repeats,
+            "warmup_steps": warmup,
+            "torch_threads": threads,
+            "samples_per_epoch": s_cfg.sampling.samples_per_epoch,
+            "micro_batch_size": s_cfg.train.micro_batch_size,
+            "gradient_accumulation_steps": s_cfg.train.gradient_accumulation_steps,
+            "train_timesteps": s_cfg.num_train_timesteps,
+            "trainable_params": sum(p.numel() for p in tr.params),
+            "rewards_trained": tr.reward_names,
+            "memory_method": {
+                "peak_tensor_mb": "peak live CPU tensor bytes during the first micro-step of a refresh step "
+                "(forward, Gram, QP, backward) above those live at its start (torch profiler memory timeline)",
+                "peak_rss_delta_mb": "kernel peak RSS (VmHWM, reset before) during one refresh step minus RSS "
+                "before it (understates: the allocator reuses pages freed by earlier steps)",
+            },
+        },
+        "wall_seconds": time.perf_counter() - t_start,
+        "presets": summary,
+        "raw_steps": {name: r.steps for name, r in runs.items()},
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Amortised step time per preset (balancer share hatched) and micro-step medians."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["presets"])
+    s = result["presets"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    step = [s[n]["step_ms_amortized"] for n in names]
+    bal = [s[n]["balancer_ms_amortized_per_step"] for n in names]
+    rest = [a - b for a, b in zip(step, bal, strict=True)]
+    axes[0].bar(names, rest, color="#4c72b0", label="rest of the step")
+    axes[0].bar(names, bal, bottom=rest, color="#dd8452", hatch="//", label="Gram + QP (amortised)")
+    for i, n in enumerate(names):
+        ratio = s[n].get("speed_vs_weighted_sum")
+        if ratio is not None:
+            axes[0].text(i, step[i], f"{ratio:.2f}x", ha="center", va="bottom", fontsize=8)
+    axes[0].set_ylabel("ms per optimizer step (amortised median)")
+    axes[0].set_title("optimizer step (label: speed vs weighted_sum)")
+    axes[0].legend(fontsize=8)
+    plain = [s[n]["micro_step_ms_plain_median"] for n in names]
+    refr = [s[n]["micro_step_ms_refresh_median"] for n in names]
+    x = range(len(names))
+    axes[1].bar([i - 0.2 for i in x], plain, width=0.4, label="plain micro-step")
+    axes[1].bar(
+        [i + 0.2 for i in x], [0 if v is None else v for v in refr], width=0.4, label="refresh micro-step"
+    )
+    axes[1].set_xticks(list(x), names)
+    axes[1].set_ylabel("ms (median)")
+    axes[1].set_title("micro-step (forward + Gram if due + backward)")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    m = result["machine"]
+    fig.suptitle(
+        f"tiny world, {m['cpu_model']}, {m['nproc']} cores, {result['settings']['torch_threads']} torch threads, "
+        f"load {result['load_average']['start']}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--repeats", type=int, default=20, help="interleaved rounds (multiple of 10 covers marble's cycle)"
+    )
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--presets", nargs="+", default=list(common.PRESETS))
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
+    ap.add_argument("--work", type=Path, default=common.WORK_DIR)
+    ap.add_argument("--out", type=Path, default=OUT_JSON)
+    args = ap.parse_args(argv)
+    cfg = common.bench_config("marble", args.overrides)
+    result = run(
+        cfg, args.work, presets=args.presets, repeats=args.repeats, warmup=args.warmup,
+        threads=args.threads, memory=not args.no_memory,
+    )  # fmt: skip
+    result["settings"]["overrides"] = args.overrides
+    common.write_json(args.out, result)
+    plot(result, args.out.with_suffix(".png"))
+    print(
+        f"throughput, tiny world ({result['settings']['torch_threads']} threads; load {result['load_average']})"
+    )
+    print(
+        f"  {'preset':13s} {'step ms':>9s} {'speed':>7s} {'micro ms':>9s} {'Gram+QP/step':>13s} {'tensor MB':>10s}"
+    )
+    for name, s in result["presets"].items():
+        tm = s.get("peak_tensor_mb")
+        print(
+            f"  {name:13s} {s['step_ms_amortized']:9.1f} {s.get('speed_vs_weighted_sum', float('nan')):6.2f}x "
+            f"{s['micro_step_ms_median']:9.2f} {s['balancer_ms_amortized_per_step']:13.1f} "
+            f"{'-' if tm is None else f'{tm:10.1f}'}"
+        )
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main()
