@@ -213,14 +213,14 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(result["directions"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
-    for name in names:
-        mins = [b["directions"][name]["min"] for b in result["raw_batches"]]
-        axes[0].plot(mins, label=name, lw=1.2 if name in ("weighted_sum", "marble") else 0.8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
+    mins = [[b["directions"][n]["min"] for b in result["raw_batches"]] for n in names]
+    mins = [[m for m in ms if m is not None and np.isfinite(m)] for ms in mins]
+    axes[0].boxplot(mins, whis=(0, 100))
+    axes[0].set_xticks(np.arange(1, len(names) + 1), names, rotation=35, ha="right")
     axes[0].axhline(0, color="k", lw=0.6)
-    axes[0].set_xlabel("diagnostic batch (training order)")
-    axes[0].set_ylabel("min over rewards of cos(d, g_k)")
-    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("per batch: min over rewards of cos(d, g_k)")
+    axes[0].set_title("distribution over batches (whiskers: min and max)", fontsize=9)
     frac = [result["directions"][n]["all_batches"].get("frac_min_negative", float("nan")) for n in names]
     later = [
         result["directions"][n].get("later_batches", {}).get("frac_min_negative", float("nan")) for n in names

@@ -52,7 +52,13 @@ def main_table(thr: dict | None, ali: dict | None, rb: dict | None) -> list[str]
     presets = list(common.PRESETS)
     head = ["preset"]
     if thr:
-        head += ["step ms", "speed vs weighted_sum", "micro-step ms", "Gram+QP ms/step", "peak tensor MB"]
+        head += [
+            "step ms (amortised)",
+            "speed vs weighted_sum",
+            "micro-step ms",
+            "Gram+QP ms/step",
+            "peak tensor MB",
+        ]
     if ali:
         head += ["min cos < 0 (all / later batches)", "worst min cos", "cos variance"]
     if rb:
@@ -73,7 +79,8 @@ def main_table(thr: dict | None, ali: dict | None, rb: dict | None) -> list[str]
             d = ali["directions"].get(p, {})
             a, lt = d.get("all_batches", {}), d.get("later_batches")
             frac = _f(a.get("frac_min_negative"), ".0%")
-            frac += f" / {_f(lt.get('frac_min_negative'), '.0%')}" if lt else ""
+            if lt:  # presets refreshing on every batch have no later batches
+                frac += f" / {_f(lt.get('frac_min_negative'), '.0%')}" if lt.get("batches") else " / n/a"
             row += [frac, _f(a.get("worst_min_cos"), "+.3f"), _f(a.get("mean_var_cos"), ".4f")]
         if rb:
             s = rb["presets"].get(p)
@@ -131,7 +138,7 @@ def render(results: Path = common.RESULTS) -> str:
             f"Step time: median over {st['repeats']} interleaved rounds, amortised over the refresh cycle, "
             f"{st['torch_threads']} torch threads; {st['micro_batch_size'] * st['gradient_accumulation_steps']}"
             f" samples x {st['train_timesteps']} timesteps per optimizer step. Peak tensor MB: live CPU tensor"
-            " bytes during one refresh step above those at its start (torch profiler)."
+            " bytes during the first micro-step of a refresh step above those at its start (torch profiler)."
         )
     if ali:
         st, g = ali["settings"], ali["gram_sources"]

@@ -6,7 +6,7 @@ Studies, in this order (each writes bench/results/<name>.json and .png):
 3. `alignment` (gradient cosines of every preset on the same batches);
 4. `reward_balance` (every preset trained with `marble train`, three seeds, evaluated on held-out prompts).
 Then `bench/results/run_all.json` (wall time per study, the load average, the scale settings) and the
-README section between the bench markers (`bench.readme_table`).
+section between the bench markers of README.md and bench/README.md (`bench.readme_table`).
 
 The scale below is what fits the 30-minute budget of `make bench` on the 2-core development machine
 (measured; see bench/README.md). `--quick` is a smoke run of the same code (minutes, not for reading).
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if results == common.RESULTS:
         readme_table.main(["--write", str(args.readme)])
+        readme_table.main(["--write", str(Path(__file__).parent / "README.md")])
     else:  # a smoke run never touches the README
         readme_table.main(["--results", str(results)])
     print(
