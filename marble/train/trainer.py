@@ -123,7 +123,7 @@ class Trainer:
         from marble.models import loading, lora, sampling, text
 
         m = self.cfg.model
-        pipe = loading.load_pipeline(m, device=self.device)
+        pipe = loading.load_pipeline(m, device=self.device, cache_dir=self.reward_cache)
         self.models = sampling
         self.lora = lora
         self.text_cache = text.TextEmbeddingCache(pipe, m.max_sequence_length)

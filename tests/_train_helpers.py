@@ -1,0 +1,65 @@
+"""Shared helpers of the training tests: a TINY training config and file readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from marble.config import MarbleConfig
+from marble.configio import validate_config
+
+# 3 prompts x 4 images = 12 samples per epoch; micro-batches of 6 -> 2 optimizer steps per epoch.
+TRAIN_OVERRIDES = {
+    "sampling": {"num_steps": 4, "group_size": 4, "prompts_per_epoch": 3, "batch_size": 12},
+    "train": {
+        "epochs": 5,
+        "micro_batch_size": 6,
+        "gradient_accumulation_steps": 1,
+        "checkpoint_every": 2,
+        "keep_last": 5,
+        "diagnostics_every": 2,
+        "tensorboard": False,
+        "progress_bar": False,
+    },
+    "balancer": {"kind": "marble", "gram_source": "params", "refresh_every": 3, "ema_decay": 0.7},
+    "data": {"sources": [{"kind": "tiny_world", "num_prompts": 24, "seed": 0}], "test_fraction": 0.25},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def train_config(tiny_config: MarbleConfig, **sections: dict) -> MarbleConfig:
+    """The conftest tiny config shrunk for training tests, with section overrides merged in."""
+    data = _merge(tiny_config.model_dump(mode="json"), TRAIN_OVERRIDES)
+    data = _merge(data, sections)
+    return validate_config(data, "test")
+
+
+def write_config(cfg: MarbleConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(s) for s in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def latest_checkpoint(out_dir: Path) -> Path:
+    return sorted((out_dir / "checkpoints").glob("step-*"))[-1]
+
+
+def checkpoint_tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: load_file(str(ckpt / f"adapter-{n}.safetensors")) for n in ("trainable", "old", "ema")}
+
+
+def checkpoint_balancer(ckpt: Path) -> dict:
+    return torch.load(ckpt / "objects.pt", weights_only=False)["balancer"]
