@@ -1,8 +1,7 @@
 """Shared fixtures: the tiny world's config and its loaded pipeline.
 
-The tiny model is built once per machine into `<repo>/.cache/marble-test` (keyed by its config hash, so
-a second test run reuses it). Tests use a faster VAE training than configs/tiny.yaml (100 steps instead
-of 400): enough for decoded images to depend on latents, which is all the tests need.
+The tiny model of configs/tiny.yaml is built once per machine into `<repo>/.cache/marble` (keyed by
+its config hash; the demo and the tests share it, and a second run reuses it).
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ from marble.config import MarbleConfig
 from marble.configio import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_CACHE = REPO / ".cache" / "marble-test"
-TINY_TEST_OVERRIDES = [f"model.cache_dir={TEST_CACHE}", "model.tiny.vae_train_steps=100"]
+TINY_TEST_OVERRIDES = [f"model.cache_dir={REPO / '.cache' / 'marble'}"]
 
 
 @pytest.fixture(scope="session")

@@ -33,8 +33,9 @@ def test_tiny_model_is_saved_then_loaded_from_its_cache(tiny_config, tiny_pipeli
     path, kwargs = resolve_pretrained(tiny_config.model)
     info = json.loads(Path(path, BUILD_INFO).read_text())
     assert kwargs == {} and (tiny_config.model.cache_dir in path)
-    # the trained VAE decodes different latents to different images (a random one would not)
-    assert info["decoded_brightness_std_trained_vae"] > 0 and info["vae_shift_factor"] is not None
+    # the trained VAE's reconstructions follow their inputs; a random decoder's barely move (STACK-NOTES)
+    assert info["decoded_brightness_std_trained_vae"] > 10 * info["decoded_brightness_std_untrained_vae"]
+    assert info["vae_shift_factor"] is not None
     assert type(tiny_pipeline).__name__ == "StableDiffusion3Pipeline"
     assert not tiny_pipeline.transformer.training and not tiny_pipeline.text_encoder_3.training
     # a second resolve hits the cache (same directory, nothing rebuilt)
@@ -62,9 +63,13 @@ def test_sigma_grid_and_sampling(tiny_pipeline, emb):
     grid = sigma_grid(8, 3.0)
     assert grid.shape == (8,) and grid[0] == 1.0 and bool((grid[1:] < grid[:-1]).all()) and grid[-1] > 0
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    x = sample_latents(tiny_pipeline.transformer, emb, num_steps=4, shift=3.0, latent_shape=(16, 8, 8), generator=gens)
+    x = sample_latents(
+        tiny_pipeline.transformer, emb, num_steps=4, shift=3.0, latent_shape=(16, 8, 8), generator=gens
+    )
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    y = sample_latents(tiny_pipeline.transformer, emb, num_steps=4, shift=3.0, latent_shape=(16, 8, 8), generator=gens)
+    y = sample_latents(
+        tiny_pipeline.transformer, emb, num_steps=4, shift=3.0, latent_shape=(16, 8, 8), generator=gens
+    )
     assert torch.equal(x, y) and torch.isfinite(x).all()
     images = decode_latents(tiny_pipeline.vae, x)
     assert images.shape == (3, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
@@ -113,6 +118,8 @@ def test_exported_adapter_loads_in_stock_diffusers_and_reproduces_outputs(tiny_c
     fresh.load_lora_weights(str(out))  # the stock diffusers call a user makes
     loaded = predict_velocity(fresh.transformer, x, t, emb)
     assert (loaded - base).abs().max() > 1e-3  # the adapter changes outputs ...
-    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-6)  # ... to the trained model's, alpha kept
+    torch.testing.assert_close(
+        loaded, trained, rtol=1e-5, atol=1e-6
+    )  # ... to the trained model's, alpha kept
     with pytest.raises(MarbleError, match="not found"):
         lora.load_adapter_into_pipeline(fresh, tmp_path / "nothing")

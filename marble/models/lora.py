@@ -97,7 +97,10 @@ def _diffusers_layers(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def export_adapter(
-    model: PeftModel, out_dir: str | Path, adapter_name: str = "default", state_dict: dict[str, Tensor] | None = None
+    model: PeftModel,
+    out_dir: str | Path,
+    adapter_name: str = "default",
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` that stock `pipe.load_lora_weights(out_dir)` loads.
 
@@ -138,4 +141,6 @@ def load_adapter_into_pipeline(pipe, adapter_dir: str | Path, adapter_name: str 
     pipe.load_lora_weights(str(adapter_dir), adapter_name=adapter_name)
     attached = any(adapter_name in getattr(m, "lora_A", {}) for m in pipe.transformer.modules())
     if not attached:
-        raise MarbleError(f"{adapter_dir}: load_lora_weights attached no LoRA layer (keys not in diffusers format?)")
+        raise MarbleError(
+            f"{adapter_dir}: load_lora_weights attached no LoRA layer (keys not in diffusers format?)"
+        )

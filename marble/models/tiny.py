@@ -10,6 +10,7 @@ that base samples already look like shapes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,10 +54,37 @@ def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
     if (target / BUILD_INFO).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root / f".{target.name}.lock"):
+        if (target / BUILD_INFO).is_file():  # another process finished it while we waited
+            return target
+        return _build_into(tiny, target, model_cfg.max_sequence_length)
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """An exclusive advisory lock so concurrent builders wait instead of building twice (POSIX only).
+
+    Correctness does not depend on it: the rename below is atomic and the first complete build wins.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, concurrent builders just duplicate work
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_into(tiny: TinyModelConfig, target: Path, max_sequence_length: int) -> Path:
+    root = target.parent
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
     try:
         log.info("building the tiny SD3 model into %s (once; cached by config hash)", target)
-        stats = build_tiny_pipeline(tiny, tmp, model_cfg.max_sequence_length)
+        stats = build_tiny_pipeline(tiny, tmp, max_sequence_length)
         (tmp / BUILD_INFO).write_text(json.dumps(stats, indent=2))
         try:
             os.replace(tmp, target)
@@ -88,7 +116,9 @@ def build_tokenizers(vocab_size: int):
         vocab.setdefault(tok, len(vocab))
     clip = CLIPTokenizer(vocab=vocab, merges=[]).train_new_from_iterator(corpus, vocab_size=vocab_size)
     chars = sorted(set("".join(corpus)))
-    t5_seed = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((c, 0.0) for c in chars)], extra_ids=0)
+    t5_seed = T5Tokenizer(
+        vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((c, 0.0) for c in chars)], extra_ids=0
+    )
     t5 = t5_seed.train_new_from_iterator(corpus, vocab_size=vocab_size)
     clip.model_max_length = 77  # CLIP's position limit; SD3 pads CLIP prompts to it
     t5.model_max_length = 512
@@ -120,11 +150,19 @@ def build_transformer(tiny: TinyModelConfig):
 
     inner = tiny.num_attention_heads * tiny.attention_head_dim
     return SD3Transformer2DModel(
-        sample_size=tiny.resolution // 8, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=tiny.num_layers,
-        attention_head_dim=tiny.attention_head_dim, num_attention_heads=tiny.num_attention_heads,
-        joint_attention_dim=tiny.text_hidden_size, caption_projection_dim=inner,
-        pooled_projection_dim=2 * tiny.text_hidden_size, out_channels=LATENT_CHANNELS, pos_embed_max_size=96,
-        dual_attention_layers=(0,), qk_norm="rms_norm",
+        sample_size=tiny.resolution // 8,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_layers=tiny.num_layers,
+        attention_head_dim=tiny.attention_head_dim,
+        num_attention_heads=tiny.num_attention_heads,
+        joint_attention_dim=tiny.text_hidden_size,
+        caption_projection_dim=inner,
+        pooled_projection_dim=2 * tiny.text_hidden_size,
+        out_channels=LATENT_CHANNELS,
+        pos_embed_max_size=96,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
     )  # fmt: skip  (SD3.5-Medium features: dual attention in block 0, RMS qk-norm)
 
 
@@ -140,10 +178,13 @@ def build_vae():
 
 @torch.no_grad()
 def decoded_brightness_std(vae, resolution: int, generator: torch.Generator, n: int = 32) -> float:
-    """Std across samples of the mean brightness of images decoded from random latents (signal check)."""
-    h = resolution // 8
-    z = torch.randn((n, LATENT_CHANNELS, h, h), generator=generator)
-    return float((vae.decode(z).sample / 2 + 0.5).clamp(0, 1).mean(dim=(1, 2, 3)).std())
+    """Std across images of the mean brightness of VAE reconstructions of `n` synthetic images.
+
+    The rendered images themselves vary (std ~0.11); a decoder that ignores its latents gives ~0.
+    """
+    x = render_batch([None] * n, resolution, generator) * 2 - 1
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return float((rec / 2 + 0.5).clamp(0, 1).mean(dim=(1, 2, 3)).std())
 
 
 def train_vae(vae, tiny: TinyModelConfig, generator: torch.Generator) -> list[float]:
@@ -151,7 +192,9 @@ def train_vae(vae, tiny: TinyModelConfig, generator: torch.Generator) -> list[fl
     opt = torch.optim.AdamW(vae.parameters(), lr=tiny.vae_lr)
     vae.train()
     losses = []
-    for _ in tqdm(range(tiny.vae_train_steps), desc="tiny VAE", leave=False, disable=tiny.vae_train_steps == 0):
+    for _ in tqdm(
+        range(tiny.vae_train_steps), desc="tiny VAE", leave=False, disable=tiny.vae_train_steps == 0
+    ):
         x = render_batch([None] * tiny.vae_batch_size, tiny.resolution, generator) * 2 - 1  # [B, 3, H, W]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator)).sample
@@ -172,7 +215,9 @@ def set_latent_scaling(vae, tiny: TinyModelConfig, generator: torch.Generator) -
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std().clamp_min(1e-6)))
 
 
-def pretrain_transformer(pipe, tiny: TinyModelConfig, max_sequence_length: int, generator: torch.Generator) -> list[float]:
+def pretrain_transformer(
+    pipe, tiny: TinyModelConfig, max_sequence_length: int, generator: torch.Generator
+) -> list[float]:
     """Flow matching (x_t = (1-t) x0 + t ε, target ε − x0) on latents of rendered tiny-world prompts."""
     from marble.models.sampling import encode_images, predict_velocity
     from marble.models.text import encode_prompts
@@ -220,7 +265,9 @@ def build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_lengt
         text_encoder=te1.eval(), tokenizer=clip_tok, text_encoder_2=te2.eval(), tokenizer_2=clip_tok,
         text_encoder_3=te3.eval(), tokenizer_3=t5_tok,
     )  # fmt: skip
-    pretrain_losses = pretrain_transformer(pipe, tiny, max_sequence_length, generator) if tiny.pretrain_steps else []
+    pretrain_losses = (
+        pretrain_transformer(pipe, tiny, max_sequence_length, generator) if tiny.pretrain_steps else []
+    )
     for module in (pipe.transformer, pipe.vae, te1, te2, te3):
         module.eval()  # STACK-NOTES: built-from-config models are in train mode (T5 dropout!)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
@@ -235,5 +282,10 @@ def build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_lengt
         "vae_scaling_factor": vae.config.scaling_factor,
         "vae_shift_factor": vae.config.shift_factor,
     }
-    log.info("tiny model built in %.1fs: decoded brightness std %.4f -> %.4f", stats["seconds"], std_before, std_after)
+    log.info(
+        "tiny model built in %.1fs: decoded brightness std %.4f -> %.4f",
+        stats["seconds"],
+        std_before,
+        std_after,
+    )
     return stats

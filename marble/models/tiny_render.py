@@ -101,7 +101,9 @@ def render_prompt(prompt: str | None, resolution: int, generator: torch.Generato
     return image
 
 
-def _draw_sign(image: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, generator: torch.Generator, top: float) -> None:
+def _draw_sign(
+    image: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, generator: torch.Generator, top: float
+) -> None:
     """A light panel with 1-2 lines of dark vertical strokes, in place."""
     panel = (yy > top) & (yy < 0.85) & (xx.abs() < 0.8)  # [H, W]
     image[:, panel] = torch.tensor([0.95, 0.95, 0.92]).view(3, 1)
