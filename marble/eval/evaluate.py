@@ -154,26 +154,28 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def load_adapter(pipe, adapter_dir: Path) -> None:
-    """`pipe.load_lora_weights(adapter_dir)`, refusing a load that attached nothing (STACK-NOTES trap)."""
+    """Stock `pipe.load_lora_weights(adapter_dir)` through the models package, which refuses a load
+    that attached nothing (STACK-NOTES: a PEFT-format directory silently loads no weights)."""
+    from marble.models.lora import load_adapter_into_pipeline
+
     if not (adapter_dir / ADAPTER_FILE).is_file():
         raise CheckpointError(
             f"{adapter_dir}: no {ADAPTER_FILE}; expected a directory written by the train stage"
         )
-    pipe.load_lora_weights(str(adapter_dir), adapter_name=ADAPTER_NAME)
-    loaded = getattr(pipe.transformer, "peft_config", {}) or {}
-    if ADAPTER_NAME not in loaded:
-        raise CheckpointError(
-            f"{adapter_dir / ADAPTER_FILE}: load_lora_weights attached no LoRA layer to the transformer "
-            "(keys not in diffusers format?); re-export it with marble.models.lora.export_adapter"
-        )
+    load_adapter_into_pipeline(pipe, adapter_dir, ADAPTER_NAME)
     pipe.set_adapters([ADAPTER_NAME], adapter_weights=[1.0])
 
 
-def sample_both(cfg: MarbleConfig, adapter_dir: Path, jobs: list[dict[str, Any]], device: str):
-    """Base images, then adapter images, from one pipeline load: ([N,3,H,W], [N,3,H,W], sampling info)."""
+def sample_both(
+    cfg: MarbleConfig, adapter_dir: Path, jobs: list[dict[str, Any]], device: str, cache: Path | None = None
+):
+    """Base images, then adapter images, from one pipeline load: ([N,3,H,W], [N,3,H,W], sampling info).
+
+    `cache` is the reward cache directory: the cache stage snapshots the base model there too.
+    """
     from marble.models.loading import load_pipeline
 
-    pipe = load_pipeline(cfg.model, device=device)
+    pipe = load_pipeline(cfg.model, device=device, cache_dir=cache)
     pipe.set_progress_bar_config(disable=True)
     solver = pin_euler_solver(pipe)
     res = cfg.eval_resolution
@@ -403,7 +405,7 @@ def run_evaluation(
     log.info(
         "evaluating %d images (%d prompts) on %s", len(jobs), len({j["prompt_id"] for j in jobs}), device
     )
-    base_img, adapter_img, sampling = sample_both(cfg, adapter_dir, jobs, device)
+    base_img, adapter_img, sampling = sample_both(cfg, adapter_dir, jobs, device, reward_cache)
     base_scores = score_images(cfg, base_img, jobs, device, reward_cache)  # [N, K]
     adapter_scores = score_images(cfg, adapter_img, jobs, device, reward_cache)  # [N, K]
     base_mon, adapter_mon = monitor_images(base_img), monitor_images(adapter_img)

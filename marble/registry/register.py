@@ -281,14 +281,18 @@ def load_registered_pipeline(
     *,
     device: str = "cpu",
     dst: Path | None = None,
+    model_cache: Path | None = None,
 ):
     """A stock diffusers SD3 pipeline (the configured base) with the `alias` adapter loaded.
 
-    Uses only `load_pipeline` + diffusers' own `pipe.load_lora_weights`, as a serving user would.
+    Uses only `load_pipeline` + diffusers' own `pipe.load_lora_weights` (through the models package's
+    check that the load attached LoRA layers), as a serving user would. `model_cache` is a reward cache
+    directory holding the base model snapshot, if any.
     """
     from marble.models.loading import load_pipeline
+    from marble.models.lora import load_adapter_into_pipeline
 
     adapter, version = fetch_adapter(cfg, registry_dir, alias, dst)
-    pipe = load_pipeline(cfg.model, device=device)
-    pipe.load_lora_weights(str(adapter), adapter_name=f"marble_v{version.version}")
+    pipe = load_pipeline(cfg.model, device=device, cache_dir=model_cache)
+    load_adapter_into_pipeline(pipe, adapter, adapter_name=f"marble_v{version.version}")
     return pipe
