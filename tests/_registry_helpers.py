@@ -15,9 +15,11 @@ def make_adapter(root: Path, payload: bytes) -> Path:
     return d
 
 
-def make_eval(root: Path, adapter: Path, means: dict[str, float], *, improve=True, dark_shift=0.1) -> Path:
+def make_eval(
+    root: Path, adapter: Path, means: dict[str, float], *, improve=True, dark_shift=0.1, protocol="p1"
+) -> Path:
     """A hand-made evaluation of `adapter`: trained rewards at `means`, improving significantly or not."""
-    d = root / f"eval-{adapter.name}-{improve}-{dark_shift}"
+    d = root / f"eval-{adapter.name}-{improve}-{dark_shift}-{protocol}"
     d.mkdir(parents=True)
     lo = 0.01 if improve else -0.05
     rewards = {
@@ -31,7 +33,12 @@ def make_eval(root: Path, adapter: Path, means: dict[str, float], *, improve=Tru
         for name, m in means.items()
     }
     summary = {
-        "lineage": {"adapter_sha256": adapter_sha256(adapter), "config_hash": "c0ffee", "data_hash": "da7a"},
+        "lineage": {
+            "adapter_sha256": adapter_sha256(adapter),
+            "config_hash": "c0ffee",
+            "data_hash": "da7a",
+            "eval_protocol": protocol,
+        },
         "rewards": rewards,
         "monitors": {"dark_fraction": {"relative_shift": dark_shift}},
     }

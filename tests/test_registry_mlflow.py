@@ -153,3 +153,23 @@ def test_a_sqlite_uri_elsewhere_keeps_artifacts_beside_it(cfg, blank_db, tmp_pat
     assert rec["source"].startswith((tmp_path / "volume" / "mlartifacts").as_uri())
     assert (tmp_path / "run-1-registration" / "registration.json").is_file()
     assert not (tmp_path / "run-1-registration" / "mlflow.db").exists()
+
+
+def test_a_champion_measured_under_another_protocol_is_not_compared(cfg, blank_db, tmp_path, monkeypatch):
+    monkeypatch.setenv("MARBLE_RUN_ID", "r")
+    store = seeded_store(blank_db, tmp_path / "registry" / "mlflow.db")
+    champ = make_adapter(tmp_path, b"champ")
+    assert register_adapter(
+        cfg, champ, make_eval(tmp_path, champ, {"brightness": 0.6, "colorfulness": 0.3}), store
+    )["gate_passed"]
+    # dominated numbers, but measured on other data / seeds (protocol p2): not comparable with the
+    # champion's, so the Pareto check is skipped and says why; under the same protocol they are refused
+    new = make_adapter(tmp_path, b"new")
+    p2 = register_adapter(
+        cfg, new, make_eval(tmp_path, new, {"brightness": 0.5, "colorfulness": 0.3}, protocol="p2"), store
+    )
+    pareto = next(c for c in p2["gate"]["checks"] if c["rule"] == "pareto")
+    assert (
+        p2["gate_passed"] and "not comparable" in pareto["detail"] and p2["champion"] == p2["version"] == "2"
+    )
+    assert open_registry(cfg, store).get_alias("champion").tags["marble.eval_protocol"] == "p2"

@@ -93,7 +93,7 @@ def _pareto_check(
     trained: Mapping[str, Mapping[str, Any]], champion: Mapping[str, float] | None, champion_label: str
 ) -> GateCheck:
     if not champion:
-        return GateCheck("pareto", "*", True, "no champion yet")
+        return GateCheck("pareto", "*", True, champion_label or "no champion yet")
     names = [n for n in trained if n in champion and math.isfinite(float(champion[n]))]
     if not names:
         return GateCheck("pareto", "*", True, f"champion {champion_label} shares no trained reward; skipped")
@@ -116,7 +116,8 @@ def evaluate_gate(
 
     `summary["rewards"][name]` holds `held_out`, `base_std`, `adapter.mean` and `delta.{mean, ci_lo,
     ci_hi, n}`; `summary["monitors"][name]` holds `relative_shift`. `champion` maps reward name -> the
-    champion's adapter mean (None: no champion yet).
+    champion's adapter mean (None: no champion yet, or none measured comparably; `champion_label`
+    then says which).
     """
     rewards: Mapping[str, Mapping[str, Any]] = summary["rewards"]
     trained = {n: s for n, s in rewards.items() if not s["held_out"]}

@@ -106,11 +106,34 @@ def _manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def eval_protocol_hash(cfg: MarbleConfig, data: dict[str, Any]) -> str:
+    """Identity of HOW an adapter was measured: base model, held-out data, sampling settings, seeds
+    and reward definitions (not the adapter, the training or the gate). Two evaluations are comparable
+    (for the champion Pareto check) only when this matches."""
+    e = cfg.eval
+    blob = {
+        "base": [cfg.model.pretrained, cfg.model.revision, cfg.model.dtype, cfg.model.max_sequence_length],
+        "data": [data.get("data_hash"), data.get("test_jsonl_sha256")],
+        "eval": [
+            e.num_steps,
+            e.guidance_scale,
+            cfg.eval_resolution,
+            e.num_prompts,
+            e.images_per_prompt,
+            e.seed,
+        ],
+        "rewards": [r.model_dump(mode="json", exclude={"batch_size", "device"}) for r in cfg.rewards],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def collect_lineage(
     cfg: MarbleConfig, prompts_dir: Path, adapter_dir: Path, reward_cache: Path | None
 ) -> dict[str, Any]:
     """Everything `eval.json["lineage"]` records."""
+    data = data_lineage(prompts_dir)
     return {
+        "eval_protocol": eval_protocol_hash(cfg, data),
         "run_name": cfg.run_name,
         "git_commit": git_commit(),
         "config_hash": cfg.config_hash(),
@@ -118,6 +141,6 @@ def collect_lineage(
         "base_model_revision": cfg.model.revision,
         "adapter_dir": str(adapter_dir),
         "adapter_sha256": adapter_sha256(adapter_dir),
-        **data_lineage(prompts_dir),
+        **data,
         "reward_models": reward_lineage(cfg, reward_cache),
     }

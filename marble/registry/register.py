@@ -46,6 +46,7 @@ from marble.registry.base import (
 log = logging.getLogger(__name__)
 
 RUN_ID_ENV = "MARBLE_RUN_ID"
+TAG_PROTOCOL = "marble.eval_protocol"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 RECORD_FILE = "registration.json"
 EVAL_FILES = ("eval.json", "metrics.json", "report.md", "report.html")
@@ -90,6 +91,7 @@ def _tags(summary: dict[str, Any], metrics: dict[str, Any], sha: str, rid: str) 
         "marble.run_name": str(lin.get("run_name")),
         "marble.git_commit": str(lin.get("git_commit")),
         "marble.config_hash": str(lin.get("config_hash")),
+        TAG_PROTOCOL: str(lin.get("eval_protocol")),
         "marble.data_hash": str(lin.get("data_hash")),
         "marble.test_jsonl_sha256": str(lin.get("test_jsonl_sha256")),
         "marble.base_model": str(lin.get("base_model")),
@@ -144,12 +146,7 @@ def _register_locked(
         return _record(registry, v, key, created=False, champion_before=None, gate=None)
 
     champion = registry.get_alias(CHAMPION)
-    gate = evaluate_gate(
-        summary,
-        cfg.eval.gate,
-        champion=champion.reward_means() if champion else None,
-        champion_label=f"version {champion.version}" if champion else "",
-    )
+    gate = evaluate_gate(summary, cfg.eval.gate, **_champion_for_gate(summary, champion))
     tags = _tags(summary, metrics, sha, rid)
     tags[TAG_GATE] = "passed" if gate.passed else "failed"
     tags[TAG_GATE_SUMMARY] = gate.summary()
@@ -214,6 +211,24 @@ def composite_with_champion(
     z = composite_zscores(table)  # [3]
     labels = ["base", f"champion v{champion.version}", "this adapter"]
     return {"rewards": names, "scores": dict(zip(labels, z.tolist(), strict=True))}
+
+
+def _champion_for_gate(summary: dict[str, Any], champion: RegisteredVersion | None) -> dict[str, Any]:
+    """The champion's per-reward means, only if it was measured the same way (same eval protocol:
+    data, sampling, seeds, rewards). Numbers from another protocol are not comparable; the Pareto
+    check is then skipped and says why (re-evaluate the champion under the new protocol to compare)."""
+    if champion is None:
+        return {"champion": None, "champion_label": ""}
+    mine = summary.get("lineage", {}).get("eval_protocol")
+    theirs = champion.tags.get(TAG_PROTOCOL)
+    if mine != theirs:
+        note = (
+            f"champion version {champion.version} was evaluated under eval protocol {theirs}, this adapter "
+            f"under {mine}: not comparable, Pareto check skipped"
+        )
+        log.warning(note)
+        return {"champion": None, "champion_label": note}
+    return {"champion": champion.reward_means(), "champion_label": f"version {champion.version}"}
 
 
 def _record(
