@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +142,22 @@ def test_grid_takes_families_in_turn():
     ]
     assert grid_indices(jobs, 3) == [0, 2, 6]
     assert grid_indices(jobs, 10) == [0, 2, 6, 4]
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+    reason="no headless Chromium",
+)
+def test_report_html_renders_in_a_browser(report, tmp_path):
+    # Offline rendering of the self-contained HTML: a screenshot much larger than a blank page means
+    # the tables and the embedded plots were drawn (a blank 1200x2400 page compresses to a few KB).
+    out, _, _ = report
+    browser = next(b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b))
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={shot}",
+         "--window-size=1200,2400", (out / "report.html").as_uri()],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 100_000
