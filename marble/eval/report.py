@@ -72,12 +72,11 @@ def plot_rewards(summary: dict[str, Any], path: Path) -> Path:
                 0.5, 0.5, "not applicable\nto any prompt", ha="center", va="center", transform=ax.transAxes
             )
         else:
-            errs = np.array([_err(r["base"]), _err(r["adapter"])]).T  # [2, 2]
-            ax.bar([0, 1], means, yerr=errs, capsize=6, color=[BASE_COLOR, ADAPTER_COLOR], width=0.6)
-            lo = min(r["base"]["ci_lo"], r["adapter"]["ci_lo"])
-            hi = max(r["base"]["ci_hi"], r["adapter"]["ci_hi"])
-            pad = 0.25 * (hi - lo) if hi > lo else 0.1 * max(abs(hi), 1e-3)
-            ax.set_ylim(lo - pad, hi + pad)
+            # points with intervals, not bars: reward scales need not include 0 (JPEG size is negative)
+            for x, model, color in ((0, "base", BASE_COLOR), (1, "adapter", ADAPTER_COLOR)):
+                err = np.array(_err(r[model])).reshape(2, 1)  # [2, 1]
+                ax.errorbar([x], [r[model]["mean"]], yerr=err, fmt="o", ms=9, capsize=8, color=color, lw=2)
+            ax.set_xlim(-0.6, 1.6)
         ax.set_xticks([0, 1], ["base", "adapter"])
         tag = " (held out)" if r["held_out"] else ""
         ax.set_title(
@@ -104,7 +103,9 @@ def plot_deltas(summary: dict[str, Any], path: Path) -> Path:
         color = "#2ca02c" if lo > 0 else "#d62728" if hi < 0 else BASE_COLOR
         ax.barh(i, m, color=color, alpha=0.85, height=0.6)
         ax.errorbar(m, i, xerr=[[m - lo], [hi - m]], fmt="none", ecolor="black", capsize=4)
-        ax.text(max(hi, 0) + 0.02, i, f" win {r['win_rate']:.0%}", va="center", fontsize=8)
+        ax.annotate(
+            f"win {r['win_rate']:.0%}", (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=8
+        )
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(
         range(len(names)), [f"{n} (held out)" if summary["rewards"][n]["held_out"] else n for n in names]
