@@ -173,6 +173,7 @@ def build_vae():
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 16, 16), latent_channels=LATENT_CHANNELS,
         norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.0, shift_factor=0.0,  # measured after training (set_latent_scaling)
     )  # fmt: skip
 
 
@@ -185,6 +186,20 @@ def decoded_brightness_std(vae, resolution: int, generator: torch.Generator, n: 
     x = render_batch([None] * n, resolution, generator) * 2 - 1
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample
     return float((rec / 2 + 0.5).clamp(0, 1).mean(dim=(1, 2, 3)).std())
+
+
+@torch.no_grad()
+def random_latent_brightness_std(vae, resolution: int, generator: torch.Generator, n: int = 32) -> float:
+    """Std across images of the mean brightness of images decoded from unit-Gaussian latents.
+
+    What a pixel reward sees from an untrained policy: latents go through the SD3 scaling/shift first,
+    as rollouts' do (STACK-NOTES: a random decoder gives ~0.002).
+    """
+    from marble.models.sampling import decode_latents
+
+    h = resolution // 8
+    z = torch.randn((n, LATENT_CHANNELS, h, h), generator=generator)  # [n, C, h, h]
+    return float(decode_latents(vae, z).mean(dim=(1, 2, 3)).std())
 
 
 def train_vae(vae, tiny: TinyModelConfig, generator: torch.Generator) -> list[float]:
@@ -257,9 +272,11 @@ def build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_lengt
     te1, te2, te3 = build_text_encoders(tiny, clip_tok, t5_tok)
     vae = build_vae()
     std_before = decoded_brightness_std(vae, tiny.resolution, torch.Generator().manual_seed(1))
+    random_before = random_latent_brightness_std(vae, tiny.resolution, torch.Generator().manual_seed(2))
     vae_losses = train_vae(vae, tiny, generator)
     set_latent_scaling(vae, tiny, generator)
     std_after = decoded_brightness_std(vae, tiny.resolution, torch.Generator().manual_seed(1))
+    random_after = random_latent_brightness_std(vae, tiny.resolution, torch.Generator().manual_seed(2))
     pipe = StableDiffusion3Pipeline(
         transformer=build_transformer(tiny), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=te1.eval(), tokenizer=clip_tok, text_encoder_2=te2.eval(), tokenizer_2=clip_tok,
@@ -277,15 +294,20 @@ def build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_lengt
         "seconds": round(time.perf_counter() - t0, 2),
         "decoded_brightness_std_untrained_vae": std_before,
         "decoded_brightness_std_trained_vae": std_after,
+        "random_latent_brightness_std_untrained_vae": random_before,
+        "random_latent_brightness_std_trained_vae": random_after,
         "vae_loss_first_last": [vae_losses[0], vae_losses[-1]] if vae_losses else None,
         "pretrain_loss_first_last": [pretrain_losses[0], pretrain_losses[-1]] if pretrain_losses else None,
         "vae_scaling_factor": vae.config.scaling_factor,
         "vae_shift_factor": vae.config.shift_factor,
     }
     log.info(
-        "tiny model built in %.1fs: decoded brightness std %.4f -> %.4f",
+        "tiny model built in %.1fs: brightness std across images, reconstructions %.4f -> %.4f, "
+        "random latents %.4f -> %.4f (untrained -> trained VAE)",
         stats["seconds"],
         std_before,
         std_after,
+        random_before,
+        random_after,
     )
     return stats
