@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing $(TORCH_SPEC) (CPU build unless TORCH_SPEC says otherwise)"
-	@$(BIN)/pip install $(PIP_FLAGS) "$(TORCH_SPEC)" numpy 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/pip install $(PIP_FLAGS) $(TORCH_SPEC) numpy 2>&1 | grep -v "^WARNING: Location" || true
 	@$(BIN)/python -c "import torch" || { echo "[setup] torch failed to install" >&2; exit 1; }
 	@echo "[setup] installing marble with its dev and mlflow extras"
 	@$(BIN)/pip install $(PIP_FLAGS) -e ".[dev,mlflow]" 2>&1 | grep -v "^WARNING: Location" || true
