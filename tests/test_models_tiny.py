@@ -1,0 +1,84 @@
+"""The tiny-model cache: keyed by config, built once, atomic against concurrent builders (no real build here)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from marble.config import ModelConfig, TinyModelConfig
+from marble.models import tiny
+
+
+def _fake_build(calls: list, delay: float = 0.0):
+    def build(tiny_cfg, out_dir, max_sequence_length):
+        calls.append(out_dir)
+        time.sleep(delay)
+        (out_dir / "model_index.json").write_text("{}")
+        return {"fake": True}
+
+    return build
+
+
+def test_key_depends_on_the_tiny_config_and_build_version(monkeypatch):
+    base = tiny.tiny_model_key(TinyModelConfig(), 32)
+    assert base == tiny.tiny_model_key(TinyModelConfig(), 32)
+    assert base != tiny.tiny_model_key(TinyModelConfig(vae_train_steps=1), 32)
+    monkeypatch.setattr(tiny, "BUILD_VERSION", tiny.BUILD_VERSION + 1)
+    assert base != tiny.tiny_model_key(TinyModelConfig(), 32)
+
+
+def test_second_call_hits_the_cache(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", _fake_build(calls))
+    cfg = ModelConfig(cache_dir=str(tmp_path))
+    first = tiny.ensure_tiny_model(cfg)
+    assert first.parent == tmp_path and first.name.startswith("tiny-")
+    assert json.loads((first / tiny.BUILD_INFO).read_text()) == {"fake": True}
+    assert tiny.ensure_tiny_model(cfg) == first and len(calls) == 1
+    # nothing half-built is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [first.name]
+
+
+def test_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny.ensure_tiny_model(ModelConfig(cache_dir=str(tmp_path)))
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_concurrent_builders_build_once(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", _fake_build(calls, delay=0.3))
+    cfg = ModelConfig(cache_dir=str(tmp_path))
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(tiny.ensure_tiny_model(cfg))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results) == 3
+    assert len(calls) == 1  # the others waited on the lock, then found the finished build
+
+
+def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
+    """Without the lock (e.g. no fcntl), a second complete build must not replace or corrupt the first."""
+    cfg = ModelConfig(cache_dir=str(tmp_path))
+    target = tmp_path / f"tiny-{tiny.tiny_model_key(cfg.tiny, cfg.max_sequence_length)}"
+
+    def build_while_another_wins(tiny_cfg, out_dir, max_sequence_length):
+        target.mkdir()
+        (target / "winner").write_text("1")
+        (target / tiny.BUILD_INFO).write_text("{}")
+        (out_dir / "loser").write_text("1")
+        return {}
+
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", build_while_another_wins)
+    assert tiny.ensure_tiny_model(cfg) == target
+    assert (target / "winner").is_file() and not (target / "loser").exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [target.name]
