@@ -204,31 +204,56 @@ def read_train_summary(train_dir: Path | None) -> list[list[str]]:
     ]
 
 
+def _series(records: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r["step"], r[key]) for r in records if "step" in r and _finite(r.get(key))]
+    if not pts:
+        return np.empty(0), np.empty(0)
+    s, v = zip(*pts, strict=True)
+    return np.asarray(s, dtype=float), np.asarray(v, dtype=float)
+
+
+def _rolling(v: np.ndarray, window: int = 5) -> np.ndarray:
+    """Trailing mean over `window` points (shorter at the start): batch means are noisy."""
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, v.size + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def _keys(records: list[dict[str, Any]], prefix: str) -> list[str]:
+    return sorted({k for r in records for k, v in r.items() if k.startswith(prefix) and _finite(v)})
+
+
 def plot_training(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training curves: mean reward per trained reward, the balancer's α, and the losses."""
-    groups = [
-        ("train/reward/", "reward (batch mean)"),
-        ("balance/alpha/", "α (balancer weight)"),
-        ("loss/", "loss"),
+    """Training curves: one panel per trained reward (own scale: a +0.02 brightness gain is invisible
+    beside a reward on another scale), then the balancer's α and the losses."""
+    rewards = _keys(records, "train/reward/")
+    others = [
+        (p, t, k)
+        for p, t in (("balance/alpha/", "α (balancer weight)"), ("loss/", "loss"))
+        if (k := _keys(records, p))
     ]
-    panels = []
-    for prefix, label in groups:
-        keys = sorted({k for r in records for k, v in r.items() if k.startswith(prefix) and _finite(v)})
-        if keys:
-            panels.append((prefix, label, keys))
-    if not panels:
+    if not rewards and not others:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.2), squeeze=False)
-    for ax, (prefix, label, keys) in zip(axes[0], panels, strict=True):
+    cols = max(len(rewards), len(others), 1)
+    rows = int(bool(rewards)) + int(bool(others))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.7 * rows), squeeze=False)
+    for ax, key in zip(axes[0], rewards, strict=False):
+        s, v = _series(records, key)
+        ax.plot(s, v, lw=0.8, alpha=0.4, color=ADAPTER_COLOR)
+        ax.plot(s, _rolling(v), lw=1.8, color=ADAPTER_COLOR)
+        ax.set_title(f"{key.removeprefix('train/reward/')} (batch mean)", fontsize=9)
+    for ax, (prefix, title, keys) in zip(axes[-1], others, strict=False):
         for k in keys:
-            pts = [(r["step"], r[k]) for r in records if _finite(r.get(k)) and "step" in r]
-            if pts:
-                s, v = zip(*pts, strict=True)
-                ax.plot(s, v, lw=1.2, label=k[len(prefix) :])
-        ax.set_xlabel("optimizer step")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
+            ax.plot(*_series(records, k), lw=1.2, label=k.removeprefix(prefix))
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
+    for ax in axes.flat:
+        if ax.has_data():
+            ax.set_xlabel("optimizer step", fontsize=8)
+            ax.grid(alpha=0.3)
+        else:
+            ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
 
