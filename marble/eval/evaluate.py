@@ -217,8 +217,16 @@ SCORE_CHUNK = 256
 """Images converted to float and scored at a time (each reward batches further by its batch_size)."""
 
 
-def score_images(cfg: MarbleConfig, images: torch.Tensor, jobs: list[dict], device: str, cache: Path | None):
-    """Every reward's scores of uint8 images: [N, K] float64 (columns in config order; NaN = n/a)."""
+def score_both(
+    cfg: MarbleConfig,
+    base: torch.Tensor,
+    adapted: torch.Tensor,
+    jobs: list[dict],
+    device: str,
+    cache: Path | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every reward's scores of both uint8 image sets: ([N, K], [N, K]) float64, columns in config
+    order, NaN = does not apply. Reward weights are loaded once for both."""
     from marble.rewards.registry import build_rewards, score_all
 
     rewards = build_rewards(cfg.rewards)
@@ -226,11 +234,17 @@ def score_images(cfg: MarbleConfig, images: torch.Tensor, jobs: list[dict], devi
         r.setup(device, cache_dir=cache)
     prompts = [j["prompt"] for j in jobs]
     meta = [j["metadata"] for j in jobs]
-    out = []
-    for a in range(0, len(jobs), SCORE_CHUNK):
-        sl = slice(a, a + SCORE_CHUNK)
-        out.append(score_all(rewards, to_float(images[sl]).to(device), prompts[sl], meta[sl]).cpu())  # [n, K]
-    return torch.cat(out).numpy()  # [N, K]
+
+    def score(images: torch.Tensor) -> np.ndarray:
+        out = []
+        for a in range(0, len(jobs), SCORE_CHUNK):
+            sl = slice(a, a + SCORE_CHUNK)
+            out.append(
+                score_all(rewards, to_float(images[sl]).to(device), prompts[sl], meta[sl]).cpu()
+            )  # [n, K]
+        return torch.cat(out).numpy()  # [N, K]
+
+    return score(base), score(adapted)
 
 
 def monitor_images(images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -406,8 +420,9 @@ def run_evaluation(
         "evaluating %d images (%d prompts) on %s", len(jobs), len({j["prompt_id"] for j in jobs}), device
     )
     base_img, adapter_img, sampling = sample_both(cfg, adapter_dir, jobs, device, reward_cache)
-    base_scores = score_images(cfg, base_img, jobs, device, reward_cache)  # [N, K]
-    adapter_scores = score_images(cfg, adapter_img, jobs, device, reward_cache)  # [N, K]
+    base_scores, adapter_scores = score_both(
+        cfg, base_img, adapter_img, jobs, device, reward_cache
+    )  # [N, K] x 2
     base_mon, adapter_mon = monitor_images(base_img), monitor_images(adapter_img)
 
     summary: dict[str, Any] = {
