@@ -132,11 +132,19 @@ def test_missing_server_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_missing_token_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.delenv("TEST_MR_TOKEN", raising=False)
+    monkeypatch.delenv("KF_PIPELINES_SA_TOKEN_PATH", raising=False)
     reg = KubeflowModelRegistry(
         kf_config(tmp_path).registry, client_factory=lambda c, t: FakeModelRegistryClient()
     )
     with pytest.raises(RegistryError, match="TEST_MR_TOKEN is empty or unset"):
         reg.get_alias("champion")
+    # in a KFP pod the client reads the service-account token file itself: no token passed, no error
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "token"))
+    seen = []
+    reg = KubeflowModelRegistry(
+        kf_config(tmp_path).registry, client_factory=lambda c, t: seen.append(t) or FakeModelRegistryClient()
+    )
+    assert reg.get_alias("champion") is None and seen == [None]
 
 
 def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):

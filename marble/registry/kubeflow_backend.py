@@ -37,6 +37,8 @@ MODEL_FORMAT = ("diffusers-lora", "1")
 """(model_format_name, model_format_version) recorded on the artifact: a stock diffusers LoRA file."""
 ALIAS_PREFIX = "alias."
 ADAPTER_URI_ENV = "MARBLE_ADAPTER_URI"
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+"""Set in KFP pods: a file with the service-account token, which the model-registry client reads."""
 
 
 def version_name(key: str) -> str:
@@ -81,11 +83,14 @@ class KubeflowModelRegistry:
     def client(self) -> Any:
         if self._client is None:
             token = os.environ.get(self.cfg.token_env) or None
-            if self.cfg.is_secure and not token:
+            # Inside a KFP pod the client itself reads the service-account token file named by
+            # KF_PIPELINES_SA_TOKEN_PATH when no token is passed.
+            if self.cfg.is_secure and not token and not os.environ.get(SA_TOKEN_PATH_ENV):
                 raise RegistryError(
-                    f"registry.token_env: environment variable {self.cfg.token_env} is empty or unset; the "
-                    f"Kubeflow Model Registry at {self._where} needs a token for a secure connection "
-                    "(mount the registry token secret, or set registry.is_secure=false for a dev server)"
+                    f"registry.token_env: environment variable {self.cfg.token_env} is empty or unset (and "
+                    f"{SA_TOKEN_PATH_ENV} is not set); the Kubeflow Model Registry at {self._where} needs a "
+                    "token for a secure connection (mount the registry token secret, or set "
+                    "registry.is_secure=false for a dev server)"
                 )
             try:
                 self._client = self._factory(self.cfg, token)
