@@ -143,7 +143,7 @@ class ProgressBar:
         for k in self.reward_names:
             v = _clean(metrics.get(f"train/reward/{k}"))
             if v is not None:
-                parts[k[:10]] = f"{v:.3g}"
+                parts[k] = f"{v:.3g}"
         alphas = [_clean(metrics.get(f"balance/alpha/{k}")) for k in self.alpha_names]
         if any(a is not None for a in alphas):
             parts["α"] = "/".join("-" if a is None else f"{a:.2f}" for a in alphas)
