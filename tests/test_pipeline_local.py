@@ -148,7 +148,8 @@ def test_real_local_run_on_the_tiny_config(tmp_path):
     adapter_file = out.adapter / "pytorch_lora_weights.safetensors"
     assert adapter_file.stat().st_size > 0
     assert out.report_html.stat().st_size > 1000
-    metrics = json.loads(out.metrics.read_text())
-    assert metrics
+    assert json.loads(out.metrics.read_text())
     record = json.loads(out.registration.read_text())
-    assert record
+    evaluated = json.loads((out.evaluation / "eval.json").read_text())["lineage"]["adapter_sha256"]
+    # The registry key starts with the sha256 of the adapter that evaluate scored: the trained one.
+    assert record["key"].startswith(evaluated + ":")
