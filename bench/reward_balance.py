@@ -48,15 +48,16 @@ OUT_JSON = common.RESULTS / "reward_balance.json"
 
 # ---------------------------------------------------------------------------------------- training
 def train_command(
-    preset: str, seed: int, epochs: int, prompts: Path, out: Path, extra: list[str]
+    preset: str, seed: int, epochs: int, prompts: Path, out: Path, extra: list[str], resume: bool = False
 ) -> list[str]:
-    """The `marble train` command line of one run."""
+    """The `marble train` command line of one run (`resume`: continue from its last checkpoint)."""
     k = len(common.bench_config(preset).trained_reward_names)
     sets = [
         *common.QUIET,
         *common.preset_overrides(preset, k),
         f"train.seed={seed}",
         f"train.epochs={epochs}",
+        *(["train.resume=latest"] if resume else []),
         *extra,
     ]
     cmd = [sys.executable, "-m", "marble.cli", "train", "--config", str(common.TINY_CONFIG)]
@@ -65,13 +66,15 @@ def train_command(
     return [*cmd, "--prompts", str(prompts), "--out", str(out)]
 
 
-def train_one(preset: str, seed: int, epochs: int, prompts: Path, runs_dir: Path, extra: list[str]) -> dict:
+def train_one(
+    preset: str, seed: int, epochs: int, prompts: Path, runs_dir: Path, extra: list[str], resume: bool = False
+) -> dict:
     out = runs_dir / f"{preset}-seed{seed}"
-    cmd = train_command(preset, seed, epochs, prompts, out, extra)
+    cmd = train_command(preset, seed, epochs, prompts, out, extra, resume)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with (out.parent / f"{out.name}.log").open("w") as fh:
+    with (out.parent / f"{out.name}.log").open("a" if resume else "w") as fh:
         proc = subprocess.run(cmd, cwd=common.REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -86,9 +89,8 @@ class Evaluator:
     """Base images once; then each adapter on the same prompts and noise (marble.eval.evaluate pieces)."""
 
     def __init__(self, cfg, prompts: Path, device: str = "cpu"):
-        from marble.models.loading import load_pipeline
-
         from marble.eval import evaluate as ev
+        from marble.models.loading import load_pipeline
 
         self.ev, self.cfg, self.device = ev, cfg, device
         self.jobs = ev.eval_jobs(cfg, prompts)
@@ -97,7 +99,8 @@ class Evaluator:
         self.solver = ev.pin_euler_solver(self.pipe)
         seeds = [j["seed"] for j in self.jobs]
         self.noise = ev.initial_noise(seeds, ev.latent_shape(self.pipe, cfg.eval_resolution))  # [N, C, h, w]
-        self.base = self.scores(self._images())  # [N, K]
+        self.base_images = self._images()  # [N, 3, H, W] uint8, sampled once
+        self.base = ev.score_both(cfg, self.base_images, self.base_images, self.jobs, device, None)[0]
 
     def _images(self) -> torch.Tensor:
         c = self.cfg
@@ -107,15 +110,17 @@ class Evaluator:
             max_sequence_length=c.model.max_sequence_length, batch_size=c.sampling.batch_size,
         )  # fmt: skip
 
-    def scores(self, images: torch.Tensor) -> np.ndarray:
-        return self.ev.score_images(self.cfg, images, self.jobs, self.device, None)
-
     def adapter(self, adapter_dir: Path) -> np.ndarray:
+        """Scores `[N, K]` of the adapter's images (same prompts and noise as the base)."""
         self.ev.load_adapter(self.pipe, adapter_dir)
         try:
-            return self.scores(self._images())
+            images = self._images()
         finally:
             self.pipe.delete_adapters(self.ev.ADAPTER_NAME)
+        base, scores = self.ev.score_both(self.cfg, self.base_images, images, self.jobs, self.device, None)
+        if not np.array_equal(base, self.base, equal_nan=True):
+            raise RuntimeError("base scores changed between evaluations: rewards are not deterministic")
+        return scores
 
 
 def run_stats(cfg, base: np.ndarray, adapter: np.ndarray) -> dict[str, Any]:
@@ -197,25 +202,55 @@ def run(
     presets: list[str],
     seeds: list[int],
     epochs: int,
+    max_epochs: int | None = None,
+    budget_s: float | None = None,
     workers: int = 2,
     images_per_prompt: int = 4,
     threads: int = 2,
     extra: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Train every (preset, seed) for `epochs`; then, if `max_epochs` and `budget_s` are given, extend
+    EVERY run (resuming its checkpoint) to the largest common epoch count <= max_epochs that the
+    measured cost of the first phase says fits in what is left of `budget_s` (seconds from the start
+    of this call, evaluation included). All runs always end with the same number of steps."""
     t_start = time.perf_counter()
     load_start = common.load_average()
     extra = list(extra or [])
     eval_cfg = common.bench_config("marble", [*extra, f"eval.images_per_prompt={images_per_prompt}"])
     prompts = common.prepare_prompts(eval_cfg, work)
     runs_dir = work / "reward_balance"
+    with common.pinned_threads(threads):
+        t0 = time.perf_counter()
+        evaluator = Evaluator(eval_cfg, prompts)  # base images first: their cost sizes the eval reserve
+        eval_base_s = time.perf_counter() - t0
     jobs = [(p, s) for s in seeds for p in presets]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(train_one, p, s, epochs, prompts, runs_dir, extra) for p, s in jobs]
-        trained = [f.result() for f in futures]
+    phases = []
+
+    def train_all(n_epochs: int, resume: bool) -> list[dict]:
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [
+                pool.submit(train_one, p, s, n_epochs, prompts, runs_dir, extra, resume) for p, s in jobs
+            ]
+            out = [f.result() for f in futures]
+        phases.append({"epochs": n_epochs, "resume": resume, "seconds": time.perf_counter() - t})
+        return out
+
+    trained = train_all(epochs, resume=False)
+    final_epochs = epochs
+    if max_epochs is not None and budget_s is not None and max_epochs > epochs:
+        per_epoch = phases[0]["seconds"] / epochs  # all runs, one epoch each, `workers` in parallel
+        eval_reserve = 1.3 * eval_base_s * len(jobs)  # one adapter image set costs about a base set
+        left = budget_s - (time.perf_counter() - t_start) - eval_reserve
+        extra_epochs = min(max_epochs - epochs, int(left // (1.1 * per_epoch)))
+        log.info("reward balance: %.1f s per epoch of all runs; %.0f s left -> %d more epochs", per_epoch, left,
+                 max(extra_epochs, 0))  # fmt: skip
+        if extra_epochs > 0:
+            final_epochs = epochs + extra_epochs
+            trained = train_all(final_epochs, resume=True)
     t_trained = time.perf_counter()
     load_train = common.load_average()
     with common.pinned_threads(threads):
-        evaluator = Evaluator(eval_cfg, prompts)
         runs = []
         for t in trained:
             scores = evaluator.adapter(t["dir"] / "adapter")
@@ -247,7 +282,12 @@ def run(
             "config": str(common.TINY_CONFIG.relative_to(common.REPO)),
             "presets": presets,
             "seeds": seeds,
-            "epochs": epochs,
+            "epochs": final_epochs,
+            "epochs_first_phase": epochs,
+            "max_epochs": max_epochs,
+            "budget_s": budget_s,
+            "training_phases": phases,
+            "eval_base_seconds": eval_base_s,
             "optimizer_steps": trained[0]["train_summary"].get("steps") if trained else None,
             "workers": workers,
             "worker_torch_threads": 1,
@@ -313,6 +353,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20, help="epochs = optimizer steps on configs/tiny.yaml")
+    ap.add_argument(
+        "--max-epochs", type=int, help="extend every run up to this many epochs if --budget allows"
+    )
+    ap.add_argument("--budget", type=float, help="seconds this study may take (with --max-epochs)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--presets", nargs="+", default=list(common.PRESETS))
     ap.add_argument("--workers", type=int, default=2, help="concurrent training processes (1 thread each)")
@@ -324,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     cfg = common.bench_config("marble", args.overrides)
     result = run(
-        cfg, args.work, presets=args.presets, seeds=args.seeds, epochs=args.epochs, workers=args.workers,
+        cfg, args.work, presets=args.presets, seeds=args.seeds, epochs=args.epochs,
+        max_epochs=args.max_epochs, budget_s=args.budget, workers=args.workers,
         images_per_prompt=args.images_per_prompt, threads=args.threads, extra=args.overrides,
     )  # fmt: skip
     common.write_json(args.out, result)

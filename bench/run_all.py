@@ -2,8 +2,8 @@
 
 Studies, in this order (each writes bench/results/<name>.json and .png):
 1. `balancer_overhead` (issue 3's micro-benchmark, its own defaults);
-2. `throughput` (interleaved step timing of every preset, one process, nothing else running);
-3. `alignment` (gradient cosines of every preset on the same batches);
+2. `alignment` (gradient cosines of every preset on the same batches);
+3. `throughput` (interleaved step timing of every preset, one process, nothing else running);
 4. `reward_balance` (every preset trained with `marble train`, three seeds, evaluated on held-out prompts).
 Then `bench/results/run_all.json` (wall time per study, the load average, the scale settings) and the
 section between the bench markers of README.md and bench/README.md (`bench.readme_table`).
@@ -25,15 +25,18 @@ from bench import common
 log = logging.getLogger(__name__)
 
 # Scale of the committed run (see bench/README.md for the timing that chose it).
+# reward_balance trains every run `epochs` epochs, then extends all of them (resuming) up to
+# `max_epochs` as far as the measured cost fits in what is left of BUDGET_S for the whole run.
+BUDGET_S = 22 * 60
 FULL = {
-    "throughput": {"repeats": 20},
-    "alignment": {"epochs": 4},
-    "reward_balance": {"epochs": 20, "seeds": [0, 1, 2], "images_per_prompt": 4},
+    "throughput": {"repeats": 6},
+    "alignment": {"epochs": 6},
+    "reward_balance": {"epochs": 4, "max_epochs": 40, "seeds": [0, 1, 2], "images_per_prompt": 2},
 }
 QUICK = {
-    "throughput": {"repeats": 2},
+    "throughput": {"repeats": 1},
     "alignment": {"epochs": 1},
-    "reward_balance": {"epochs": 2, "seeds": [0], "images_per_prompt": 1},
+    "reward_balance": {"epochs": 1, "max_epochs": 1, "seeds": [0], "images_per_prompt": 1},
 }
 
 
@@ -71,17 +74,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from bench import alignment, balancer_overhead, reward_balance, throughput
 
     study("balancer_overhead", lambda: balancer_overhead.main(out("balancer_overhead")))
-    thr = scale["throughput"]
-    study("throughput", lambda: throughput.main(["--repeats", str(thr["repeats"]), *out("throughput")]))
     study(
         "alignment",
         lambda: alignment.main(["--epochs", str(scale["alignment"]["epochs"]), *out("alignment")]),
     )
+    thr = scale["throughput"]
+    study("throughput", lambda: throughput.main(["--repeats", str(thr["repeats"]), *out("throughput")]))
     rb = scale["reward_balance"]
     study(
         "reward_balance",
         lambda: reward_balance.main(
-            ["--epochs", str(rb["epochs"]), "--seeds", *map(str, rb["seeds"]),
+            ["--epochs", str(rb["epochs"]), "--max-epochs", str(rb["max_epochs"]),
+             "--budget", str(BUDGET_S - (time.perf_counter() - t0)), "--seeds", *map(str, rb["seeds"]),
              "--images-per-prompt", str(rb["images_per_prompt"]), *out("reward_balance")]
         ),
     )  # fmt: skip
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **common.environment(),
         "quick": args.quick,
         "scale": scale,
+        "budget_s": BUDGET_S,
         "load_average": {"start": load_start, "end": common.load_average()},
         "study_seconds": seconds,
         "wall_seconds": time.perf_counter() - t0,

@@ -21,7 +21,7 @@ Reported per preset (medians over the measured steps):
   (`Balancer.update`) and the Gram part (the rest), per refresh and amortised per step;
 - memory, measured untimed after the timing (CPU torch has no allocator peak counter): the peak of
   live CPU tensor bytes during the first micro-step of a refresh step above those live at its start
-  (torch profiler memory timeline, a private torch API: null if it fails), and the kernel's peak-RSS
+  (torch profiler per-op memory accounting, op granularity), and the kernel's peak-RSS
   mark over one refresh step minus the RSS before it (reset through /proc/self/clear_refs; the
   allocator reuses pages freed by earlier steps, so this understates what a fresh process needs).
 
@@ -134,32 +134,19 @@ def _one_step(world: common.World, run: PresetRun, probe: MicroStepProbe) -> dic
 
 # ---------------------------------------------------------------------------------------- memory
 def _live_tensor_peak_mb(fn) -> float | None:
-    """Peak live CPU tensor memory during `fn()` above what was live at its start (MB), from the torch
-    profiler's memory timeline (private API `_memory_profile`: None if this torch lacks it)."""
+    """Peak live CPU tensor memory during `fn()` above what was live at its start (MB).
+
+    From the torch profiler's per-op memory accounting (`profile_memory=True`): each op's allocations
+    net of the frees it performed, summed in op start order. Op granularity: a transient peak inside
+    one op is not seen (a stack-based memory timeline would see it, but costs minutes per step).
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    try:
-        with profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-        ) as prof:
-            fn()
-        timeline = prof._memory_profile().timeline
-    except (AttributeError, RuntimeError, ValueError) as exc:
-        log.warning("torch profiler memory timeline unavailable (%s); tensor peak not measured", exc)
-        return None
-    sizes: dict[Any, int] = {}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
     cur = peak = 0
-    for _, action, (key, _version), size in timeline:
-        if key.device.type != "cpu" or action.name == "PREEXISTING":
-            continue
-        if action.name == "CREATE":
-            cur += size
-            sizes[key] = size
-        elif action.name == "INCREMENT_VERSION":
-            cur += size - sizes.get(key, 0)
-            sizes[key] = size
-        elif action.name == "DESTROY":
-            cur -= sizes.pop(key, size)
+    for ev in sorted(prof.events(), key=lambda e: e.time_range.start):
+        cur += ev.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak / 1e6
 
@@ -190,9 +177,9 @@ def _memory(world: common.World, run: PresetRun, probe: MicroStepProbe, state: c
     tr = world.trainer
     common.install_balancer(world, run.balancer)
     state.restore()
-    # One micro-step (the first of a refresh step: forward, Gram, QP, backward) under the profiler:
-    # profiling a whole step with stacks takes minutes; the rest of a step repeats this micro-step and
-    # adds only the accumulated .grad and AdamW's state (the same for every preset).
+    # One micro-step (the first of a refresh step: forward, Gram, QP, backward) under the profiler: the
+    # rest of a step repeats this micro-step and adds only the accumulated .grad and AdamW's state (the
+    # same for every preset), and profiling keeps the bench inside its time budget.
     mb = run.plan.micro_batch(0, 0, tr.text_cache, tr.device)
     tensor_mb = _live_tensor_peak_mb(lambda: tr.update.micro_step(mb, 0, 0).loss.backward())
     tr.optimizer.zero_grad(set_to_none=True)
@@ -274,6 +261,9 @@ def run(
         for _ in range(warmup):  # first calls pay allocation, optimizer state creation, caches
             for name in presets:
                 _one_step(world, runs[name], probe)
+        for r in runs.values():  # put a refresh of the amortised presets inside the timed window
+            if 0.0 < r.refresh_fraction < 1.0:
+                r.step = max(r.step, round(1 / r.refresh_fraction) - repeats // 2)
         state = common.TrainState(tr)
         for i in range(repeats):
             for name in common.rotated(list(presets), i):
@@ -282,9 +272,11 @@ def run(
             log.info("throughput round %d/%d done", i + 1, repeats)
         load_timed = common.load_average()
         memory_res: dict[str, dict[str, float | None]] = {}
+        t_memory = time.perf_counter()
         if memory:
             for name in presets:
                 memory_res[name] = _memory(world, runs[name], probe, state)
+        memory_seconds = time.perf_counter() - t_memory
         tr.cleanup()
     summary = {name: summarize(r) for name, r in runs.items()}
     base = summary.get("weighted_sum")
@@ -321,12 +313,14 @@ def run(
             "rewards_trained": tr.reward_names,
             "memory_method": {
                 "peak_tensor_mb": "peak live CPU tensor bytes during the first micro-step of a refresh step "
-                "(forward, Gram, QP, backward) above those live at its start (torch profiler memory timeline)",
+                "(forward, Gram, QP, backward) above those live at its start (torch profiler per-op memory "
+                "accounting, summed in op order; op granularity)",
                 "peak_rss_delta_mb": "kernel peak RSS (VmHWM, reset before) during one refresh step minus RSS "
                 "before it (understates: the allocator reuses pages freed by earlier steps)",
             },
         },
         "wall_seconds": time.perf_counter() - t_start,
+        "memory_seconds": memory_seconds,
         "presets": summary,
         "raw_steps": {name: r.steps for name, r in runs.items()},
     }

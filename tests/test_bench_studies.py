@@ -1,0 +1,103 @@
+"""The benchmark studies run end to end on a minimal setting and produce the keys the README table
+and bench/README.md read. No speed, cosine or reward value is asserted (issue 9: never time in tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import alignment, common, readme_table, reward_balance, throughput
+from tests._train_helpers import train_config
+
+
+@pytest.fixture(scope="module")
+def small_cfg(tiny_config):
+    # 2 prompts x 2 images, 2 solver steps (1 trained timestep), micro-batches of 2: 2 steps per epoch
+    return train_config(
+        tiny_config,
+        sampling={"num_steps": 2, "group_size": 2, "prompts_per_epoch": 2, "batch_size": 4},
+        train={"micro_batch_size": 2, "gradient_accumulation_steps": 1, "diagnostics_every": 0},
+        balancer={"kind": "marble"},
+    )
+
+
+def test_throughput_keys(small_cfg, tmp_path):
+    res = throughput.run(
+        small_cfg, tmp_path, presets=["weighted_sum", "marble_ub"], repeats=1, threads=1, memory=False
+    )
+    for key in ("machine", "versions", "marble", "load_average", "settings", "presets", "raw_steps"):
+        assert key in res
+    for name in ("weighted_sum", "marble_ub"):
+        s = res["presets"][name]
+        for key in (
+            "step_ms_amortized",
+            "speed_vs_weighted_sum",
+            "micro_step_ms_median",
+            "gram_ms_per_refresh",
+        ):
+            assert key in s
+        assert s["steps_measured"] == 1
+    # marble_ub refreshes on every micro-step; weighted_sum never does
+    assert all(res["raw_steps"]["marble_ub"][0]["micro_refresh"])
+    assert not any(res["raw_steps"]["weighted_sum"][0]["micro_refresh"])
+    assert throughput.plot(res, tmp_path / "t.png").stat().st_size > 0
+    json.dumps(common._clean(res), allow_nan=False)  # strict JSON
+
+
+def test_alignment_keys(small_cfg, tmp_path):
+    res = alignment.run(small_cfg, tmp_path, epochs=1)
+    n = len(res["raw_batches"])
+    assert n > 0
+    for name in (*common.PRESETS, "fresh_mgda"):
+        assert res["directions"][name]["all_batches"]["batches"] == n
+    assert "later_batches" in res["directions"]["marble"]
+    for key in ("alpha_l1_median", "argmax_agree_frac", "direction_cos_median"):
+        assert key in res["gram_sources"]
+    # the fresh MGDA direction is the min-norm point: no reward gradient at an obtuse angle to it
+    assert res["directions"]["fresh_mgda"]["all_batches"]["worst_min_cos"] > -1e-6
+    assert alignment.plot(res, tmp_path / "a.png").stat().st_size > 0
+
+
+def _fake_reward_runs(cfg) -> list[dict]:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(16, len(cfg.rewards)))
+    runs = []
+    for p in ("weighted_sum", "marble"):
+        for seed in (0, 1):
+            runs.append(
+                {"preset": p, "seed": seed, "train_seconds": 1.0,
+                 "eval": reward_balance.run_stats(cfg, base, base + rng.normal(0.1, 0.1, size=base.shape))}
+            )  # fmt: skip
+    return runs
+
+
+def test_reward_balance_aggregate_and_readme(small_cfg, tmp_path):
+    runs = _fake_reward_runs(small_cfg)
+    agg = reward_balance.aggregate(small_cfg, runs, ["weighted_sum", "marble"])
+    for p in ("weighted_sum", "marble"):
+        assert set(agg[p]["rewards"]) == {r.name for r in small_cfg.rewards}
+        assert {"improves_all_mean", "improves_all_ci", "mean_delta_std_units_trained"} <= set(agg[p])
+        assert agg[p]["rewards"][small_cfg.rewards[0].name]["delta"]["n"] == 2
+    cmd = reward_balance.train_command("marble", 1, 2, Path("p"), Path("o"), [])
+    assert cmd[3:5] == ["train", "--config"] and "train.seed=1" in cmd and "train.epochs=2" in cmd
+    # the README section renders from whatever results exist and replaces only the marked block
+    env = common.environment()
+    result = {"benchmark": "reward_balance", **env, "load_average": {"start": [0.0]},
+              "settings": {"optimizer_steps": 2, "seeds": [0, 1], "eval_images": 16, "eval_prompts": 8,
+                           "eval_images_per_prompt": 2, "eval_num_steps": 4, "eval_weights": "ema",
+                           "rewards_trained": small_cfg.trained_reward_names,
+                           "rewards_held_out": [r.name for r in small_cfg.rewards if r.held_out]},
+              "presets": agg, "runs": runs}  # fmt: skip
+    common.write_json(tmp_path / "reward_balance.json", result)
+    assert reward_balance.plot(result, tmp_path / "r.png").stat().st_size > 0
+    text = readme_table.render(tmp_path)
+    assert "| `marble` |" in text and "Per-reward change" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nkept\n")
+    readme_table.update_readme(readme, text)
+    readme_table.update_readme(readme, text)  # idempotent: one block
+    body = readme.read_text()
+    assert body.startswith("# title\n\nkept\n") and body.count(readme_table.START) == 1
