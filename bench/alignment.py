@@ -125,7 +125,16 @@ def summarize_direction(records: list[dict[str, Any]], only_later: bool = False)
     }
 
 
-def run(cfg, work: Path, *, epochs: int, driver: str = "marble", threads: int = 2) -> dict[str, Any]:
+def run(
+    cfg,
+    work: Path,
+    *,
+    epochs: int,
+    driver: str = "marble",
+    threads: int = 2,
+    time_budget_s: float | None = None,
+) -> dict[str, Any]:
+    """Measure every batch of `epochs` training epochs (fewer if `time_budget_s` runs out first)."""
     from marble.rl.qp import MinNormSolver
     from marble.train.stepping import EpochPlan
 
@@ -141,6 +150,7 @@ def run(cfg, work: Path, *, epochs: int, driver: str = "marble", threads: int = 
         solver = MinNormSolver()
         T, accum = world.cfg.num_train_timesteps, world.cfg.train.gradient_accumulation_steps
         batches: list[dict[str, Any]] = []
+        epochs_done = 0
         for epoch in range(epochs):
             buf = world.buffer if epoch == 0 else tr._rollout(epoch)  # trainer's rollouts + rewards
             plans = {
@@ -161,6 +171,10 @@ def run(cfg, work: Path, *, epochs: int, driver: str = "marble", threads: int = 
             eta = min(world.cfg.nft.old_decay_rate * tr.step, world.cfg.nft.old_decay_cap)
             tr.lora.blend_old_adapter(tr.model, eta)
             log.info("alignment epoch %d/%d: %d batches so far", epoch + 1, epochs, len(batches))
+            epochs_done = epoch + 1
+            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+                log.warning("alignment: time budget reached after %d epochs", epochs_done)
+                break
         tr.cleanup()
     names = [*presets, *DIRECTIONS_EXTRA]
     summary: dict[str, Any] = {}
@@ -190,7 +204,9 @@ def run(cfg, work: Path, *, epochs: int, driver: str = "marble", threads: int = 
         "load_average": {"start": load_start, "end": common.load_average()},
         "settings": {
             "config": str(common.TINY_CONFIG.relative_to(common.REPO)),
-            "epochs": epochs,
+            "epochs": epochs_done,
+            "epochs_requested": epochs,
+            "time_budget_s": time_budget_s,
             "driver": driver,
             "seed": world.cfg.train.seed,
             "torch_threads": threads,
@@ -246,13 +262,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--driver", default="marble", choices=list(common.PRESETS))
+    ap.add_argument("--time-budget", type=float, help="stop after the epoch that exceeds this many seconds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--work", type=Path, default=common.WORK_DIR)
     ap.add_argument("--out", type=Path, default=OUT_JSON)
     args = ap.parse_args(argv)
     cfg = common.bench_config(args.driver, args.overrides)
-    result = run(cfg, args.work, epochs=args.epochs, driver=args.driver, threads=args.threads)
+    result = run(
+        cfg,
+        args.work,
+        epochs=args.epochs,
+        driver=args.driver,
+        threads=args.threads,
+        time_budget_s=args.time_budget,
+    )
     result["settings"]["overrides"] = args.overrides
     common.write_json(args.out, result)
     plot(result, args.out.with_suffix(".png"))

@@ -21,9 +21,10 @@ Reported per preset (medians over the measured steps):
   (`Balancer.update`) and the Gram part (the rest), per refresh and amortised per step;
 - memory, measured untimed after the timing (CPU torch has no allocator peak counter): the peak of
   live CPU tensor bytes during the first micro-step of a refresh step above those live at its start
-  (torch profiler per-op memory accounting, op granularity), and the kernel's peak-RSS
-  mark over one refresh step minus the RSS before it (reset through /proc/self/clear_refs; the
-  allocator reuses pages freed by earlier steps, so this understates what a fresh process needs).
+  (torch profiler per-op memory accounting, op granularity), and, over the timed steps, the largest
+  kernel peak-RSS mark of a step minus the RSS before it (mark reset through /proc/self/clear_refs
+  outside the timed region; the allocator reuses pages freed by earlier steps, so this understates
+  what a fresh process needs).
 
 Run: `python -m bench.throughput [--repeats N]` -> bench/results/throughput.json and throughput.png.
 Nothing here asserts a speed.
@@ -115,7 +116,9 @@ def _one_step(world: common.World, run: PresetRun, probe: MicroStepProbe) -> dic
     tr.step = run.step
     before = getattr(run.balancer, "num_refreshes", 0)
     probe.reset()
+    rss0 = _reset_peak_rss()
     ms, metrics = common.timed(lambda: tr._optimizer_step(run.plan, range(first, first + accum)))
+    rss_mb = None if rss0 is None else (_proc_status_bytes("VmHWM") - rss0) / 1e6
     run.step += 1
     refreshes = getattr(run.balancer, "num_refreshes", 0) - before
     balance_ms = float(metrics.get("time/balance_s", 0.0)) * 1e3
@@ -129,6 +132,7 @@ def _one_step(world: common.World, run: PresetRun, probe: MicroStepProbe) -> dic
         "micro_ms": [m for m, _ in probe.micro],
         "micro_refresh": [r for _, r in probe.micro],
         "finite": tr.counters["consecutive_skips"] == 0,
+        "peak_rss_delta_mb": rss_mb,
     }
 
 
@@ -159,21 +163,20 @@ def _proc_status_bytes(key: str) -> int:
     raise ValueError(f"/proc/self/status has no {key}")
 
 
-def _rss_peak_delta_mb(fn) -> float | None:
-    """Peak RSS during `fn()` minus RSS before it (MB): the kernel's high-water mark VmHWM is reset
-    first (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0). None where that is not available."""
+def _reset_peak_rss() -> int | None:
+    """Reset the kernel's peak-RSS mark VmHWM (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0) and
+    return the current RSS in bytes; None where that is not available."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
-        start = _proc_status_bytes("VmRSS")
+        return _proc_status_bytes("VmRSS")
     except (OSError, ValueError):
         return None
-    fn()
-    return (_proc_status_bytes("VmHWM") - start) / 1e6
 
 
 def _memory(world: common.World, run: PresetRun, probe: MicroStepProbe, state: common.TrainState) -> dict:
-    """Both memory figures of one preset, on step 0 (a refresh step for every Gram preset)."""
+    """Peak tensor memory of one preset's refresh micro-step (step 0, micro-step 0: a refresh for
+    every Gram preset)."""
     tr = world.trainer
     common.install_balancer(world, run.balancer)
     state.restore()
@@ -184,9 +187,7 @@ def _memory(world: common.World, run: PresetRun, probe: MicroStepProbe, state: c
     tensor_mb = _live_tensor_peak_mb(lambda: tr.update.micro_step(mb, 0, 0).loss.backward())
     tr.optimizer.zero_grad(set_to_none=True)
     state.restore()
-    run.step = 0
-    rss_mb = _rss_peak_delta_mb(lambda: _one_step(world, run, probe))
-    return {"peak_tensor_mb": tensor_mb, "peak_rss_delta_mb": rss_mb}
+    return {"peak_tensor_mb": tensor_mb}
 
 
 # ---------------------------------------------------------------------------------------- summary
@@ -228,6 +229,9 @@ def summarize(run: PresetRun) -> dict[str, Any]:
         "gram_ms_per_refresh": common.median(gram_per_refresh) if per_refresh else 0.0,
         "qp_ms_per_refresh": common.median(qp_per_refresh) if per_refresh else 0.0,
         "non_finite_steps": sum(not s["finite"] for s in steps),
+        "peak_rss_delta_mb": max(
+            (s["peak_rss_delta_mb"] for s in steps if s["peak_rss_delta_mb"] is not None), default=None
+        ),
     }
 
 
@@ -241,8 +245,12 @@ def run(
     warmup: int = 1,
     threads: int = 2,
     memory: bool = True,
+    time_budget_s: float | None = None,
 ) -> dict[str, Any]:
-    """Build the world once and time every preset interleaved; returns the results dict."""
+    """Build the world once and time every preset interleaved; returns the results dict.
+
+    With `time_budget_s`, rounds stop once the study has run that long (at least 2 rounds are kept),
+    so a loaded machine shortens the study instead of the whole benchmark overrunning."""
     load_start = common.load_average()
     t_start = time.perf_counter()
     with common.pinned_threads(threads):
@@ -265,11 +273,16 @@ def run(
             if 0.0 < r.refresh_fraction < 1.0:
                 r.step = max(r.step, round(1 / r.refresh_fraction) - repeats // 2)
         state = common.TrainState(tr)
+        rounds_done = 0
         for i in range(repeats):
             for name in common.rotated(list(presets), i):
                 state.restore()
                 runs[name].steps.append(_one_step(world, runs[name], probe))
             log.info("throughput round %d/%d done", i + 1, repeats)
+            rounds_done = i + 1
+            if time_budget_s is not None and i >= 1 and time.perf_counter() - t_start > time_budget_s:
+                log.warning("throughput: time budget reached after %d rounds", rounds_done)
+                break
         load_timed = common.load_average()
         memory_res: dict[str, dict[str, float | None]] = {}
         t_memory = time.perf_counter()
@@ -302,7 +315,9 @@ def run(
         "settings": {
             "config": str(common.TINY_CONFIG.relative_to(common.REPO)),
             "presets": list(presets),
-            "repeats": repeats,
+            "repeats": rounds_done,
+            "repeats_requested": repeats,
+            "time_budget_s": time_budget_s,
             "warmup_steps": warmup,
             "torch_threads": threads,
             "samples_per_epoch": s_cfg.sampling.samples_per_epoch,
@@ -315,8 +330,9 @@ def run(
                 "peak_tensor_mb": "peak live CPU tensor bytes during the first micro-step of a refresh step "
                 "(forward, Gram, QP, backward) above those live at its start (torch profiler per-op memory "
                 "accounting, summed in op order; op granularity)",
-                "peak_rss_delta_mb": "kernel peak RSS (VmHWM, reset before) during one refresh step minus RSS "
-                "before it (understates: the allocator reuses pages freed by earlier steps)",
+                "peak_rss_delta_mb": "max over the timed steps of the kernel peak RSS (VmHWM, reset before "
+                "each step outside the timed region) minus the RSS before the step (understates: the "
+                "allocator reuses pages freed by earlier steps)",
             },
         },
         "wall_seconds": time.perf_counter() - t_start,
@@ -382,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--presets", nargs="+", default=list(common.PRESETS))
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument(
+        "--time-budget", type=float, help="stop timing rounds after this many seconds (>= 2 rounds)"
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     ap.add_argument("--work", type=Path, default=common.WORK_DIR)
     ap.add_argument("--out", type=Path, default=OUT_JSON)
@@ -389,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = common.bench_config("marble", args.overrides)
     result = run(
         cfg, args.work, presets=args.presets, repeats=args.repeats, warmup=args.warmup,
-        threads=args.threads, memory=not args.no_memory,
+        threads=args.threads, memory=not args.no_memory, time_budget_s=args.time_budget,
     )  # fmt: skip
     result["settings"]["overrides"] = args.overrides
     common.write_json(args.out, result)
