@@ -288,6 +288,10 @@ def run(
         t_memory = time.perf_counter()
         if memory:
             for name in presets:
+                if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s + 60:
+                    log.warning("throughput: time budget spent; peak tensor memory of %s not measured", name)
+                    memory_res[name] = {"peak_tensor_mb": None}
+                    continue
                 memory_res[name] = _memory(world, runs[name], probe, state)
         memory_seconds = time.perf_counter() - t_memory
         tr.cleanup()
