@@ -62,4 +62,4 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def checkpoint_balancer(ckpt: Path) -> dict:
-    return torch.load(ckpt / "objects.pt", weights_only=False)["balancer"]
+    return torch.load(ckpt / "objects.pt", weights_only=True)["balancer"]

@@ -59,7 +59,7 @@ def test_two_processes_match_one(tiny_config, tmp_path):
     c1, c2 = latest_checkpoint(out1), latest_checkpoint(out2)
     assert c1.name == c2.name
     # both ranks hold the same balancer state (the Gram is reduced before the QP)
-    ranks = [torch.load(c2 / f"rank{r}.pt", weights_only=False)["extra"]["balancer"] for r in (0, 1)]
+    ranks = [torch.load(c2 / f"rank{r}.pt", weights_only=True)["extra"]["balancer"] for r in (0, 1)]
     assert ranks[0] == ranks[1]
     b1, b2 = checkpoint_balancer(c1), checkpoint_balancer(c2)
     assert b1["num_refreshes"] == b2["num_refreshes"]

@@ -113,6 +113,6 @@ def test_sigterm_checkpoints_then_resume_is_bitwise_identical(setup, tmp_path, m
     monkeypatch.setattr(Trainer, "_log", real_log)
     ckpt = latest_checkpoint(out)
     assert ckpt.name == "step-00000005"
-    assert "buffer" in torch.load(ckpt / "objects.pt", weights_only=False)
+    assert "buffer" in torch.load(ckpt / "objects.pt", weights_only=True)
     run_training(cfg, prompts, out)
     _assert_same_run(ref, out)

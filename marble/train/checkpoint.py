@@ -63,7 +63,7 @@ def capture_rng() -> dict[str, Any]:
     """Python, numpy and torch (CPU and, when present, CUDA) RNG states of this process."""
     out: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_to_torch(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -71,9 +71,21 @@ def capture_rng() -> dict[str, Any]:
     return out
 
 
+def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
+    """numpy's legacy RNG state with its key array as a tensor, so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
+
+
+def _numpy_state_from_torch(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+
+
 def restore_rng(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state(_numpy_state_from_torch(states["numpy"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -250,9 +262,11 @@ class CheckpointManager:
             raise CheckpointError(f"{path / 'state.json'}: unreadable ({exc})") from None
         check_compatible(state.get("compat", {}), self.compat, path)
         adapters = {n: load_file(str(path / f"adapter-{n}.safetensors"), device="cpu") for n in ADAPTERS}
-        objects = torch.load(path / "objects.pt", map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint directory may come from elsewhere (train.resume: <dir>); never
+        # unpickle arbitrary objects. Everything saved here is tensors and plain Python values.
+        objects = torch.load(path / "objects.pt", map_location=map_location, weights_only=True)
         rank_file = path / f"rank{self.rank}.pt"
-        rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+        rank_state = torch.load(rank_file, weights_only=True) if rank_file.is_file() else {}
         if not rank_state:
             # Every random draw of the trainer is seeded by (seed, epoch, global index), so a resume
             # with another process count is still exact; only the global RNG streams are not restored.
