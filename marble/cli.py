@@ -44,7 +44,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_config_validate(args: argparse.Namespace) -> int:
     for path in args.files:
         cfg = validate_config(read_config_dict(path), str(path))
-        print(f"{path}: OK (config hash {cfg.config_hash()}, {len(cfg.rewards)} rewards, balancer {cfg.balancer.kind})")
+        print(
+            f"{path}: OK (config hash {cfg.config_hash()}, {len(cfg.rewards)} rewards, balancer {cfg.balancer.kind})"
+        )
     return 0
 
 
@@ -256,7 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith(("marble.", "pipelines", "bench")):
-            print(f"error: `marble {args.command}` is not built yet (missing module {exc.name})", file=sys.stderr)
+            print(
+                f"error: `marble {args.command}` is not built yet (missing module {exc.name})",
+                file=sys.stderr,
+            )
             return EXIT_USER_ERROR
         raise
     except KeyboardInterrupt:

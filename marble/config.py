@@ -40,7 +40,9 @@ class TextSource(_SourceBase):
 
 class JsonlSource(_SourceBase):
     kind: Literal["jsonl"] = "jsonl"
-    path: str = Field(description="JSONL file; each line an object with a `prompt` field and optional metadata.")
+    path: str = Field(
+        description="JSONL file; each line an object with a `prompt` field and optional metadata."
+    )
     prompt_field: str = Field("prompt", description="Name of the field that holds the prompt.")
 
 
@@ -57,7 +59,9 @@ class CsvSource(_SourceBase):
 
 class TinyWorldSource(_SourceBase):
     kind: Literal["tiny_world"] = "tiny_world"
-    num_prompts: int = Field(96, ge=3, description="Prompts to generate (general, colour, quoted-text families 1:1:1).")
+    num_prompts: int = Field(
+        96, ge=3, description="Prompts to generate (general, colour, quoted-text families 1:1:1)."
+    )
     seed: int = Field(0, description="Seed of the tiny-world prompt generator.")
 
 
@@ -70,7 +74,9 @@ class DataConfig(StrictModel):
     sources: list[PromptSource] = Field(
         default_factory=lambda: [TinyWorldSource()], min_length=1, description="Prompt sources, mixed."
     )
-    test_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Held-out share per family (stratified split).")
+    test_fraction: float = Field(
+        0.25, ge=0.0, lt=1.0, description="Held-out share per family (stratified split)."
+    )
     split_seed: int = Field(0, description="Seed of the train/test split.")
     on_overlong: Literal["reject", "truncate"] = Field(
         "reject", description="What to do with a prompt longer than the text encoders' token limits."
@@ -91,10 +97,14 @@ class TinyModelConfig(StrictModel):
     text_hidden_size: int = Field(32, ge=8, description="Hidden size of the tiny CLIP and T5 encoders.")
     vocab_size: int = Field(400, ge=64, description="Vocabulary size of the locally trained tokenizers.")
     resolution: int = Field(64, ge=32, description="Image size the tiny VAE is trained at, px.")
-    vae_train_steps: int = Field(400, ge=0, description="AdamW steps training the tiny VAE on synthetic shapes.")
+    vae_train_steps: int = Field(
+        400, ge=0, description="AdamW steps training the tiny VAE on synthetic shapes."
+    )
     vae_batch_size: int = Field(32, ge=1, description="Batch size of the VAE training.")
     vae_lr: float = Field(2e-3, gt=0, description="Learning rate of the VAE training (STACK-NOTES).")
-    pretrain_steps: int = Field(0, ge=0, description="Flow-matching pretraining steps of the transformer (0: none).")
+    pretrain_steps: int = Field(
+        0, ge=0, description="Flow-matching pretraining steps of the transformer (0: none)."
+    )
     pretrain_lr: float = Field(1e-3, gt=0, description="Learning rate of the transformer pretraining.")
     seed: int = Field(0, description="Seed of the tiny model's initialisation and training.")
 
@@ -109,12 +119,16 @@ class ModelConfig(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weight dtype of the frozen base model (bfloat16 on GPUs)."
     )
-    cache_dir: str = Field(".cache/marble", description="Where built tiny models and hub snapshots are cached.")
+    cache_dir: str = Field(
+        ".cache/marble", description="Where built tiny models and hub snapshots are cached."
+    )
     offline: bool = Field(False, description="Never touch the network (sets HF_HUB_OFFLINE=1).")
     max_sequence_length: int = Field(256, ge=1, le=512, description="T5 token limit [NFT: 128..256].")
     vae_scale_factor: int = Field(8, ge=1, description="Pixel-to-latent downsampling of the VAE (SD3: 8).")
     patch_size: int = Field(2, ge=1, description="Transformer patch size (SD3: 2).")
-    tiny: TinyModelConfig | None = Field(None, description="Tiny-world model; required when pretrained is 'tiny'.")
+    tiny: TinyModelConfig | None = Field(
+        None, description="Tiny-world model; required when pretrained is 'tiny'."
+    )
 
     @property
     def is_tiny(self) -> bool:
@@ -172,8 +186,12 @@ class NFTConfig(StrictModel):
     std_mode: Literal["global", "group"] = Field(
         "global", description="Advantage std over the whole epoch batch or per prompt group [NFT: global]."
     )
-    timestep_fraction: float = Field(0.99, gt=0, le=1.0, description="Share of the sampling grid trained [NFT: 0.99].")
-    old_decay_rate: float = Field(0.001, ge=0, description="η = min(rate · step, cap) for the old policy [NFT].")
+    timestep_fraction: float = Field(
+        0.99, gt=0, le=1.0, description="Share of the sampling grid trained [NFT: 0.99]."
+    )
+    old_decay_rate: float = Field(
+        0.001, ge=0, description="η = min(rate · step, cap) for the old policy [NFT]."
+    )
     old_decay_cap: float = Field(0.95, ge=0, lt=1.0, description="Cap of η [MARBLE: 0.95; NFT: 0.5].")
     weight_floor: float = Field(1e-5, gt=0, description="Floor of the adaptive per-sample weights [NFT].")
 
@@ -215,7 +233,9 @@ class _HubModelReward(_RewardBase):
 class PickScoreReward(_HubModelReward):
     kind: Literal["pickscore"] = "pickscore"
     model: str = "yuvalkirstain/PickScore_v1"
-    processor: str = Field("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="Processor hub id or directory.")
+    processor: str = Field(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="Processor hub id or directory."
+    )
     processor_revision: str | None = Field(None, description="Processor revision to pin.")
     scale: float = Field(26.0, gt=0, description="Training scale divisor of the raw score [NFT: /26].")
 
@@ -246,8 +266,12 @@ class AestheticReward(_HubModelReward):
 class ImageRewardReward(_HubModelReward):
     kind: Literal["imagereward"] = "imagereward"
     model: str = "THUDM/ImageReward"
-    checkpoint_file: str = Field("ImageReward.pt", description="State dict file inside the repo (BLIP + MLP).")
-    config_file: str = Field("med_config.json", description="BLIP text-encoder (BERT) config inside the repo.")
+    checkpoint_file: str = Field(
+        "ImageReward.pt", description="State dict file inside the repo (BLIP + MLP)."
+    )
+    config_file: str = Field(
+        "med_config.json", description="BLIP text-encoder (BERT) config inside the repo."
+    )
     tokenizer: str = Field("google-bert/bert-base-uncased", description="BERT tokenizer hub id or directory.")
     tokenizer_revision: str | None = Field(None, description="Tokenizer revision to pin.")
 
@@ -263,20 +287,28 @@ class GenEvalReward(_HubModelReward):
     model: str = Field("google/owlv2-base-patch16-ensemble", description="Object detector.")
     clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP for zero-shot colour.")
     clip_revision: str | None = Field(None, description="Hub revision (commit hash) of the colour CLIP.")
-    detection_threshold: float = Field(0.3, gt=0, lt=1, description="Detector score threshold [GenEval: 0.3].")
-    count_threshold: float = Field(0.9, gt=0, lt=1, description="Score threshold for counting [GenEval: 0.9].")
+    detection_threshold: float = Field(
+        0.3, gt=0, lt=1, description="Detector score threshold [GenEval: 0.3]."
+    )
+    count_threshold: float = Field(
+        0.9, gt=0, lt=1, description="Score threshold for counting [GenEval: 0.9]."
+    )
 
 
 class HttpReward(_RewardBase):
     """A reward served over HTTP (JSON wire format `marble-reward/1`, see marble/rewards/http.py)."""
 
     kind: Literal["http"] = "http"
-    url: str = Field(description="Endpoint receiving POST JSON {schema, prompts, metadata, images (base64 PNG)}.")
+    url: str = Field(
+        description="Endpoint receiving POST JSON {schema, prompts, metadata, images (base64 PNG)}."
+    )
     applies_when: Literal["always", "quoted_text", "named_color", "geneval_metadata"] = Field(
         "always", description="Which prompts the reward scores (others get NaN without a request)."
     )
     timeout_s: float = Field(60.0, gt=0, le=600, description="Per-request timeout, seconds.")
-    retries: int = Field(2, ge=0, le=10, description="Retries after a timeout, connection error or 5xx reply.")
+    retries: int = Field(
+        2, ge=0, le=10, description="Retries after a timeout, connection error or 5xx reply."
+    )
     backoff_s: float = Field(1.0, ge=0, description="Wait before retry k is backoff_s * 2**k seconds.")
     token_env: str | None = Field(None, description="Environment variable holding a bearer token, if any.")
     score_min: float | None = Field(None, description="Documented lower bound of the score (health check).")
@@ -304,17 +336,22 @@ RewardSpec = Annotated[
 # ---------------------------------------------------------------------------------------- balancers
 class _GramBalancer(StrictModel):
     gram_source: Literal["params", "output"] = Field(
-        "params", description="Gram of parameter gradients (exact, K backwards) or of output gradients (free)."
+        "params",
+        description="Gram of parameter gradients (exact, K backwards) or of output gradients (free).",
     )
     refresh_every: int = Field(10, ge=1, description="Optimizer steps between Gram refreshes [MARBLE: N=10].")
-    ema_decay: float | None = Field(0.7, ge=0, lt=1, description="EMA ρ of the coefficients; null disables [MARBLE: 0.7].")
+    ema_decay: float | None = Field(
+        0.7, ge=0, lt=1, description="EMA ρ of the coefficients; null disables [MARBLE: 0.7]."
+    )
     qp_eps: float = Field(1e-9, gt=0, description="osqp absolute and relative tolerance.")
     qp_max_iter: int = Field(20000, ge=10, description="osqp iteration cap.")
 
 
 class WeightedSumBalancer(StrictModel):
     kind: Literal["weighted_sum"] = "weighted_sum"
-    weights: list[float] | None = Field(None, description="One non-negative weight per trained reward, in order.")
+    weights: list[float] | None = Field(
+        None, description="One non-negative weight per trained reward, in order."
+    )
 
 
 class EqualBalancer(StrictModel):
@@ -329,7 +366,9 @@ class MarbleFullBalancer(_GramBalancer):
     kind: Literal["marble_full"] = "marble_full"
     refresh_every: int = Field(1, ge=1, description="Exact MGDA every micro-step [MARBLE w/o amortization].")
     ema_decay: float | None = Field(None, ge=0, lt=1, description="EMA ρ; null = exact fresh weights.")
-    per_micro_step: bool = Field(True, description="Refresh on every micro-step, not only the first of a step.")
+    per_micro_step: bool = Field(
+        True, description="Refresh on every micro-step, not only the first of a step."
+    )
 
 
 class MarbleUBBalancer(_GramBalancer):
@@ -369,19 +408,27 @@ class TrainConfig(StrictModel):
     epochs: int = Field(100, ge=1, description="Epochs (rollout + update rounds).")
     micro_batch_size: int = Field(8, ge=1, description="Samples per training micro-step (per process).")
     gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Sample micro-batches accumulated per optimizer step (each over all trained timesteps)."
+        1,
+        ge=1,
+        description="Sample micro-batches accumulated per optimizer step (each over all trained timesteps).",
     )
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate, constant [NFT: 3e-4].")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas [NFT].")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay [NFT: 1e-4].")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip [NFT: 1.0].")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision (bf16 on GPUs).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="accelerate mixed precision (bf16 on GPUs)."
+    )
     seed: int = Field(0, description="Seed of rollouts, timesteps and noise.")
-    ema_decay: float = Field(0.9, gt=0, lt=1, description="Decay of the evaluation EMA of the weights [NFT: 0.9].")
+    ema_decay: float = Field(
+        0.9, gt=0, lt=1, description="Decay of the evaluation EMA of the weights [NFT: 0.9]."
+    )
     checkpoint_every: int = Field(10, ge=1, description="Epochs between checkpoints.")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept (older ones are deleted).")
     resume: str = Field("latest", description="'latest', 'none', or a checkpoint directory.")
-    max_consecutive_skips: int = Field(5, ge=1, description="Abort after this many non-finite steps in a row.")
+    max_consecutive_skips: int = Field(
+        5, ge=1, description="Abort after this many non-finite steps in a row."
+    )
     diagnostics_every: int = Field(0, ge=0, description="Steps between gradient-cosine diagnostics (0: off).")
     log_every: int = Field(1, ge=1, description="Steps between metric log lines.")
     tensorboard: bool = Field(True, description="Also write TensorBoard event files.")
@@ -392,13 +439,21 @@ class TrainConfig(StrictModel):
 class GateConfig(StrictModel):
     """Promotion gate: when a new adapter may become the champion."""
 
-    max_regression: float = Field(0.0, ge=0, description="Tolerated drop of a trained reward's mean, in base std units.")
+    max_regression: float = Field(
+        0.0, ge=0, description="Tolerated drop of a trained reward's mean, in base std units."
+    )
     min_improvement_ci: bool = Field(
         True, description="At least one trained reward must improve with its 95% CI of the delta above 0."
     )
-    max_held_out_regression: float = Field(0.25, ge=0, description="Tolerated drop of a held-out reward, base std units.")
-    max_monitor_shift: float = Field(0.5, ge=0, description="Tolerated relative change of a hacking monitor vs. base.")
-    require_not_dominated: bool = Field(True, description="Refuse an adapter Pareto-dominated by the champion.")
+    max_held_out_regression: float = Field(
+        0.25, ge=0, description="Tolerated drop of a held-out reward, base std units."
+    )
+    max_monitor_shift: float = Field(
+        0.5, ge=0, description="Tolerated relative change of a hacking monitor vs. base."
+    )
+    require_not_dominated: bool = Field(
+        True, description="Refuse an adapter Pareto-dominated by the champion."
+    )
 
 
 class EvalConfig(StrictModel):
@@ -425,7 +480,9 @@ class MlflowRegistry(StrictModel):
 
 class KubeflowRegistry(StrictModel):
     kind: Literal["kubeflow"] = "kubeflow"
-    server_address: str = Field(description="Model Registry service address, e.g. https://model-registry.kubeflow.svc")
+    server_address: str = Field(
+        description="Model Registry service address, e.g. https://model-registry.kubeflow.svc"
+    )
     port: int = Field(443, ge=1, le=65535, description="Model Registry port.")
     author: str = Field("marble", description="Author recorded on registered versions.")
     model_name: str = Field("marble-lora", description="Registered model name.")
@@ -446,22 +503,31 @@ class Toleration(StrictModel):
 
 class PipelineConfig(StrictModel):
     name: str = Field("marble", description="Kubeflow pipeline name.")
-    pipeline_root: str | None = Field(None, description="Artifact root (local dir or s3://...); null = default.")
+    pipeline_root: str | None = Field(
+        None, description="Artifact root (local dir or s3://...); null = default."
+    )
     accelerator_type: str = Field("nvidia.com/gpu", description="Accelerator resource of the GPU tasks.")
     gpus: int = Field(1, ge=0, description="Accelerators per GPU task.")
     cpu: str = Field("8", description="CPU limit of the GPU tasks.")
     memory: str = Field("64Gi", description="Memory limit of the GPU tasks.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector of the GPU tasks.")
     tolerations: list[Toleration] = Field(
-        default_factory=lambda: [Toleration(key="nvidia.com/gpu")], description="Tolerations of the GPU tasks."
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu")],
+        description="Tolerations of the GPU tasks.",
     )
     cache_pvc: str = Field("marble-cache", description="PVC holding reward/model snapshots and checkpoints.")
     cache_mount: str = Field("/mnt/marble-cache", description="Where the cache PVC is mounted.")
     hub_token_secret: str = Field("marble-hf-token", description="Kubernetes secret with HF_TOKEN.")
-    registry_token_secret: str = Field("marble-registry-token", description="Kubernetes secret with the registry token.")
+    registry_token_secret: str = Field(
+        "marble-registry-token", description="Kubernetes secret with the registry token."
+    )
     dvc_secret: str = Field("marble-dvc-remote", description="Kubernetes secret with DVC remote credentials.")
-    train_retries: int = Field(2, ge=0, description="Retries of the training task (it resumes from checkpoints).")
-    schedule_cron: str = Field("0 0 3 * * 0", description="Recurring-run cron (KFP 6-field: weekly, Sun 03:00).")
+    train_retries: int = Field(
+        2, ge=0, description="Retries of the training task (it resumes from checkpoints)."
+    )
+    schedule_cron: str = Field(
+        "0 0 3 * * 0", description="Recurring-run cron (KFP 6-field: weekly, Sun 03:00)."
+    )
 
 
 # ------------------------------------------------------------------------------------------- root
@@ -474,7 +540,9 @@ class MarbleConfig(StrictModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Training rollouts.")
     nft: NFTConfig = Field(default_factory=NFTConfig, description="NFT objective.")
     rewards: list[RewardSpec] = Field(min_length=1, description="Reward models, trained and held out.")
-    balancer: BalancerConfig = Field(default_factory=MarbleBalancer, description="How per-reward gradients combine.")
+    balancer: BalancerConfig = Field(
+        default_factory=MarbleBalancer, description="How per-reward gradients combine."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and promotion gate.")
     registry: RegistryConfig = Field(default_factory=MlflowRegistry, description="Model registry.")

@@ -6,6 +6,7 @@ can print them without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -31,7 +32,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if len(shown) > 120:
             shown = shown[:117] + "..."
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {path}: unknown key (value {shown}); check the spelling against docs/config-schema.json")
+            lines.append(
+                f"  {path}: unknown key (value {shown}); check the spelling against docs/config-schema.json"
+            )
         elif e["type"] in ("value_error", "assertion_error") and not e["loc"]:
             lines.append(f"  {msg}")
         else:
@@ -51,11 +54,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
     # YAML reads 1e-4 as a string (no dot); users mean the number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and any(c in value.lower() for c in ".e"):
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return key.split("."), value
 
 
@@ -76,7 +77,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         last = path[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"--set {item!r}: {'.'.join(path)} is not an index of a list of {len(node)}")
+                raise ConfigError(
+                    f"--set {item!r}: {'.'.join(path)} is not an index of a list of {len(node)}"
+                )
             node[int(last)] = value
         elif isinstance(node, dict):
             node[last] = value

@@ -45,7 +45,9 @@ def test_paper_config_carries_the_papers_numbers():
     assert cfg.sampling.samples_per_epoch == 1152
     assert cfg.nft.beta == 0.1 and cfg.nft.old_decay_cap == 0.95
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.train.lr) == (32, 64, 3e-4)
-    assert cfg.balancer.kind == "marble" and cfg.balancer.ema_decay == 0.7 and cfg.balancer.refresh_every == 10
+    assert (
+        cfg.balancer.kind == "marble" and cfg.balancer.ema_decay == 0.7 and cfg.balancer.refresh_every == 10
+    )
     assert len(cfg.trained_rewards) == 5
     # 25 steps, first 99% of a permutation trained [NFT]
     assert cfg.num_train_timesteps == 24
@@ -59,7 +61,9 @@ def test_params_yaml_validates_when_present():
 
 
 def test_schema_file_in_sync():
-    assert (REPO / SCHEMA_PATH).read_text() == schema_json(), "run: marble config schema --out docs/config-schema.json"
+    assert (REPO / SCHEMA_PATH).read_text() == schema_json(), (
+        "run: marble config schema --out docs/config-schema.json"
+    )
 
 
 # ------------------------------------------------------------------ one failing + one passing case per rule

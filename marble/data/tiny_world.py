@@ -28,7 +28,12 @@ WORDS = ("open", "stop", "cafe", "sale", "hello", "exit", "marble", "north", "ze
 FAMILIES = ("general", "color", "text")
 
 SIZES = ("small", "large", "tiny", "big", "thin", "bold")
-_GENERAL = ("a {size} {shape}", "a photo of a {size} {shape}", "a {size} {shape} in the middle", "two {size} {shape}s")
+_GENERAL = (
+    "a {size} {shape}",
+    "a photo of a {size} {shape}",
+    "a {size} {shape} in the middle",
+    "two {size} {shape}s",
+)
 _COLOR = ("a {color} {shape}", "a {shape} painted {color}", "a {color} background with a {shape}")
 _TEXT = ('a sign that says "{word}"', 'a poster with the word "{word}"', 'a {shape} above the text "{word}"')
 
@@ -57,7 +62,10 @@ def generate_prompts(num_prompts: int, seed: int = 0) -> list[tuple[str, str]]:
         family = FAMILIES[len(out) % 3]
         template = rng.choice({"general": _GENERAL, "color": _COLOR, "text": _TEXT}[family])
         prompt = template.format(
-            shape=rng.choice(SHAPES), size=rng.choice(SIZES), color=rng.choice(list(PALETTE)), word=rng.choice(WORDS)
+            shape=rng.choice(SHAPES),
+            size=rng.choice(SIZES),
+            color=rng.choice(list(PALETTE)),
+            word=rng.choice(WORDS),
         )
         attempts += 1
         if prompt in seen:
