@@ -84,6 +84,32 @@ def train_one(
     return {"preset": preset, "seed": seed, "dir": out, "wall_seconds": seconds, "train_summary": summary}
 
 
+EVAL_RESERVE_FACTOR = 2.0  # an adapter set costs about a base set plus LoRA loading; margin for load spikes
+TIME_MARGIN = 1.1  # the resumed phase must fit with 10% to spare
+
+
+def epochs_that_fit(
+    *, phase_seconds: float, epochs: int, run_startup_s: float, run_epoch_s: float, seconds_left: float,
+    max_epochs: int,
+) -> int:
+    """The common epoch count (>= `epochs`, <= `max_epochs`) that a resumed phase can reach in `seconds_left`.
+
+    A resumed phase to E epochs restarts every run (start-up: process, model, checkpoint) and trains
+    E - `epochs` more epochs. Its cost is the measured first phase scaled by the per-run split of
+    that phase, taken from the runs' own figures: `phase_seconds * (startup + (E - epochs) * epoch) /
+    (startup + epochs * epoch)`. Scaling the measured phase keeps the parallelism and the machine's
+    load in the estimate; charging start-up only per phase (not per epoch) is what lets the estimate
+    use the budget instead of counting the start-up again for every epoch.
+    """
+    unit = run_startup_s + epochs * run_epoch_s
+    if phase_seconds <= 0 or unit <= 0 or run_epoch_s <= 0 or seconds_left <= 0:
+        return epochs
+    per_epoch = phase_seconds * run_epoch_s / unit  # one more epoch of every run
+    fixed = phase_seconds * run_startup_s / unit  # restarting every run
+    extra = int((seconds_left / TIME_MARGIN - fixed) // per_epoch)
+    return max(epochs, min(max_epochs, epochs + extra))
+
+
 # ---------------------------------------------------------------------------------------- evaluation
 class Evaluator:
     """Base images once; then each adapter on the same prompts and noise (marble.eval.evaluate pieces)."""
@@ -99,8 +125,10 @@ class Evaluator:
         self.solver = ev.pin_euler_solver(self.pipe)
         seeds = [j["seed"] for j in self.jobs]
         self.noise = ev.initial_noise(seeds, ev.latent_shape(self.pipe, cfg.eval_resolution))  # [N, C, h, w]
+        t0 = time.perf_counter()
         self.base_images = self._images()  # [N, 3, H, W] uint8, sampled once
         self.base = ev.score_both(cfg, self.base_images, self.base_images, self.jobs, device, None)[0]
+        self.sample_seconds = time.perf_counter() - t0  # one image set, sampled and scored: sizes the reserve
 
     def _images(self) -> torch.Tensor:
         c = self.cfg
@@ -239,14 +267,21 @@ def run(
     trained = train_all(epochs, resume=False)
     final_epochs = epochs
     if max_epochs is not None and budget_s is not None and max_epochs > epochs:
-        per_epoch = phases[0]["seconds"] / epochs  # all runs, one epoch each, `workers` in parallel
-        eval_reserve = 1.3 * eval_base_s * len(jobs)  # one adapter image set costs about a base set
+        eval_reserve = EVAL_RESERVE_FACTOR * evaluator.sample_seconds * len(jobs)
         left = budget_s - (time.perf_counter() - t_start) - eval_reserve
-        extra_epochs = min(max_epochs - epochs, int(left // (1.1 * per_epoch)))
-        log.info("reward balance: %.1f s per epoch of all runs; %.0f s left -> %d more epochs", per_epoch, left,
-                 max(extra_epochs, 0))  # fmt: skip
-        if extra_epochs > 0:
-            final_epochs = epochs + extra_epochs
+        startup = float(np.mean([t["wall_seconds"] - t["train_summary"]["train_seconds"] for t in trained]))
+        per_epoch = float(np.mean([t["train_summary"]["train_seconds"] for t in trained])) / epochs
+        target = epochs_that_fit(
+            phase_seconds=phases[0]["seconds"], epochs=epochs, run_startup_s=startup,
+            run_epoch_s=per_epoch, seconds_left=left, max_epochs=max_epochs,
+        )  # fmt: skip
+        log.info(
+            "reward balance: first phase %.0f s (per run: %.1f s start-up, %.1f s per epoch); %.0f s left "
+            "after a %.0f s evaluation reserve -> train to %d epochs",
+            phases[0]["seconds"], startup, per_epoch, left, eval_reserve, target,
+        )  # fmt: skip
+        if target > epochs:
+            final_epochs = target
             trained = train_all(final_epochs, resume=True)
     t_trained = time.perf_counter()
     load_train = common.load_average()
@@ -288,6 +323,7 @@ def run(
             "budget_s": budget_s,
             "training_phases": phases,
             "eval_base_seconds": eval_base_s,
+            "eval_base_sample_seconds": evaluator.sample_seconds,
             "optimizer_steps": trained[0]["train_summary"].get("steps") if trained else None,
             "workers": workers,
             "worker_torch_threads": 1,

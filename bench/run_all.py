@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # reward_balance trains every run `epochs` epochs, then extends all of them (resuming) up to
 # `max_epochs` as far as the measured cost fits in what is left of BUDGET_S for the whole run.
 # throughput and alignment stop early (recorded) when their own time budget runs out on a loaded machine.
-BUDGET_S = 19 * 60
+BUDGET_S = 25 * 60
 FULL = {
     "throughput": {"repeats": 6, "time_budget_s": 300},
     "alignment": {"epochs": 6, "time_budget_s": 200},

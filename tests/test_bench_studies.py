@@ -101,3 +101,22 @@ def test_reward_balance_aggregate_and_readme(small_cfg, tmp_path):
     readme_table.update_readme(readme, text)  # idempotent: one block
     body = readme.read_text()
     assert body.startswith("# title\n\nkept\n") and body.count(readme_table.START) == 1
+
+
+@pytest.mark.parametrize(
+    ("phase", "epochs", "startup", "epoch_s", "left", "max_epochs"),
+    [(142.0, 2, 6.7, 3.4, 600.0, 40), (60.0, 2, 5.0, 1.0, 10_000.0, 40), (100.0, 2, 2.0, 4.0, 30.0, 40),
+     (100.0, 3, 0.0, 4.0, 250.0, 40), (100.0, 2, 3.0, 4.0, -5.0, 40)],
+)  # fmt: skip
+def test_epochs_that_fit_matches_brute_force(phase, epochs, startup, epoch_s, left, max_epochs):
+    """The resumed phase's predicted cost (the measured phase scaled by its start-up/epoch split) fits."""
+
+    def predicted_cost(target: int) -> float:
+        return phase * (startup + (target - epochs) * epoch_s) / (startup + epochs * epoch_s)
+
+    fits = [e for e in range(epochs + 1, max_epochs + 1) if reward_balance.TIME_MARGIN * predicted_cost(e) <= left]
+    expected = max(fits, default=epochs)
+    assert reward_balance.epochs_that_fit(
+        phase_seconds=phase, epochs=epochs, run_startup_s=startup, run_epoch_s=epoch_s,
+        seconds_left=left, max_epochs=max_epochs,
+    ) == expected  # fmt: skip
