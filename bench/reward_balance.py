@@ -89,7 +89,12 @@ TIME_MARGIN = 1.1  # the resumed phase must fit with 10% to spare
 
 
 def epochs_that_fit(
-    *, phase_seconds: float, epochs: int, run_startup_s: float, run_epoch_s: float, seconds_left: float,
+    *,
+    phase_seconds: float,
+    epochs: int,
+    run_startup_s: float,
+    run_epoch_s: float,
+    seconds_left: float,
     max_epochs: int,
 ) -> int:
     """The common epoch count (>= `epochs`, <= `max_epochs`) that a resumed phase can reach in `seconds_left`.

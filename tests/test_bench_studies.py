@@ -114,7 +114,9 @@ def test_epochs_that_fit_matches_brute_force(phase, epochs, startup, epoch_s, le
     def predicted_cost(target: int) -> float:
         return phase * (startup + (target - epochs) * epoch_s) / (startup + epochs * epoch_s)
 
-    fits = [e for e in range(epochs + 1, max_epochs + 1) if reward_balance.TIME_MARGIN * predicted_cost(e) <= left]
+    fits = [
+        e for e in range(epochs + 1, max_epochs + 1) if reward_balance.TIME_MARGIN * predicted_cost(e) <= left
+    ]
     expected = max(fits, default=epochs)
     assert reward_balance.epochs_that_fit(
         phase_seconds=phase, epochs=epochs, run_startup_s=startup, run_epoch_s=epoch_s,
