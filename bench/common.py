@@ -73,8 +73,15 @@ def balancer_config(cfg: MarbleConfig, preset: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- environment
+# pathspecs of what `make bench` writes, excluded from the dirty-tree check
+BENCH_OUTPUTS = (":(exclude)bench/results", ":(exclude)README.md", ":(exclude)bench/README.md")
+
+
 def git_commit() -> dict[str, Any]:
-    """HEAD of the repo and whether tracked files differ from it (results of a dirty tree say so)."""
+    """HEAD of the repo and whether tracked files differ from it (results of a dirty tree say so).
+
+    The files a benchmark run itself rewrites (bench/results, the generated README tables) do not
+    count: otherwise every study after the first of a `make bench` run would report a dirty tree."""
 
     def run(*args: str) -> str:
         try:
@@ -84,7 +91,10 @@ def git_commit() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": run("rev-parse", "HEAD") or None, "dirty": bool(run("status", "--porcelain", "-uno"))}
+    return {
+        "commit": run("rev-parse", "HEAD") or None,
+        "dirty": bool(run("status", "--porcelain", "-uno", "--", ".", *BENCH_OUTPUTS)),
+    }
 
 
 def cpu_model() -> str:
