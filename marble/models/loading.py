@@ -41,6 +41,14 @@ def resolve_pretrained(model_cfg: ModelConfig, cache_dir: Path | None = None) ->
     return model_cfg.pretrained, kwargs
 
 
+def _dtype_keyword() -> str:
+    """`dtype` where diffusers has renamed it (the old `torch_dtype` then warns on every load); older
+    releases within our `diffusers>=0.35` range know only `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_pipeline(
     model_cfg: ModelConfig,
     *,
@@ -56,7 +64,7 @@ def load_pipeline(
     source, kwargs = resolve_pretrained(model_cfg, cache_dir)
     dtype = dtype or _DTYPES[model_cfg.dtype]
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
+        pipe = StableDiffusion3Pipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
     except (OSError, ValueError) as exc:
         raise MarbleError(
             f"model.pretrained={model_cfg.pretrained!r}: cannot load an SD3 pipeline from {source!r} "
