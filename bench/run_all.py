@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # throughput and alignment stop early (recorded) when their own time budget runs out on a loaded machine.
 BUDGET_S = 25 * 60
 FULL = {
-    "throughput": {"repeats": 6, "time_budget_s": 300},
-    "alignment": {"epochs": 6, "time_budget_s": 200},
+    "throughput": {"repeats": 15, "time_budget_s": 300},
+    "alignment": {"epochs": 20, "time_budget_s": 240},
     "reward_balance": {"epochs": 2, "max_epochs": 40, "seeds": [0, 1, 2], "images_per_prompt": 2},
 }
 QUICK = {
