@@ -17,9 +17,6 @@ nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -30,8 +27,8 @@ import osqp
 import scipy.sparse as sp
 import torch
 
+from bench import common
 from marble.config import MarbleBalancer
-from marble.configio import atomic_write_text
 from marble.rl.advantages import group_advantages, optimality_probability
 from marble.rl.balancers import build_balancer
 from marble.rl.gram import gram_from_output, gram_from_params, stacked_gram
@@ -181,6 +178,40 @@ def bench_step(
     return out
 
 
+def plot(result: dict, path: Path) -> Path:
+    """Left: what one step costs, plain vs refresh, by part. Right: the QP solve alone, warm vs cold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st, qp, s = result["step"], result["qp"], result["settings"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    parts = {
+        "plain step\n(1 backward)": st["train_step_ms"],
+        f"Gram from params\n(K={s['K']} backwards)": st["gram_params_ms"],
+        "  of which\n[K,P] matmul": st["gram_matmul_ms"],
+        "Gram from\noutput": st["gram_output_ms"],
+        "balancer.update\n(QP, EMA, rescale)": st["balancer_update_ms"],
+        "refresh step": st["refresh_step_ms"],
+        f"amortised overhead\n(1 in {st['refresh_every']})": st["amortized_overhead_ms_per_step"],
+    }
+    a.bar(range(len(parts)), list(parts.values()), color=["C0", "C3", "C3", "C2", "C1", "C3", "C1"])
+    a.set_xticks(range(len(parts)), list(parts), fontsize=7)
+    a.set_ylabel("ms (median)")
+    a.set_title(f"K={s['K']} rewards, MLP {st['num_params']:,} params, batch {s['batch']}", fontsize=9)
+    names = list(qp)
+    b.bar(range(len(names)), [qp[n] for n in names], color="C1")
+    b.set_xticks(range(len(names)), [n.replace("_ms", "").replace("_", "\n", 2) for n in names], fontsize=7)
+    b.set_yscale("log")
+    b.set_ylabel("ms per solve (median, log)")
+    b.set_title(f"osqp min-norm QP at K={s['K']}, {s['qp_problems']} random Grams", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--K", type=int, default=5)
@@ -203,25 +234,17 @@ def main(argv: list[str] | None = None) -> dict:
         args.K, args.batch, args.dim, args.hidden, args.layers, args.repeats, args.refresh_every
     )
     qp = bench_osqp(args.K, args.qp_problems)
+
     result = {
         "benchmark": "balancer_overhead",
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "osqp": osqp.__version__,
-            "numpy": np.__version__,
-        },  # fmt: skip
-        "settings": vars(args) | {"out": str(args.out)},
+        **common.environment(),
+        "load_average": common.load_average(),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "step": step,
         "qp": qp,
     }
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    common.write_json(args.out, result)
+    plot(result, args.out.with_suffix(".png"))
     print(
         f"balancer overhead, K={args.K}, MLP {step['num_params']:,} params, batch {args.batch} (medians, ms)"
     )

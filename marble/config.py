@@ -4,7 +4,7 @@ Every field is documented once (its `description`). Defaults cite their source:
 - [NFT]    DiffusionNFT (arXiv 2509.16117), `config/nft.py` of NVlabs/DiffusionNFT;
 - [MARBLE] MARBLE (arXiv 2605.06507);
 - [ours]   chosen by this project.
-See docs/ALGORITHM.md-equivalent notes in ../shared/docs/ALGORITHM.md.
+The algorithm these fields parameterise: docs/algorithm.md.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ class LoraConfig(StrictModel):
 
 
 class SamplingConfig(StrictModel):
-    """Rollouts of the old policy (ALGORITHM.md §2)."""
+    """Rollouts of the old policy (docs/algorithm.md §2)."""
 
     resolution: int = Field(512, ge=16, description="Image side, px [NFT: 512].")
     num_steps: int = Field(25, ge=2, description="Solver steps of a rollout [MARBLE: 25 for multi-reward].")
@@ -178,7 +178,7 @@ class SamplingConfig(StrictModel):
 
 
 class NFTConfig(StrictModel):
-    """The DiffusionNFT objective (ALGORITHM.md §3, §5)."""
+    """The DiffusionNFT objective (docs/algorithm.md §3, §5)."""
 
     beta: float = Field(0.1, gt=0, description="NFT strength β [MARBLE: 0.1 multi-reward; NFT: 1.0 single].")
     adv_clip_max: float = Field(5.0, gt=0, description="Advantage clip C [NFT: 5].")

@@ -122,3 +122,30 @@ def test_epochs_that_fit_matches_brute_force(phase, epochs, startup, epoch_s, le
         phase_seconds=phase, epochs=epochs, run_startup_s=startup, run_epoch_s=epoch_s,
         seconds_left=left, max_epochs=max_epochs,
     ) == expected  # fmt: skip
+
+
+def test_balancer_overhead_writes_json_and_plot(tmp_path):
+    from bench import balancer_overhead
+
+    out = tmp_path / "bo.json"
+    args = [
+        "--K",
+        "3",
+        "--dim",
+        "16",
+        "--hidden",
+        "32",
+        "--layers",
+        "2",
+        "--repeats",
+        "2",
+        "--qp-problems",
+        "5",
+    ]
+    res = balancer_overhead.main([*args, "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["K"] == 3 and "out" not in saved["settings"]
+    assert {"commit", "dirty"} <= set(saved["marble"]) and saved["step"]["num_params"] == res["step"][
+        "num_params"
+    ]
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -77,7 +77,7 @@ def test_composite_is_mean_of_population_zscores():
 
 
 def test_composite_reproduces_the_paper_ordering():
-    # ALGORITHM.md §7, all eight columns (5 trained + 3 held out) for base, weighted sum, sequential
+    # docs/algorithm.md §7, all eight columns (5 trained + 3 held out) for base, weighted sum, sequential
     # and MARBLE: MARBLE has the best composite, the base the worst. (On the five trained columns
     # alone sequential edges out MARBLE, 0.81 vs 0.70: the held-out columns decide it.)
     t = np.array(

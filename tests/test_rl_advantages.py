@@ -1,4 +1,4 @@
-"""Per-reward group advantages and the optimality probability (ALGORITHM.md §2)."""
+"""Per-reward group advantages and the optimality probability (docs/algorithm.md §2)."""
 
 from __future__ import annotations
 

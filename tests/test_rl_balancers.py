@@ -1,5 +1,5 @@
 """Balancer presets: registry, invariants, EMA, amortisation, fallbacks, exact state round trip,
-PCGrad / CAGrad in Gram form (ALGORITHM.md §4)."""
+PCGrad / CAGrad in Gram form (docs/algorithm.md §4)."""
 
 from __future__ import annotations
 

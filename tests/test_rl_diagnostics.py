@@ -1,4 +1,4 @@
-"""Gradient-cosine diagnostics (ALGORITHM.md §6)."""
+"""Gradient-cosine diagnostics (docs/algorithm.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameter-space Gram (K backward passes) and its normalisation (ALGORITHM.md §4.1-4.2)."""
+"""Parameter-space Gram (K backward passes) and its normalisation (docs/algorithm.md §4.1-4.2)."""
 
 from __future__ import annotations
 

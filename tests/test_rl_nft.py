@@ -1,4 +1,4 @@
-"""The NFT loss, the affine single-backward (ω, ρ) update and the output-space Gram (ALGORITHM.md §3, §4.1).
+"""The NFT loss, the affine single-backward (ω, ρ) update and the output-space Gram (docs/algorithm.md §3, §4.1).
 
 Reference losses here are written independently, sample by sample, straight from the spec's formulas.
 """

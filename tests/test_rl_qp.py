@@ -1,4 +1,4 @@
-"""The min-norm point on the simplex (ALGORITHM.md §4.3) against brute force, KKT and edge cases."""
+"""The min-norm point on the simplex (docs/algorithm.md §4.3) against brute force, KKT and edge cases."""
 
 from __future__ import annotations
 

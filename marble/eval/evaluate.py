@@ -1,6 +1,6 @@
 """The evaluate stage: base model vs. adapter on held-out prompts, same seeds, every reward.
 
-How (issue 7, ALGORITHM.md §7):
+How (issue 7, docs/algorithm.md §7):
 - prompts: `<prompts_dir>/test.jsonl` (the first `eval.num_prompts`, all by default), each with
   `eval.images_per_prompt` fixed seeds `eval.seed + j`;
 - sampling pinned: the stock diffusers SD3 pipeline, Euler flow-matching solver, `eval.num_steps`,

@@ -87,7 +87,7 @@ def composite_zscores(table: np.ndarray) -> np.ndarray:
     """Composite score per model: the mean over rewards of each column's z-score.
 
     `table` is [M, K]: M compared models (rows) by K rewards (columns), higher is better. As in the
-    MARBLE paper's composite (ALGORITHM.md §7), each column is standardised with the POPULATION std
+    MARBLE paper's composite (docs/algorithm.md §7), each column is standardised with the POPULATION std
     (ddof=0) over the M rows; a column where every model scores the same contributes 0. Returns [M].
     """
     t = np.asarray(table, dtype=np.float64)  # [M, K]

@@ -1,7 +1,7 @@
 """LoRA adapters on the SD3 transformer (peft): a trainable "default", a frozen "old", export for diffusers.
 
 - "default": the policy being trained.
-- "old": the sampling policy of DiffusionNFT, a slow EMA of "default" (ALGORITHM.md §5).
+- "old": the sampling policy of DiffusionNFT, a slow EMA of "default" (docs/algorithm.md §5).
 - the reference: the base model, `with model.disable_adapter():`.
 Export follows the traps measured in STACK-NOTES: the state dict is taken in the BASE model's naming and
 saved with `save_lora_weights` together with the adapter metadata, or stock diffusers either loads
@@ -84,7 +84,7 @@ def _lora_pairs(model: PeftModel, a: str, b: str) -> list[tuple[Tensor, Tensor]]
 
 @torch.no_grad()
 def blend_old_adapter(model: PeftModel, eta: float) -> None:
-    """θ_old ← η θ_old + (1 − η) θ  (DiffusionNFT's old-policy update, ALGORITHM.md §5)."""
+    """θ_old ← η θ_old + (1 − η) θ  (DiffusionNFT's old-policy update, docs/algorithm.md §5)."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta} must lie in [0, 1]")
     for old, new in _lora_pairs(model, "old", "default"):

@@ -1,6 +1,6 @@
 """The reward interface: a `Reward` scores decoded images against their prompts.
 
-Conventions (ALGORITHM.md §2):
+Conventions (docs/algorithm.md §2):
 - images are float tensors `[N, 3, H, W]` in [0, 1] (what `decode_latents` returns);
 - a reward returns one float64 score per image; NaN means "this reward does not apply to this
   prompt" (e.g. OCR on a prompt without quoted text). NaN is a value, not an error;

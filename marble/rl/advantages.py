@@ -1,4 +1,4 @@
-"""Per-reward group advantages and the optimality probability r (ALGORITHM.md §2).
+"""Per-reward group advantages and the optimality probability r (docs/algorithm.md §2).
 
 MARBLE's first idea (arXiv 2605.06507 §3): one advantage estimator per reward. Each column of the
 reward matrix is standardised on its own, over the entries where that reward applies (NaN elsewhere),
@@ -117,7 +117,7 @@ def group_advantages(
 
 
 def optimality_probability(adv: Tensor, clip_max: float) -> tuple[Tensor, Tensor]:
-    """Map advantages to DiffusionNFT's optimality probability (ALGORITHM.md §2).
+    """Map advantages to DiffusionNFT's optimality probability (docs/algorithm.md §2).
 
     `r = clip(A / C, -1, 1) / 2 + 1/2` and `m = isfinite(A)`. Where the mask is 0 the returned r is a
     placeholder (0.5) that must never reach the loss: `reward_weights` gives those entries c = 0, and

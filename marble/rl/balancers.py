@@ -1,4 +1,4 @@
-"""Balancers: how K per-reward gradients become one update (ALGORITHM.md §4). A registry keyed by
+"""Balancers: how K per-reward gradients become one update (docs/algorithm.md §4). A registry keyed by
 the config's `kind`; the trainer uses this one interface and never branches on the name.
 
 Trainer usage, per micro-step (b = index of the micro-batch rows)::
@@ -69,7 +69,7 @@ class BalanceStats:
     num_refreshes: int = 0  # cumulative refreshes (solves)
 
     def to_metrics(self, names: list[str]) -> dict[str, float]:
-        """Flat metrics with the names of ALGORITHM.md §6."""
+        """Flat metrics with the names of docs/algorithm.md §6."""
         out: dict[str, float] = {
             f"balance/alpha/{n}": float(a) for n, a in zip(names, self.alpha, strict=True)
         }

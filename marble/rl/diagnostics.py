@@ -1,4 +1,4 @@
-"""Gradient-cosine diagnostics (ALGORITHM.md §6; MARBLE arXiv 2605.06507 §4.4, Fig. 3).
+"""Gradient-cosine diagnostics (docs/algorithm.md §6; MARBLE arXiv 2605.06507 §4.4, Fig. 3).
 
 For a direction d (the applied update, the fresh MGDA direction, the weighted-sum direction) and the
 per-reward parameter gradients g_k of a batch: `cos(d, g_k)`, summarised by min, mean and variance over

@@ -1,4 +1,4 @@
-"""Gram matrices of the per-reward gradients (ALGORITHM.md §4.1) and their normalisation (§4.2).
+"""Gram matrices of the per-reward gradients (docs/algorithm.md §4.1) and their normalisation (§4.2).
 
 Two sources:
 - `params` (exact, MARBLE arXiv 2605.06507 §3.2): K backward passes of the masked per-reward losses

@@ -1,6 +1,6 @@
 """The DiffusionNFT loss per sample, the masked per-reward losses and the affine (ω, ρ) update.
 
-ALGORITHM.md §3. DiffusionNFT (arXiv 2509.16117, Eq. 8; NVlabs/DiffusionNFT `scripts/train_nft_sd3.py`)
+docs/algorithm.md §3. DiffusionNFT (arXiv 2509.16117, Eq. 8; NVlabs/DiffusionNFT `scripts/train_nft_sd3.py`)
 trains an implicit positive policy `v_pos = β v + (1-β) sg(v_old)` towards samples with high
 optimality probability r and an implicit negative policy `v_neg = (1+β) sg(v_old) - β v` towards the
 rest, each an x0-prediction loss with an adaptive, detached per-sample weight.
@@ -99,7 +99,7 @@ def nft_terms(
 
 
 def reward_weights(mask: Tensor, clip_max: float) -> Tensor:
-    """Masked per-sample weights `c[i, k] = C m[i, k] / max(1, Σ_j m[j, k])` (ALGORITHM.md §3).
+    """Masked per-sample weights `c[i, k] = C m[i, k] / max(1, Σ_j m[j, k])` (docs/algorithm.md §3).
 
     Each reward's loss is the mean over the samples it applies to, times C (DiffusionNFT multiplies the
     policy loss by `adv_clip_max`). Returns `[B, K]` float64.

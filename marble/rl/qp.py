@@ -1,4 +1,4 @@
-"""The MGDA min-norm point on the simplex (ALGORITHM.md §4.3), solved with osqp 1.x.
+"""The MGDA min-norm point on the simplex (docs/algorithm.md §4.3), solved with osqp 1.x.
 
 `α* = argmin ½ αᵀ Ĝ α  s.t. α ≥ 0, Σ α = 1` (Désidéri 2012; Sener & Koltun 2018; MARBLE arXiv
 2605.06507 §3.2). The solver sees only the K x K normalised Gram.

@@ -10,7 +10,7 @@ Layout of one checkpoint (`<out>/checkpoints/step-00000040/`):
     manifest.json                   sha256 of every file above (written last)
 
 The three adapters are stored SEPARATELY on purpose: an upstream bug resumes from the EMA weights
-(ALGORITHM.md §5). A checkpoint is written under a temporary name and renamed, so a directory with a
+(docs/algorithm.md §5). A checkpoint is written under a temporary name and renamed, so a directory with a
 checkpoint's name is complete; the manifest additionally catches later damage (truncated or edited
 files), in which case `resume: latest` warns and falls back to the previous checkpoint.
 """

@@ -1,4 +1,4 @@
-"""The evaluation EMA of the trainable LoRA weights (ALGORITHM.md §5; DiffusionNFT `EMAModuleWrapper`).
+"""The evaluation EMA of the trainable LoRA weights (docs/algorithm.md §5; DiffusionNFT `EMAModuleWrapper`).
 
 decay_k = min((1 + k) / (10 + k), decay) after the k-th update (warm-up, then 0.9). Kept apart from
 the trainable weights: it is what evaluation uses, never what training resumes from.

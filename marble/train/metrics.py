@@ -1,6 +1,6 @@
 """Training metrics: `metrics.jsonl` (every step), TensorBoard, DVC plot CSVs and a progress bar.
 
-Only the main process writes. Metric names follow ALGORITHM.md §6 (`train/reward/<k>`,
+Only the main process writes. Metric names follow docs/algorithm.md §6 (`train/reward/<k>`,
 `balance/alpha/<k>`, `loss/policy`, ...). On resume, records after the resumed step are dropped so
 the files read as one uninterrupted run.
 """

@@ -1,4 +1,4 @@
-"""Rollouts of the old policy and the epoch buffer they fill (ALGORITHM.md §2).
+"""Rollouts of the old policy and the epoch buffer they fill (docs/algorithm.md §2).
 
 Per epoch: `prompts_per_epoch` prompts (stratified by family, seeded), G images each, sampled with
 the OLD adapter, CFG-free, by the deterministic Euler solver. Only the final clean latents are kept

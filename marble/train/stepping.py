@@ -87,7 +87,7 @@ class EpochPlan:
 
     Global micro-batch b holds samples `order[b*Mg:(b+1)*Mg]` (Mg = micro_batch_size x world); rank r
     trains rows `[r*M, (r+1)*M)` of it. Each sample i gets its own random permutation of the sampling
-    grid (the first `num_train_timesteps` are trained, one per micro-step, ALGORITHM.md §5) and fresh
+    grid (the first `num_train_timesteps` are trained, one per micro-step, docs/algorithm.md §5) and fresh
     noise per timestep, all seeded by (seed, epoch, i[, j]) so nothing depends on the rank layout.
     """
 
@@ -207,7 +207,7 @@ def sync_and_clip(accelerator: Any, params: list[Tensor], max_norm: float, world
 
 # ---------------------------------------------------------------------------------------- metrics
 def reward_metrics(names: list[str], st: Any, nonfinite: dict[str, int]) -> dict[str, float]:
-    """Epoch-level reward metrics of ALGORITHM.md §6 from `AdvantageStats` (per trained reward)."""
+    """Epoch-level reward metrics of docs/algorithm.md §6 from `AdvantageStats` (per trained reward)."""
     out: dict[str, float] = {}
     for k, name in enumerate(names):
         out[f"train/reward/{name}"] = float(st.mean[k])

@@ -1,4 +1,4 @@
-"""The training recipe: `setup` / `train` / `cleanup` wiring marble's library pieces (ALGORITHM.md §2-§6).
+"""The training recipe: `setup` / `train` / `cleanup` wiring marble's library pieces (docs/algorithm.md §2-§6).
 
 Per epoch: rollouts of the old adapter -> trained rewards `[N, K]` -> per-reward advantages -> for each
 optimizer step, `gradient_accumulation_steps` micro-batches x `num_train_timesteps` micro-steps of the

@@ -1,7 +1,7 @@
 """One micro-step of the balanced NFT update, and the gradient-cosine diagnostic.
 
 Wiring only: the math lives in `marble.rl` (nft.py, gram.py, balancers.py, diagnostics.py). Per
-micro-step (ALGORITHM.md §3-§5): three velocities (trainable adapter with graph; old adapter and
+micro-step (docs/algorithm.md §3-§5): three velocities (trainable adapter with graph; old adapter and
 reference without), the per-sample NFT terms, the Gram when the balancer asks for one, the balancer
 update, γ -> (ω, ρ), and ONE scalar `combined + λ KL` for the caller to backprop.
 
@@ -154,7 +154,7 @@ class NFTUpdate:
     ) -> dict[str, float]:
         """Cosines of the per-reward gradients g_k (masked, KL excluded) with three directions:
         the applied one (cached γ through (ω, ρ)), the fresh MGDA one, the equal-weight sum
-        (ALGORITHM.md §6). Costs K + 1 extra backward passes; touches no `.grad` and no state."""
+        (docs/algorithm.md §6). Costs K + 1 extra backward passes; touches no `.grad` and no state."""
         terms, _, _ = self.forward(mb, output_grads=False)
         losses = per_reward_losses(terms, mb.c_raw, mb.r_raw, self.beta)  # [K]
         pg = gram_from_params(losses, self.params, all_reduce=self.reduce_mean, keep_grads=True)
