@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,6 +73,8 @@ def train_one(
     out = runs_dir / f"{preset}-seed{seed}"
     cmd = train_command(preset, seed, epochs, prompts, out, extra, resume)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if not resume and out.exists():
+        shutil.rmtree(out)  # a run of an earlier `make bench`: its checkpoints must not be resumed
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with (out.parent / f"{out.name}.log").open("a" if resume else "w") as fh:

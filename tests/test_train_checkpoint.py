@@ -122,6 +122,21 @@ def test_resume_none_and_missing_dir(tmp_path):
         mgr.resolve(str(tmp_path / "nope"))
 
 
+def test_fresh_start_among_stale_checkpoints_is_refused(tmp_path):
+    """A from-scratch run must not write beside another run's checkpoints: a later resume=latest
+    would pick the other run's higher step (found in the benchmark's second run)."""
+    empty = CheckpointManager(tmp_path / "new", keep_last=3, compat=COMPAT)
+    empty.check_fresh_start()  # nothing there: fine
+    mgr = CheckpointManager(tmp_path, keep_last=3, compat=COMPAT)
+    mgr.save(_ckpt(40))
+    with pytest.raises(CheckpointError, match=r"step-0*40.*train\.resume=latest"):
+        mgr.check_fresh_start()
+    (tmp_path / "step-00000040" / "manifest.json").unlink()  # damaged: 'latest' finds nothing valid
+    assert mgr.resolve("latest") is None
+    with pytest.raises(CheckpointError, match="earlier run"):
+        mgr.check_fresh_start()
+
+
 def test_metrics_logger_truncates_on_resume(tmp_path):
     keys = ["train/reward/a"]
     m = MetricsLogger(

@@ -253,6 +253,22 @@ class CheckpointManager:
             return path
         return None
 
+    def check_fresh_start(self) -> None:
+        """Refuse to start a run from scratch where checkpoints of another run already are.
+
+        Their steps would interleave with the new run's: `resume: latest` would later continue the
+        OTHER run if its step is higher, and pruning (oldest step first) would delete the new run's
+        checkpoints before the stale ones."""
+        stale = list_checkpoints(self.root)
+        if stale:
+            names = ", ".join(p.name for p in stale[-3:])
+            raise CheckpointError(
+                f"{self.root}: holds {len(stale)} checkpoint(s) of an earlier run ({names}) that "
+                "this run does not resume from (train.resume=none, or none of them is valid); a fresh "
+                "run there would mix with them. Use another output directory, delete this one, or "
+                "set train.resume=latest to continue that run."
+            )
+
     def load(self, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
         """Load a verified checkpoint; refuses it when incompatible with the current config."""
         path = Path(path)

@@ -181,7 +181,9 @@ class Trainer:
         )
         path = self.ckpt.resolve(self.cfg.train.resume)
         self.resumed_from = None
-        if path is not None:
+        if path is None:
+            self.ckpt.check_fresh_start()
+        else:
             self._restore(self.ckpt.load(path))
             self.resumed_from = path
 
