@@ -82,3 +82,32 @@ def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
     assert tiny.ensure_tiny_model(cfg) == target
     assert (target / "winner").is_file() and not (target / "loser").exists()
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [target.name]
+
+
+def test_tiny_build_is_deterministic_whatever_the_callers_thread_count(tmp_path):
+    """Two builds of the same config give the same VAE weights although the callers use different
+    torch thread counts (CPU reductions split by thread: unpinned, 1 and 2 threads differed)."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from marble.config import TinyModelConfig
+    from marble.models.tiny import build_tiny_pipeline
+
+    cfg = TinyModelConfig(vae_train_steps=6, pretrain_steps=0)
+    before = torch.get_num_threads()
+    digests = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            out = tmp_path / f"t{threads}"
+            build_tiny_pipeline(cfg, out, max_sequence_length=32)
+            assert torch.get_num_threads() == threads  # the caller's setting is restored
+            state = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+            digests.append(
+                hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+            )
+    finally:
+        torch.set_num_threads(before)
+    assert digests[0] == digests[1]

@@ -29,7 +29,11 @@ from marble.models.tiny_render import render_batch
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1  # bump when the recipe below changes: it is part of the cache key
+BUILD_VERSION = 2  # bump when the recipe below changes: it is part of the cache key
+# The VAE training below is bit-reproducible only at a fixed torch thread count (CPU kernels split
+# their reductions by thread; 1 vs 2 threads gave different weights, and so different benchmark
+# figures for two builds of the "same" model). Every build uses this many threads, whatever the caller set.
+BUILD_THREADS = 2
 BUILD_INFO = "marble_tiny_build.json"
 LATENT_CHANNELS = 16  # SD3's latent width
 
@@ -262,7 +266,18 @@ def pretrain_transformer(
 
 
 def build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_length: int) -> dict:
-    """Build, train briefly and `save_pretrained` the tiny pipeline into `out_dir`; returns build stats."""
+    """Build, train briefly and `save_pretrained` the tiny pipeline into `out_dir`; returns build stats.
+
+    Deterministic: same config, same torch build and CPU instruction set -> the same weights."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        return _build_tiny_pipeline(tiny, out_dir, max_sequence_length)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_length: int) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     t0 = time.perf_counter()
@@ -291,6 +306,8 @@ def build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_lengt
     stats = {
         "tiny": tiny.model_dump(mode="json"),
         "build_version": BUILD_VERSION,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "seconds": round(time.perf_counter() - t0, 2),
         "decoded_brightness_std_untrained_vae": std_before,
         "decoded_brightness_std_trained_vae": std_after,
