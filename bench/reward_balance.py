@@ -135,7 +135,7 @@ class Evaluator:
         self.noise = ev.initial_noise(seeds, ev.latent_shape(self.pipe, cfg.eval_resolution))  # [N, C, h, w]
         t0 = time.perf_counter()
         self.base_images = self._images()  # [N, 3, H, W] uint8, sampled once
-        self.base = ev.score_both(cfg, self.base_images, self.base_images, self.jobs, device, None)[0]
+        (self.base,) = ev.score_images(cfg, [self.base_images], self.jobs, device, None)
         self.sample_seconds = time.perf_counter() - t0  # one image set, sampled and scored: sizes the reserve
 
     def _images(self) -> torch.Tensor:
@@ -153,7 +153,9 @@ class Evaluator:
             images = self._images()
         finally:
             self.pipe.delete_adapters(self.ev.ADAPTER_NAME)
-        base, scores = self.ev.score_both(self.cfg, self.base_images, images, self.jobs, self.device, None)
+        base, scores = self.ev.score_images(
+            self.cfg, [self.base_images, images], self.jobs, self.device, None
+        )
         if not np.array_equal(base, self.base, equal_nan=True):
             raise RuntimeError("base scores changed between evaluations: rewards are not deterministic")
         return scores

@@ -217,16 +217,15 @@ SCORE_CHUNK = 256
 """Images converted to float and scored at a time (each reward batches further by its batch_size)."""
 
 
-def score_both(
+def score_images(
     cfg: MarbleConfig,
-    base: torch.Tensor,
-    adapted: torch.Tensor,
+    image_sets: Sequence[torch.Tensor],
     jobs: list[dict],
     device: str,
     cache: Path | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every reward's scores of both uint8 image sets: ([N, K], [N, K]) float64, columns in config
-    order, NaN = does not apply. Reward weights are loaded once for both."""
+) -> list[np.ndarray]:
+    """Every reward's scores of each uint8 image set (all for the same `jobs`): one `[N, K]` float64
+    array per set, columns in config order, NaN = does not apply. Reward weights are loaded once."""
     from marble.rewards.registry import build_rewards, score_all
 
     rewards = build_rewards(cfg.rewards)
@@ -244,7 +243,7 @@ def score_both(
             )  # [n, K]
         return torch.cat(out).numpy()  # [N, K]
 
-    return score(base), score(adapted)
+    return [score(images) for images in image_sets]
 
 
 def monitor_images(images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -420,8 +419,8 @@ def run_evaluation(
         "evaluating %d images (%d prompts) on %s", len(jobs), len({j["prompt_id"] for j in jobs}), device
     )
     base_img, adapter_img, sampling = sample_both(cfg, adapter_dir, jobs, device, reward_cache)
-    base_scores, adapter_scores = score_both(
-        cfg, base_img, adapter_img, jobs, device, reward_cache
+    base_scores, adapter_scores = score_images(
+        cfg, [base_img, adapter_img], jobs, device, reward_cache
     )  # [N, K] x 2
     base_mon, adapter_mon = monitor_images(base_img), monitor_images(adapter_img)
 
