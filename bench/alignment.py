@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from bench import common
+from marble.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def run(
     t_start = time.perf_counter()
     load_start = common.load_average()
     presets = list(common.PRESETS)
-    with common.pinned_threads(threads):
+    with pinned_threads(threads):
         world = common.build_world(cfg, work, "alignment")
         tr = world.trainer
         driver_bal = common.make_balancer(world, driver)

@@ -21,8 +21,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -242,17 +241,6 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------- timing
-@contextmanager
-def pinned_threads(n: int) -> Iterator[None]:
-    """Pin torch's intra-op threads for stable timings (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """(milliseconds, result) of one call."""
     t0 = time.perf_counter()

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from bench import common
+from marble.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def run(
     eval_cfg = common.bench_config("marble", [*extra, f"eval.images_per_prompt={images_per_prompt}"])
     prompts = common.prepare_prompts(eval_cfg, work)
     runs_dir = work / "reward_balance"
-    with common.pinned_threads(threads):
+    with pinned_threads(threads):
         t0 = time.perf_counter()
         evaluator = Evaluator(eval_cfg, prompts)  # base images first: their cost sizes the eval reserve
         eval_base_s = time.perf_counter() - t0
@@ -295,7 +296,7 @@ def run(
             trained = train_all(final_epochs, resume=True)
     t_trained = time.perf_counter()
     load_train = common.load_average()
-    with common.pinned_threads(threads):
+    with pinned_threads(threads):
         runs = []
         for t in trained:
             scores = evaluator.adapter(t["dir"] / "adapter")

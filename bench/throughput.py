@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from marble.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def run(
     so a loaded machine shortens the study instead of the whole benchmark overrunning."""
     load_start = common.load_average()
     t_start = time.perf_counter()
-    with common.pinned_threads(threads):
+    with pinned_threads(threads):
         world = common.build_world(cfg, work, "throughput")
         tr = world.trainer
         probe = MicroStepProbe(tr)

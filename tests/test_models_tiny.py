@@ -94,20 +94,17 @@ def test_tiny_build_is_deterministic_whatever_the_callers_thread_count(tmp_path)
 
     from marble.config import TinyModelConfig
     from marble.models.tiny import build_tiny_pipeline
+    from marble.threads import pinned_threads
 
     cfg = TinyModelConfig(vae_train_steps=6, pretrain_steps=0)
-    before = torch.get_num_threads()
     digests = []
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
+    for threads in (1, 3):
+        with pinned_threads(threads):
             out = tmp_path / f"t{threads}"
             build_tiny_pipeline(cfg, out, max_sequence_length=32)
             assert torch.get_num_threads() == threads  # the caller's setting is restored
-            state = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
-            digests.append(
-                hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
-            )
-    finally:
-        torch.set_num_threads(before)
+        state = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+        digests.append(
+            hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+        )
     assert digests[0] == digests[1]

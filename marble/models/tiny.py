@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from marble.config import ModelConfig, TinyModelConfig
 from marble.data.tiny_world import PALETTE, SHAPES, WORDS, generate_prompts
 from marble.models.tiny_render import render_batch
+from marble.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
@@ -269,12 +270,8 @@ def build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_lengt
     """Build, train briefly and `save_pretrained` the tiny pipeline into `out_dir`; returns build stats.
 
     Deterministic: same config, same torch build and CPU instruction set -> the same weights."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    try:
+    with pinned_threads(BUILD_THREADS):
         return _build_tiny_pipeline(tiny, out_dir, max_sequence_length)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_length: int) -> dict:
