@@ -1,27 +1,49 @@
 # marble: the two commands a user needs are `make demo` and `make test`.
-# Each creates .venv on a fresh clone (CPU torch first, then the project with its dev extras).
+# Each sets .venv up on a fresh clone: pip picks the torch build (on this machine it finds the local CPU
+# wheel, which uv would not look for), then uv installs that file, marble and everything else at the
+# versions and hashes of requirements.lock (the one lock shared with the images; it leaves torch out).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build lies on this machine's disk; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index.
+# Which torch build pip picks; a GPU user adds the wheel index of a CUDA build, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
+UV_SPEC ?= uv==0.13.9
+EXTRAS ?= dev,mlflow
+LOCK := requirements.lock
+# Every extra an install (dev venv or image) may ask for; the lock is resolved for all of them at once.
+LOCK_EXTRAS := dev mlflow hps kubeflow-registry training-operator
 PIP_FLAGS ?= -q
 STAMP := $(VENV)/.marble-installed
+TORCH_REQ := $(VENV)/torch-requirement.txt
+# pip's complaints about this machine's unused find-links locations, dropped; pip's exit status kept.
+WITHOUT_PIP_NOISE = 2>&1 | { grep -v "^WARNING: Location" || true; }; exit $${PIPESTATUS[0]}
 
-.PHONY: setup demo test test-slow test-all lint format bench compile clean images
+.PHONY: setup demo test test-slow test-all lint format bench compile clean images lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "[setup] installing $(TORCH_SPEC) (CPU build unless TORCH_SPEC says otherwise)"
-	@$(BIN)/pip install $(PIP_FLAGS) $(TORCH_SPEC) numpy 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import torch" || { echo "[setup] torch failed to install" >&2; exit 1; }
-	@echo "[setup] installing marble with its dev and mlflow extras"
-	@$(BIN)/pip install $(PIP_FLAGS) -e ".[dev,mlflow]" 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import marble, kfp, diffusers, peft, osqp" || { echo "[setup] install failed" >&2; exit 1; }
+	@echo "[setup] $(UV_SPEC) with pip, and the torch build pip picks for: $(TORCH_SPEC)"
+	@$(BIN)/pip install $(PIP_FLAGS) $(UV_SPEC) $(WITHOUT_PIP_NOISE)
+	@$(BIN)/pip install $(PIP_FLAGS) --dry-run --ignore-installed --no-deps --report $(VENV)/torch-pick.json $(TORCH_SPEC) \
+	  $(WITHOUT_PIP_NOISE)
+	@$(BIN)/python -c 'import json, sys; print("\n".join(p["metadata"]["name"] + " @ " + p["download_info"]["url"] \
+	  for p in json.load(open(sys.argv[1]))["install"]))' $(VENV)/torch-pick.json > $(TORCH_REQ)
+	@echo "[setup] uv: that torch file, then marble[$(EXTRAS)] at the versions of $(LOCK)"
+	@$(BIN)/uv pip install --python $(BIN)/python -q -r $(TORCH_REQ) -c $(LOCK) -e ".[$(EXTRAS)]"
+	@$(BIN)/python -c "import marble, kfp, diffusers, peft, osqp, torch" || { echo "[setup] install failed" >&2; exit 1; }
 	@touch $(STAMP)
+
+# Re-resolve requirements.lock after a dependency change in pyproject.toml (keeps the other pins;
+# `make lock UPGRADE=--upgrade` moves everything to the newest releases). torch and torchvision are
+# left out: each install puts its own build (CPU, CUDA) in first. Resolved for the images' platform.
+lock: $(STAMP)
+	$(BIN)/uv pip compile --quiet pyproject.toml $(TORCH_REQ) $(addprefix --extra ,$(LOCK_EXTRAS)) $(UPGRADE) \
+	  --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --no-emit-package torch --no-emit-package torchvision --custom-compile-command "make lock" -o $(LOCK)
 
 demo: $(STAMP)
 	$(BIN)/marble pipeline run --local --config configs/tiny.yaml
