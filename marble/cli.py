@@ -30,6 +30,26 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+def _add_version_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--version",
+        help="an uploaded pipeline version to use (default: this code and config's version, uploaded "
+        "if missing)",
+    )
+
+
+def _add_param_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a typed run parameter of the pipeline, e.g. --param epochs=5 (repeatable; the names "
+        "are in docs/kubeflow.md)",
+    )
+
+
 def _cfg(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
@@ -216,24 +236,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-cache", help="directory written by `marble cache-rewards`")
     p.set_defaults(func=cmd_rewards_check)
 
-    pl = sub.add_parser("pipeline", help="run, compile or schedule the Kubeflow pipeline")
+    pl = sub.add_parser("pipeline", help="run, compile, upload or schedule the Kubeflow pipeline")
     pl_sub = pl.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
     p = pl_sub.add_parser("run", help="run the pipeline (--local: kfp SubprocessRunner, no cluster)")
     _add_config_args(p, required=False)
     p.add_argument("--local", action="store_true", help="run locally with Kubeflow's SubprocessRunner")
     p.add_argument("--pipeline-root", help="where local artifacts go (default: <output_dir>/kfp)")
     p.add_argument("--host", help="KFP endpoint, for a cluster run")
+    p.add_argument("--experiment", help="KFP experiment of a cluster run (default: pipeline.name)")
+    _add_version_arg(p)
+    _add_param_arg(p)
     p.set_defaults(func=cmd_pipeline)
     p = pl_sub.add_parser("compile", help="compile the pipeline to IR YAML")
     _add_config_args(p, required=False)
     p.add_argument("--out", default="pipelines/marble_pipeline.yaml")
     p.set_defaults(func=cmd_pipeline)
-    p = pl_sub.add_parser("schedule", help="create a recurring run on a KFP endpoint")
+    p = pl_sub.add_parser(
+        "upload", help="upload the pipeline, or a new version of it named by git commit and config hash"
+    )
+    _add_config_args(p, required=False)
+    p.add_argument("--host", help="KFP endpoint (e.g. https://kubeflow.example.com/pipeline)")
+    p.add_argument("--version-name", help="name of the version (default: <git commit>-<config hash>)")
+    p.set_defaults(func=cmd_pipeline)
+    p = pl_sub.add_parser("schedule", help="create or replace a recurring run of an uploaded version")
     _add_config_args(p, required=False)
     p.add_argument("--host", help="KFP endpoint (e.g. https://kubeflow.example.com/pipeline)")
     p.add_argument("--experiment", default="marble")
+    p.add_argument(
+        "--name", help="recurring run name; the same name replaces it (default: <pipeline>-<run_name>)"
+    )
     p.add_argument("--cron", help="6-field cron (default: pipeline.schedule_cron)")
     p.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
+    _add_version_arg(p)
+    _add_param_arg(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("bench", help="run a benchmark module from bench/")

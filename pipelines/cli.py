@@ -1,4 +1,4 @@
-"""`marble pipeline run | compile | schedule` (the argument parser lives in marble/cli.py)."""
+"""`marble pipeline run | compile | upload | schedule` (the argument parser lives in marble/cli.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from marble.config import MarbleConfig
 from marble.configio import ConfigError, load_config
+from marble.runparams import parse_run_parameters
 
 
 def _config(args: argparse.Namespace) -> MarbleConfig:
@@ -18,16 +19,22 @@ def _config(args: argparse.Namespace) -> MarbleConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    params = parse_run_parameters(args.params)
     if args.local:
         from pipelines.local import run_local
 
-        print(run_local(cfg, args.pipeline_root).summary())
+        print(run_local(cfg, args.pipeline_root, params).summary())
         return 0
     if args.host:
         from pipelines.schedule import submit_run
 
-        run_id = submit_run(cfg, host=args.host, experiment=cfg.pipeline.name)
-        print(f"started run {run_id} on {args.host}")
+        experiment = args.experiment or cfg.pipeline.name
+        run_id, version = submit_run(
+            cfg, host=args.host, experiment=experiment, params=params, version=args.version
+        )
+        print(
+            f"started run {run_id} of pipeline {cfg.pipeline.name!r} version {version.name!r} on {args.host}"
+        )
         return 0
     raise ConfigError("marble pipeline run: choose --local (this machine) or --host URL (a KFP endpoint)")
 
@@ -37,6 +44,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     out = compile_pipeline(_config(args), args.out)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from pipelines.kfp_server import connect, upload_version
+    from pipelines.marble_pipeline import compile_pipeline
+    from pipelines.schedule import require_pushed_images
+
+    cfg = _config(args)
+    require_pushed_images()
+    client = connect(args.host)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml")
+        version = upload_version(client, cfg, package, args.version_name)
+    what = "uploaded" if version.created else "already uploaded:"
+    print(
+        f"{what} pipeline {cfg.pipeline.name!r} version {version.name!r} "
+        f"(pipeline id {version.pipeline_id}, version id {version.version_id}) on {args.host}"
+    )
     return 0
 
 
@@ -50,17 +76,29 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml")
         request = build_request(
-            cfg, host=args.host, experiment=args.experiment, cron=args.cron, package=package
+            cfg,
+            host=args.host,
+            experiment=args.experiment,
+            cron=args.cron,
+            package=package,
+            params=parse_run_parameters(args.params),
+            version=args.version,
+            name=args.name,
         )
         if args.dry_run:
             print(request.to_json())
             return 0
-        run_id = send_recurring_run(request)
-    print(f"created recurring run {run_id} ({request.job_name}, cron '{request.cron}') on {args.host}")
+        run_id, replaced = send_recurring_run(request, cfg, package)
+    print(
+        f"created recurring run {run_id} ({request.job_name}, version {request.pipeline_version!r}, "
+        f"cron '{request.cron}') on {args.host}"
+    )
+    if replaced:
+        print(f"replaced the recurring run(s) of the same name: {', '.join(replaced)}")
     return 0
 
 
-COMMANDS = {"run": cmd_run, "compile": cmd_compile, "schedule": cmd_schedule}
+COMMANDS = {"run": cmd_run, "compile": cmd_compile, "upload": cmd_upload, "schedule": cmd_schedule}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from marble.config import MarbleConfig
 from marble.errors import MarbleError
@@ -59,8 +60,10 @@ def default_pipeline_root(cfg: MarbleConfig) -> Path:
     return Path(cfg.output_dir) / "kfp"
 
 
-def run_local(cfg: MarbleConfig, pipeline_root: str | Path | None = None) -> LocalRunOutputs:
-    """Run prepare → cache-rewards → train → evaluate → register locally and locate the outputs."""
+def run_local(
+    cfg: MarbleConfig, pipeline_root: str | Path | None = None, params: dict[str, Any] | None = None
+) -> LocalRunOutputs:
+    """Run the pipeline for `cfg` locally (run parameters from `params` where given) and locate the outputs."""
     import kfp.local
 
     from pipelines.marble_pipeline import build_pipeline, pipeline_arguments
@@ -78,7 +81,7 @@ def run_local(cfg: MarbleConfig, pipeline_root: str | Path | None = None) -> Loc
         # The pinned images' names do not contain "python"; locally the image is not used at all.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         try:
-            pipeline(**pipeline_arguments(cfg, work_root=""))
+            pipeline(**pipeline_arguments(cfg, params))
         except RuntimeError as exc:
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp colours its messages for terminals
             raise LocalRunError(f"local pipeline run failed under {root}: {plain}") from None

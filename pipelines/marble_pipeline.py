@@ -1,30 +1,55 @@
-"""The marble pipeline: five stage components, their wiring, resources, mounts, secrets and caching.
+"""The marble pipeline: a validation step, five stage components, their wiring, resources, mounts,
+secrets and caching.
 
-The ML settings travel as ONE dict parameter (`config`, re-validated by every component); the
-Kubernetes settings (GPU type and count, node selector, tolerations, PVC, secret names) are read from
-the `pipeline:` section of the config the pipeline is compiled with, because Kubernetes options are
-fixed in the compiled spec.
+Run parameters: the typed settings people change between runs (`marble.runparams.RUN_PARAMETERS`,
+defaults from the config the pipeline is compiled with) plus `config`, the whole config as an advanced
+override. The first task (`validate-config`) applies the parameters to the override, validates the
+result and hands it to every later task. The Kubernetes settings (GPU type and count, node selector,
+tolerations, PVC, secret names) are read from the `pipeline:` section of the compile-time config and
+fixed in the compiled spec; they are no run parameters.
 """
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 from kfp import dsl, kubernetes
 
-from components import cache_reward_models, evaluate, prepare_prompts, register_adapter, train
+from components import (
+    cache_reward_models,
+    evaluate,
+    prepare_prompts,
+    register_adapter,
+    train,
+    validate_config,
+)
 from marble.config import MarbleConfig, PipelineConfig
-from marble.configio import ConfigError, load_config
+from marble.configio import load_config
+from marble.runparams import (
+    RUN_PARAMETER_NAMES,
+    RUN_PARAMETERS,
+    apply_run_parameters,
+    config_dict,
+    kubernetes_section,
+    override_parameter,
+    run_parameter_values,
+)
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTION = (
     "MARBLE: multi-reward RL fine-tuning (DiffusionNFT + gradient balancing) of a diffusion model's LoRA "
-    "adapter: prepare prompts, cache reward models, train, evaluate, register."
+    "adapter: validate the run's config, prepare prompts, cache reward models, train, evaluate, register."
+)
+CONFIG_PARAMETER_HELP = (
+    "Advanced: the whole marble config (without its Kubernetes `pipeline:` section). The run parameters "
+    "above replace the fields they name."
 )
 HF_TOKEN_ENV = "HF_TOKEN"
 DVC_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+__all__ = ["build_pipeline", "compile_pipeline", "config_dict", "pipeline_arguments"]
 
 
 def default_config_path() -> Path:
@@ -35,31 +60,6 @@ def default_config_path() -> Path:
 
 def default_config() -> MarbleConfig:
     return load_config(default_config_path())
-
-
-def config_dict(cfg: MarbleConfig) -> dict[str, Any]:
-    """`cfg` as the pipeline's `config` parameter: JSON types, nulls left out.
-
-    kfp 2.17 refuses None inside a dict default (protobuf Struct via `to_protobuf_value`), so null fields
-    are dropped; that is lossless only when each dropped field's default is null too, which is checked.
-    """
-    data = cfg.model_dump(mode="json", exclude_none=True)
-    if MarbleConfig.model_validate(data) != cfg:
-        full = cfg.model_dump(mode="json")
-        lost = sorted(_null_paths(full))
-        raise ConfigError(
-            f"config: a null value that differs from the field's default cannot travel as a Kubeflow "
-            f"parameter (kfp 2.17); set an explicit value instead of null for one of: {', '.join(lost)}"
-        )
-    return data
-
-
-def _null_paths(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _null_paths(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(node, list):
-        return [p for i, v in enumerate(node) for p in _null_paths(v, f"{prefix}.{i}")]
-    return [prefix] if node is None else []
 
 
 # ------------------------------------------------------------------------------- Kubernetes helpers
@@ -97,11 +97,27 @@ def registry_token_env(cfg: MarbleConfig) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ the DAG
+def pipeline_signature(cfg: MarbleConfig) -> tuple[inspect.Signature, str]:
+    """The pipeline function's typed parameters (defaults from `cfg`) and its docstring, whose `Args:`
+    section kfp compiles into each parameter's description."""
+    defaults = run_parameter_values(cfg)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [
+        inspect.Parameter(p.name, kind, default=defaults[p.name], annotation=p.type) for p in RUN_PARAMETERS
+    ]
+    params.append(inspect.Parameter("config", kind, default=override_parameter(cfg), annotation=dict))
+    lines = [f"    {p.name}: {p.description}" for p in RUN_PARAMETERS]
+    lines.append(f"    config: {CONFIG_PARAMETER_HELP}")
+    return inspect.Signature(params), DESCRIPTION + "\n\nArgs:\n" + "\n".join(lines) + "\n"
+
+
 def build_pipeline(cfg: MarbleConfig | None = None, *, containerized: bool = True):
     """The pipeline function for `cfg` (default: `default_config()`).
 
     `containerized=True` runs each component in its pinned image (cluster); `False` gives lightweight
-    components for `kfp.local.SubprocessRunner`. Kubernetes settings come from `cfg.pipeline`.
+    components for `kfp.local.SubprocessRunner`. Kubernetes settings come from `cfg.pipeline`; the
+    persistent work directory for reward snapshots and checkpoints is the cache PVC's mount on a
+    cluster and the task artifacts locally.
     """
     cfg = cfg or default_config()
     k8s = cfg.pipeline
@@ -111,66 +127,92 @@ def build_pipeline(cfg: MarbleConfig | None = None, *, containerized: bool = Tru
             "multi-GPU / multi-node training runs as the PyTorchJob in manifests/",
             k8s.gpus,
         )
-    prepare_op = prepare_prompts.build(containerized)
-    cache_op = cache_reward_models.build(containerized)
-    train_op = train.build(containerized)
-    evaluate_op = evaluate.build(containerized)
-    register_op = register_adapter.build(containerized)
+    work_root = k8s.cache_mount if containerized else ""
+    ops = {
+        m.__name__.rsplit(".", 1)[-1]: m.build(containerized)
+        for m in (validate_config, prepare_prompts, cache_reward_models, train, evaluate, register_adapter)
+    }
+    signature, doc = pipeline_signature(cfg)
+    names = list(signature.parameters)
 
-    @dsl.pipeline(name=k8s.name, description=DESCRIPTION, pipeline_root=k8s.pipeline_root)
-    def marble_pipeline(config: dict = config_dict(cfg), work_root: str = k8s.cache_mount):
-        """config: the whole MarbleConfig as a dict. work_root: persistent directory for reward
-        snapshots and training checkpoints (the cache PVC mount); empty keeps them in artifacts."""
-        prepare_task = prepare_op(config=config)
-        with_secret_env(prepare_task, k8s.dvc_secret, {k: k for k in DVC_CREDENTIAL_KEYS})
+    def marble_pipeline(*args):
+        # kfp calls the pipeline function with one channel per parameter, in signature order.
+        params = dict(zip(names, args, strict=True))
+        _stages(ops, cfg, params, work_root, containerized)
 
-        cache_task = cache_op(config=config, work_root=work_root)
-        with_cache_volume(cache_task, k8s)
-        with_secret_env(cache_task, k8s.hub_token_secret, {HF_TOKEN_ENV: HF_TOKEN_ENV})
-
-        train_task = train_op(
-            config=config,
-            prompts=prepare_task.outputs["prompts"],
-            reward_cache_dir=cache_task.outputs["cache_dir"],
-            work_root=work_root,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )
-        on_gpu_nodes(with_cache_volume(train_task, k8s), k8s)
-        if containerized:
-            # A retried task resumes from the newest checkpoint in its run's directory on the PVC.
-            # Locally (where kfp.local honours retries too) a failure should stop the demo at once.
-            train_task.set_retry(num_retries=k8s.train_retries, backoff_duration="60s", backoff_factor=2.0)
-        train_task.set_caching_options(False)
-
-        evaluate_task = evaluate_op(
-            config=config,
-            prompts=prepare_task.outputs["prompts"],
-            adapter=train_task.outputs["adapter"],
-            reward_cache_dir=cache_task.outputs["cache_dir"],
-            train_dir=train_task.outputs["train_dir"],
-        )
-        on_gpu_nodes(with_cache_volume(evaluate_task, k8s), k8s)
-        evaluate_task.set_caching_options(False)
-
-        register_task = register_op(
-            config=config,
-            adapter=train_task.outputs["adapter"],
-            evaluation=evaluate_task.outputs["evaluation"],
-        )
-        # The PVC is where an embedded registry (registry.tracking_uri: sqlite:////<mount>/...) persists.
-        with_cache_volume(register_task, k8s)
-        with_secret_env(register_task, k8s.registry_token_secret, registry_token_env(cfg))
-        register_task.set_caching_options(False)
-
-    return marble_pipeline
+    marble_pipeline.__signature__ = signature
+    marble_pipeline.__doc__ = doc
+    return dsl.pipeline(name=k8s.name, description=DESCRIPTION, pipeline_root=k8s.pipeline_root)(
+        marble_pipeline
+    )
 
 
-def pipeline_arguments(cfg: MarbleConfig, *, work_root: str | None = None) -> dict[str, Any]:
-    """Run arguments for `cfg`: the config dict, and `work_root` when given."""
-    args: dict[str, Any] = {"config": config_dict(cfg)}
-    if work_root is not None:
-        args["work_root"] = work_root
-    return args
+def _stages(
+    ops: dict, cfg: MarbleConfig, params: dict[str, Any], work_root: str, containerized: bool
+) -> None:
+    """validate-config, then the five stages on the validated config."""
+    k8s = cfg.pipeline
+    validate_task = ops["validate_config"](
+        config=params["config"],
+        kubernetes=kubernetes_section(cfg),
+        **{name: params[name] for name in RUN_PARAMETER_NAMES},
+    )
+    config = validate_task.outputs["config"]
+
+    prepare_task = ops["prepare_prompts"](config=config)
+    with_secret_env(prepare_task, k8s.dvc_secret, {k: k for k in DVC_CREDENTIAL_KEYS})
+
+    cache_task = ops["cache_reward_models"](config=config, work_root=work_root)
+    with_cache_volume(cache_task, k8s)
+    with_secret_env(cache_task, k8s.hub_token_secret, {HF_TOKEN_ENV: HF_TOKEN_ENV})
+
+    train_task = ops["train"](
+        config=config,
+        prompts=prepare_task.outputs["prompts"],
+        reward_cache_dir=cache_task.outputs["cache_dir"],
+        work_root=work_root,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    )
+    on_gpu_nodes(with_cache_volume(train_task, k8s), k8s)
+    if containerized:
+        # A retried task resumes from the newest checkpoint in its run's directory on the PVC.
+        # Locally (where kfp.local honours retries too) a failure should stop the demo at once.
+        train_task.set_retry(num_retries=k8s.train_retries, backoff_duration="60s", backoff_factor=2.0)
+    train_task.set_caching_options(False)
+
+    evaluate_task = ops["evaluate"](
+        config=config,
+        prompts=prepare_task.outputs["prompts"],
+        adapter=train_task.outputs["adapter"],
+        reward_cache_dir=cache_task.outputs["cache_dir"],
+        train_dir=train_task.outputs["train_dir"],
+    )
+    on_gpu_nodes(with_cache_volume(evaluate_task, k8s), k8s)
+    evaluate_task.set_caching_options(False)
+
+    register_task = ops["register_adapter"](
+        config=config,
+        adapter=train_task.outputs["adapter"],
+        evaluation=evaluate_task.outputs["evaluation"],
+    )
+    # The PVC is where an embedded registry (registry.tracking_uri: sqlite:////<mount>/...) persists.
+    with_cache_volume(register_task, k8s)
+    with_secret_env(register_task, k8s.registry_token_secret, registry_token_env(cfg))
+    register_task.set_caching_options(False)
+
+
+def pipeline_arguments(cfg: MarbleConfig, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run arguments for `cfg`: its run parameters (`params` replacing some) and the config override.
+
+    Not validated here: the run's first task validates them (`check_arguments` does the same up front).
+    """
+    return {**run_parameter_values(cfg), **(params or {}), "config": override_parameter(cfg)}
+
+
+def check_arguments(cfg: MarbleConfig, arguments: dict[str, Any]) -> MarbleConfig:
+    """What the run's validation task will do, done before sending a run to a cluster."""
+    values = {k: v for k, v in arguments.items() if k != "config"}
+    return apply_run_parameters(arguments["config"], values, kubernetes_section(cfg))[0]
 
 
 def compile_pipeline(cfg: MarbleConfig, out: str | Path) -> Path:

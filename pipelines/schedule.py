@@ -1,4 +1,9 @@
-"""Send the pipeline to a Kubeflow Pipelines endpoint: one run, or a recurring run on a cron schedule.
+"""Recurring runs of an uploaded pipeline version on a cron schedule, and single cluster runs.
+
+A recurring run is identified by its name (default `<pipeline.name>-<run_name>`) in its experiment:
+scheduling the same name again REPLACES it (KFP has no update for recurring runs): the existing ones
+are disabled, the new one is created, then the old ones are deleted; if creating fails they are enabled
+again, so a failed update never leaves the schedule without a run or with two.
 
 The recurring run never overlaps itself (max concurrency 1) and does not catch up on missed slots
 (`no_catchup`): a cluster that was down for a week runs once, not seven times. `--dry-run` prints the
@@ -7,29 +12,33 @@ request without contacting a server.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from marble.config import MarbleConfig
-from marble.errors import MarbleError
+from pipelines.kfp_server import (
+    ClusterError,
+    PipelineVersion,
+    connect,
+    display_name_filter,
+    resolve_version,
+    spec_sha256,
+    start_run,
+    version_name,
+)
 
 log = logging.getLogger(__name__)
 
 CRON_FIELDS = ("second", "minute", "hour", "day of month", "month", "day of week")
-
-
-class ClusterError(MarbleError):
-    """The KFP endpoint could not be reached, refused the request, or the images are not pushed yet."""
+__all__ = ["ClusterError", "check_cron", "build_request", "schedule_recurring_run", "submit_run"]
 
 
 @dataclass(frozen=True)
 class RecurringRunRequest:
-    """What `create_recurring_run` sends (the pipeline spec itself is summarised by path and hash)."""
+    """What `create_recurring_run` sends (the pipeline by version name; its spec summarised by hash)."""
 
     host: str | None
     experiment: str
@@ -40,7 +49,7 @@ class RecurringRunRequest:
     no_catchup: bool
     enabled: bool
     params: dict[str, Any]
-    pipeline_package: str
+    pipeline_version: str
     pipeline_sha256: str
 
     def to_json(self) -> str:
@@ -49,8 +58,6 @@ class RecurringRunRequest:
         body["trigger"] = {"cron_schedule": {"cron": body.pop("cron")}}
         body["runtime_config"] = {"parameters": body.pop("params")}
         body["mode"] = "ENABLE" if body.pop("enabled") else "DISABLE"
-        # The spec itself (hundreds of lines) is named by its hash; the file is a temporary one.
-        body.pop("pipeline_package")
         body["pipeline_spec"] = f"compiled marble pipeline, sha256 {body.pop('pipeline_sha256')}"
         return json.dumps(body, indent=2, sort_keys=True)
 
@@ -77,52 +84,59 @@ def require_pushed_images() -> None:
 
 
 def build_request(
-    cfg: MarbleConfig, *, host: str | None, experiment: str, cron: str | None, package: Path
+    cfg: MarbleConfig,
+    *,
+    host: str | None,
+    experiment: str,
+    cron: str | None,
+    package: Path,
+    params: dict[str, Any] | None = None,
+    version: str | None = None,
+    name: str | None = None,
 ) -> RecurringRunRequest:
-    from pipelines.marble_pipeline import pipeline_arguments
+    """The recurring run for `cfg` (run parameters checked as the run's first task will check them)."""
+    from pipelines.marble_pipeline import check_arguments, pipeline_arguments
 
     cron = check_cron(cron or cfg.pipeline.schedule_cron)
+    arguments = pipeline_arguments(cfg, params)
+    check_arguments(cfg, arguments)
     return RecurringRunRequest(
         host=host,
         experiment=experiment,
-        job_name=f"{cfg.pipeline.name}-{cfg.run_name}",
+        job_name=name or f"{cfg.pipeline.name}-{cfg.run_name}",
         description=f"marble {cfg.run_name} (config {cfg.config_hash()}), cron '{cron}'",
         cron=cron,
         max_concurrency=1,
         no_catchup=True,
         enabled=True,
-        params=pipeline_arguments(cfg),
-        pipeline_package=str(package),
-        pipeline_sha256=hashlib.sha256(package.read_bytes()).hexdigest(),
+        params=arguments,
+        pipeline_version=version or version_name(cfg),
+        pipeline_sha256=spec_sha256(package),
     )
 
 
-TOKEN_ENV = "KFP_TOKEN"
-"""Bearer token for an endpoint behind authentication, read from the environment (never an argument:
-arguments end up in shell history and process lists). In-cluster, kfp finds the projected service
-account token by itself (KF_PIPELINES_SA_TOKEN_PATH)."""
+def schedule_recurring_run(
+    client, request: RecurringRunRequest, version: PipelineVersion
+) -> tuple[str, list[str]]:
+    """Create the recurring run of `version`, replacing those of the same name in the experiment.
 
-
-def _client(host: str | None):
-    import os
-
-    import kfp
-
-    if not host:
-        raise ClusterError("no KFP endpoint: pass --host https://<kubeflow>/pipeline")
+    Returns (new recurring run id, ids of the replaced ones).
+    """
     try:
-        return kfp.Client(host=host, existing_token=os.environ.get(TOKEN_ENV) or None)
-    except Exception as exc:  # the client raises many transport types; the message is what matters
-        raise ClusterError(f"cannot connect to the KFP endpoint {host}: {exc}") from None
-
-
-def send_recurring_run(request: RecurringRunRequest) -> str:
-    """Create the recurring run; returns its id."""
-    client = _client(request.host)
+        experiment_id = client.create_experiment(name=request.experiment).experiment_id
+        listed = client.list_recurring_runs(
+            experiment_id=experiment_id, filter=display_name_filter(request.job_name), page_size=100
+        ).recurring_runs
+        old = [r.recurring_run_id for r in listed or [] if r.display_name == request.job_name]
+        for rid in old:
+            client.disable_recurring_run(rid)
+    except Exception as exc:
+        raise ClusterError(
+            f"{request.host}: preparing recurring run {request.job_name!r} failed: {exc}"
+        ) from None
     try:
-        experiment = client.create_experiment(name=request.experiment)
-        run = client.create_recurring_run(
-            experiment_id=experiment.experiment_id,
+        created = client.create_recurring_run(
+            experiment_id=experiment_id,
             job_name=request.job_name,
             description=request.description,
             cron_expression=request.cron,
@@ -130,28 +144,66 @@ def send_recurring_run(request: RecurringRunRequest) -> str:
             no_catchup=request.no_catchup,
             enabled=request.enabled,
             params=request.params,
-            pipeline_package_path=request.pipeline_package,
+            pipeline_id=version.pipeline_id,
+            version_id=version.version_id,
         )
     except Exception as exc:
-        raise ClusterError(f"{request.host}: creating the recurring run failed: {exc}") from None
-    return run.recurring_run_id
+        _reenable(client, old)
+        raise ClusterError(
+            f"{request.host}: creating recurring run {request.job_name!r} failed: {exc}"
+        ) from None
+    _delete_replaced(client, old)
+    return created.recurring_run_id, old
 
 
-def submit_run(cfg: MarbleConfig, *, host: str, experiment: str) -> str:
-    """Compile and start one run on the cluster; returns the run id."""
-    from pipelines.marble_pipeline import compile_pipeline, pipeline_arguments
+def _reenable(client, ids: list[str]) -> None:
+    for rid in ids:
+        try:
+            client.enable_recurring_run(rid)
+        except Exception as exc:  # the create error is the one to report; this one is logged
+            log.error("could not re-enable recurring run %s after a failed update: %s", rid, exc)
 
+
+def _delete_replaced(client, ids: list[str]) -> None:
+    for rid in ids:
+        try:
+            client.delete_recurring_run(rid)
+        except Exception as exc:  # disabled already: it never fires again; say so and carry on
+            log.warning("replaced recurring run %s is disabled but could not be deleted: %s", rid, exc)
+
+
+def send_recurring_run(
+    request: RecurringRunRequest, cfg: MarbleConfig, package: Path
+) -> tuple[str, list[str]]:
+    """Connect, find or upload the request's pipeline version, and (re)place the recurring run."""
+    client = connect(request.host)
+    version = resolve_version(client, cfg, package, _named_version(request, cfg))
+    return schedule_recurring_run(client, request, version)
+
+
+def _named_version(request: RecurringRunRequest, cfg: MarbleConfig) -> str | None:
+    """None when the request runs this code and config's own version (uploaded if missing)."""
+    return None if request.pipeline_version == version_name(cfg) else request.pipeline_version
+
+
+def submit_run(
+    cfg: MarbleConfig,
+    *,
+    host: str,
+    experiment: str,
+    params: dict[str, Any] | None = None,
+    version: str | None = None,
+) -> tuple[str, PipelineVersion]:
+    """Start one run of an uploaded version (this code and config's, uploaded if needed, or `version`)."""
+    import tempfile
+
+    from pipelines.marble_pipeline import check_arguments, compile_pipeline, pipeline_arguments
+
+    arguments = pipeline_arguments(cfg, params)
+    check_arguments(cfg, arguments)
     require_pushed_images()
-    client = _client(host)
+    client = connect(host)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml")
-        try:
-            result = client.create_run_from_pipeline_package(
-                str(package),
-                arguments=pipeline_arguments(cfg),
-                run_name=f"{cfg.pipeline.name}-{cfg.run_name}",
-                experiment_name=experiment,
-            )
-        except Exception as exc:
-            raise ClusterError(f"{host}: starting the run failed: {exc}") from None
-    return result.run_id
+        resolved = resolve_version(client, cfg, package, version)
+    return start_run(client, cfg, resolved, experiment, arguments), resolved

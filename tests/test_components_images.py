@@ -13,7 +13,14 @@ import components
 from pipelines import images
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_MODULES = ("prepare_prompts", "cache_reward_models", "train", "evaluate", "register_adapter")
+STAGE_MODULES = (
+    "validate_config",
+    "prepare_prompts",
+    "cache_reward_models",
+    "train",
+    "evaluate",
+    "register_adapter",
+)
 PUSHED = "registry.example.com/team/marble-cpu@sha256:" + "ab" * 32
 
 

@@ -10,10 +10,24 @@ from kfp import dsl
 from pydantic import ValidationError
 
 import marble.stages
-from components import cache_reward_models, evaluate, prepare_prompts, register_adapter, train
+from components import (
+    cache_reward_models,
+    evaluate,
+    prepare_prompts,
+    register_adapter,
+    train,
+    validate_config,
+)
 from components._io import flatten_metrics, publish_dir, scalar_metadata
 from marble.config import MarbleConfig
-from marble.configio import load_config
+from marble.configio import ConfigError, load_config
+from marble.runparams import (
+    RUN_PARAMETER_NAMES,
+    RUN_PARAMETERS,
+    kubernetes_section,
+    override_parameter,
+    run_parameter_values,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +59,42 @@ def calls(monkeypatch):
 
 def art(cls, path: Path):
     return cls(name=path.name, uri=str(path))
+
+
+def test_validate_config_takes_exactly_the_run_parameters_of_the_table():
+    inputs = validate_config.component.component_spec.inputs
+    assert set(inputs) == {*RUN_PARAMETER_NAMES, "config", "kubernetes"}
+    python_types = {"Integer": int, "Float": float, "String": str}
+    for p in RUN_PARAMETERS:
+        assert python_types[inputs[p.name].type] is p.type, p.name
+
+
+def test_validate_config_applies_the_parameters_and_shows_them(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    run_config = art(dsl.Markdown, tmp_path / "run_config")
+    values = {**run_parameter_values(cfg), "epochs": 3}
+    out = validate_config.component.python_func(
+        config=override_parameter(cfg), kubernetes=kubernetes_section(cfg), run_config=run_config, **values
+    )
+    resolved = MarbleConfig.model_validate(out.config)
+    assert resolved.train.epochs == 3 and resolved.pipeline == cfg.pipeline
+    assert out.config_hash == resolved.config_hash() == run_config.metadata["config_hash"]
+    text = Path(run_config.path).read_text()
+    assert "| `epochs` | 3 | `train.epochs` |" in text and "replaces the config's 40" in text
+
+
+def test_validate_config_fails_naming_the_parameter_and_field(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    run_config = art(dsl.Markdown, tmp_path / "run_config")
+    values = {**run_parameter_values(cfg), "lr": -1.0}
+    with pytest.raises(ConfigError, match=r"run parameter lr \(train.lr\): Input should be greater than 0"):
+        validate_config.component.python_func(
+            config=override_parameter(cfg),
+            kubernetes=kubernetes_section(cfg),
+            run_config=run_config,
+            **values,
+        )
+    assert not Path(run_config.path).exists()
 
 
 def test_prepare_validates_then_writes_into_the_dataset(config, calls, tmp_path):

@@ -11,6 +11,13 @@ from kfp import dsl
 
 from marble.config import MarbleConfig
 from marble.configio import ConfigError, load_config
+from marble.runparams import (
+    RUN_PARAMETER_NAMES,
+    RUN_PARAMETERS,
+    apply_run_parameters,
+    kubernetes_section,
+    run_parameter_values,
+)
 from pipelines import images
 from pipelines.marble_pipeline import (
     build_pipeline,
@@ -24,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "pipelines" / "marble_pipeline.yaml"
 GPU_TASKS = ("train", "evaluate")
 UNCACHED_TASKS = ("train", "evaluate", "register-adapter")
+IR_TYPES = {int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING", bool: "BOOLEAN"}
 SECRETISH = re.compile(r"pass(word|wd)?|token|secret|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
 CREDENTIAL_VALUE = re.compile(
     r"hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|-----BEGIN|eyJ[A-Za-z0-9_-]{20,}"
@@ -49,11 +57,12 @@ def executor(spec: dict, task: str) -> dict:
 
 
 def normalise(text: str) -> list:
-    """Drop what legitimately changes without a pipeline change: kfp version pins and the default
-    config (checked against params.yaml separately, so a config edit does not need a new golden)."""
+    """Drop what legitimately changes without a pipeline change: kfp version pins and the parameters'
+    defaults (checked against params.yaml separately, so a config edit does not need a new golden)."""
     docs = list(yaml.safe_load_all(text))
     docs[0].pop("sdkVersion", None)
-    docs[0]["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"] = "<default config>"
+    for param in docs[0]["root"]["inputDefinitions"]["parameters"].values():
+        param["defaultValue"] = "<default>"
     dumped = yaml.safe_dump_all(docs, sort_keys=True)
     return list(yaml.safe_load_all(re.sub(r"kfp(-kubernetes)?==[0-9][0-9.a-z]*", "kfp==<pin>", dumped)))
 
@@ -67,11 +76,61 @@ def test_compiled_pipeline_matches_golden(tmp_path):
 
 def test_default_config_travels_losslessly(compiled):
     spec, _ = compiled
-    default = spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
-    # Protobuf Struct turns ints into floats (48 -> 48.0); the components re-validate, so the config they
-    # see must equal the file's.
-    assert MarbleConfig.model_validate(default) == load_config(default_config_path())
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    defaults = {name: p["defaultValue"] for name, p in params.items()}
+    kubernetes = validate_task(spec)["inputs"]["parameters"]["kubernetes"]["runtimeValue"]["constant"]
+    # Protobuf Struct turns ints into floats (48 -> 48.0); the validation task re-validates, so the
+    # config every later task sees must equal the file's.
+    config = defaults.pop("config")
+    cfg, notes = apply_run_parameters(config, defaults, kubernetes)
+    assert cfg == load_config(default_config_path()) and notes == []
     assert default_config_path().name in ("params.yaml", "tiny.yaml")
+
+
+def validate_task(spec: dict) -> dict:
+    return spec["root"]["dag"]["tasks"]["validate-config"]
+
+
+def test_run_parameters_are_typed_with_the_config_defaults(compiled):
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert list(params) == sorted([*RUN_PARAMETER_NAMES, "config"])
+    defaults = run_parameter_values(default_config())
+    for p in RUN_PARAMETERS:
+        ir = params[p.name]
+        assert ir["parameterType"] == IR_TYPES[p.type], p.name
+        # Protobuf numbers are doubles; an integer parameter's default is integral and typed integer.
+        assert ir["defaultValue"] == defaults[p.name], p.name
+        if p.type is int:
+            assert float(ir["defaultValue"]).is_integer(), p.name
+        assert p.field in ir["description"], p.name
+    assert params["epochs"]["parameterType"] == "NUMBER_INTEGER"
+    assert params["config"]["parameterType"] == "STRUCT"
+
+
+def test_kubernetes_settings_are_compiled_in_not_run_parameters(compiled):
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert "pipeline" not in params["config"]["defaultValue"]
+    assert not any(p.field.startswith("pipeline.") for p in RUN_PARAMETERS)
+    assert "work_root" not in params
+    kubernetes = validate_task(spec)["inputs"]["parameters"]["kubernetes"]["runtimeValue"]["constant"]
+    assert kubernetes == kubernetes_section(default_config())
+
+
+def test_every_task_takes_the_validated_config(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    inputs = validate_task(spec)["inputs"]["parameters"]
+    assert inputs["config"] == {"componentInputParameter": "config"}
+    for name in RUN_PARAMETER_NAMES:
+        assert inputs[name] == {"componentInputParameter": name}
+    for name, task in tasks.items():
+        if name == "validate-config":
+            continue
+        assert task["inputs"]["parameters"]["config"] == {
+            "taskOutputParameter": {"producerTask": "validate-config", "outputParameterKey": "config"}
+        }, name
 
 
 def test_gpu_tasks_have_accelerators_resources_and_tolerations(compiled):
@@ -85,9 +144,9 @@ def test_gpu_tasks_have_accelerators_resources_and_tolerations(compiled):
         assert resources["resourceMemoryLimit"] == cfg.memory
         tolerations = k8s[f"exec-{task}"]["tolerations"]
         assert {t["key"] for t in tolerations} == {t.key for t in cfg.tolerations}
-    for task in ("prepare-prompts", "cache-reward-models", "register-adapter"):
+    for task in ("validate-config", "prepare-prompts", "cache-reward-models", "register-adapter"):
         assert "accelerator" not in executor(spec, task).get("resources", {})
-        assert "tolerations" not in k8s[f"exec-{task}"]
+        assert "tolerations" not in k8s.get(f"exec-{task}", {})
 
 
 def test_node_selector_and_gpu_settings_come_from_the_config(tmp_path):
@@ -116,7 +175,7 @@ def test_no_gpu_request_when_gpus_is_zero(tmp_path):
 def test_every_image_is_pinned_by_digest(compiled):
     spec, _ = compiled
     refs = [e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()]
-    assert len(refs) == 5
+    assert len(refs) == 6
     for ref in refs:
         assert not ref.endswith(":latest") and ":latest@" not in ref, ref
         assert images.is_pinned(ref), f"{ref} is not registry/name@sha256:<64 hex>"
@@ -147,7 +206,8 @@ def test_train_retries_and_resumes_in_its_run_directory(compiled):
     assert (
         train["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == dsl.PIPELINE_JOB_ID_PLACEHOLDER
     )
-    assert train["inputs"]["parameters"]["work_root"] == {"componentInputParameter": "work_root"}
+    work_root = train["inputs"]["parameters"]["work_root"]["runtimeValue"]["constant"]
+    assert work_root == default_config().pipeline.cache_mount
     assert default_config().train.resume == "latest"
 
 
@@ -158,8 +218,9 @@ def test_cache_pvc_is_mounted_where_snapshots_and_checkpoints_are_used(compiled)
         (mount,) = k8s[f"exec-{task}"]["pvcMount"]
         assert mount["mountPath"] == cfg.cache_mount
         assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == cfg.cache_pvc
-    default_root = spec["root"]["inputDefinitions"]["parameters"]["work_root"]["defaultValue"]
-    assert default_root == cfg.cache_mount
+    for task in ("cache-reward-models", "train"):
+        work_root = spec["root"]["dag"]["tasks"][task]["inputs"]["parameters"]["work_root"]
+        assert work_root["runtimeValue"]["constant"] == cfg.cache_mount
 
 
 def test_secrets_come_only_from_kubernetes_secrets_named_in_the_config(compiled):
@@ -197,7 +258,10 @@ def test_no_parameter_name_or_default_looks_like_a_secret(compiled):
     params = spec["root"]["inputDefinitions"]["parameters"]
     for name in params:
         assert not SECRETISH.search(name), f"pipeline parameter {name!r} looks like a secret"
-    for path, value in _walk({n: p.get("defaultValue") for n, p in params.items()}):
+    scanned = {n: p.get("defaultValue") for n, p in params.items()}
+    # The compiled-in Kubernetes section travels as a constant of the validation task.
+    scanned["kubernetes"] = validate_task(spec)["inputs"]["parameters"]["kubernetes"]["runtimeValue"]
+    for path, value in _walk(scanned):
         leaf = path.rsplit(".", 1)[-1]
         assert not (isinstance(value, str) and CREDENTIAL_VALUE.search(value)), f"{path} holds a credential"
         if SECRETISH.search(leaf):
@@ -224,6 +288,10 @@ def test_local_variant_runs_lightweight_without_retries_or_kfp_install(tmp_path)
     compiler.Compiler().compile(build_pipeline(default_config(), containerized=False), str(out))
     spec = next(yaml.safe_load_all(out.read_text()))
     assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["train"]
+    # Locally, reward snapshots and checkpoints stay inside the task artifacts.
+    assert spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["work_root"] == {
+        "runtimeValue": {"constant": ""}
+    }
     for ex in spec["deploymentSpec"]["executors"].values():
         text = " ".join(ex["container"]["command"])
         assert "ephemeral_component.py" in text and "pip install" not in text

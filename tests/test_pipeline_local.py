@@ -135,6 +135,17 @@ def test_local_run_reports_a_failing_task(fake_stages, tmp_path):
     assert not list((tmp_path / "kfp").glob("*/register-adapter"))
 
 
+def test_a_bad_run_parameter_fails_the_first_task_naming_the_field(fake_stages, tmp_path, capfd):
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    with pytest.raises(LocalRunError, match="validate-config"):
+        run_local(cfg, pipeline_root=tmp_path / "kfp", params={"lr": -1.0})
+    # kfp streams the task's output, traceback included, to the console.
+    shown = "".join(capfd.readouterr())
+    assert "run parameter lr (train.lr): Input should be greater than 0" in shown
+    (run_dir,) = (tmp_path / "kfp").iterdir()
+    assert not (run_dir / "prepare-prompts").exists() and not (run_dir / "train").exists()
+
+
 def test_locate_outputs_names_what_is_missing(tmp_path):
     with pytest.raises(LocalRunError, match="registration.json"):
         locate_outputs(tmp_path)
