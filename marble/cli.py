@@ -19,7 +19,12 @@ EXIT_USER_ERROR = 2
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", "-c", required=required, help="YAML config file (e.g. configs/tiny.yaml)")
+    p.add_argument(
+        "--config",
+        "-c",
+        required=required,
+        help="YAML config file, or the name of a shipped config (tiny, sd35m-marble)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -178,6 +183,16 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
+    from marble.shipped import checkout_root
+
+    root = checkout_root()
+    if root is None:
+        raise MarbleError(
+            "`marble bench` runs from a source checkout only: the benchmarks (bench/) are not part of the "
+            "installed package. Clone the repository, then run `make bench` or `marble bench NAME` there."
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     sys.argv = ["bench", *args.bench_args]
     runpy.run_module(f"bench.{args.name}", run_name="__main__")
     return 0
@@ -194,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config_show)
     p = cfg_sub.add_parser("validate", help="check one or more config files")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="config files or shipped config names (tiny, sd35m-marble)")
     p.set_defaults(func=cmd_config_validate)
     p = cfg_sub.add_parser("schema", help="print (or write) the JSON schema of the config")
     p.add_argument("--out", help="write to this file instead of stdout")

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from marble.config import MarbleConfig
+from marble.shipped import shipped_config, shipped_config_names
 
 
 class ConfigError(ValueError):
@@ -88,10 +89,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` itself when it is a file, else the shipped config of that name (`tiny`, `sd35m-marble`)."""
+    if Path(path).is_file():
+        return Path(path)
+    shipped = shipped_config(str(path))
+    if shipped is None:
+        names = ", ".join(shipped_config_names())
+        raise ConfigError(f"{path}: config file not found (shipped configs, usable by name: {names})")
+    return shipped
+
+
 def read_config_dict(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

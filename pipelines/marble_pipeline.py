@@ -35,10 +35,10 @@ from marble.runparams import (
     override_parameter,
     run_parameter_values,
 )
+from marble.shipped import CONFIG_DIR, checkout_root
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTION = (
     "MARBLE: multi-reward RL fine-tuning (DiffusionNFT + gradient balancing) of a diffusion model's LoRA "
     "adapter: validate the run's config, prepare prompts, cache reward models, train, evaluate, register."
@@ -53,9 +53,11 @@ __all__ = ["build_pipeline", "compile_pipeline", "config_dict", "pipeline_argume
 
 
 def default_config_path() -> Path:
-    """`params.yaml` (the DVC dump of the config) when the repo has one, else `configs/tiny.yaml`."""
-    params = REPO_ROOT / "params.yaml"
-    return params if params.is_file() else REPO_ROOT / "configs" / "tiny.yaml"
+    """A checkout's `params.yaml` (the DVC dump of the config), else the shipped `tiny` config."""
+    root = checkout_root()
+    if root is not None and (root / "params.yaml").is_file():
+        return root / "params.yaml"
+    return CONFIG_DIR / "tiny.yaml"
 
 
 def default_config() -> MarbleConfig:
