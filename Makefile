@@ -78,12 +78,15 @@ clean:
 # The pushed digests replace the placeholders in pipelines/images.py; the golden pipeline is recompiled.
 IMAGE_REPO ?= ghcr.io/marble-ml
 IMAGE_TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+# The clusters run x86-64 nodes; building on an arm64 laptop without it would push an image they cannot run.
+IMAGE_PLATFORM ?= linux/amd64
 images: $(STAMP)
 	@docker info >/dev/null 2>&1 || { echo "[images] needs a running Docker daemon (docker info failed); nothing built" >&2; exit 2; }
 	@set -euo pipefail; for role in cpu cuda; do \
 	  ref="$(IMAGE_REPO)/marble-$$role:$(IMAGE_TAG)"; meta="$$(mktemp)"; \
 	  echo "[images] building and pushing $$ref"; \
-	  docker buildx build -f dockerfiles/Dockerfile.$$role -t "$$ref" --push --metadata-file "$$meta" .; \
+	  docker buildx build --platform $(IMAGE_PLATFORM) -f dockerfiles/Dockerfile.$$role -t "$$ref" --push \
+	    --metadata-file "$$meta" .; \
 	  digest="$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["containerimage.digest"])' "$$meta")"; \
 	  $(BIN)/python -m pipelines.images pin "$$role" "$(IMAGE_REPO)/marble-$$role@$$digest"; rm -f "$$meta"; \
 	done

@@ -101,8 +101,8 @@ def test_dockerfiles_copy_what_the_components_need(dockerfile):
     """No Docker daemon here: check what can be checked statically (sources exist, base not :latest,
     kfp_config.ini lands in the WORKDIR the executor reads it from)."""
     lines = [line.strip() for line in (REPO / "dockerfiles" / dockerfile).read_text().splitlines()]
-    bases = [line.split("=", 1)[1] for line in lines if line.startswith("ARG ") and "_IMAGE=" in line]
-    assert bases and all(":" in b and not b.endswith(":latest") for b in bases), bases
+    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    assert bases and all(":" in b and ":latest" not in b for b in bases), bases
     copies = [line.split()[1:] for line in lines if line.startswith("COPY ")]
     for *sources, _dest in copies:
         for src in sources:
