@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	  for p in json.load(open(sys.argv[1]))["install"]))' $(VENV)/torch-pick.json > $(TORCH_REQ)
 	@echo "[setup] uv: that torch file, then marble[$(EXTRAS)] at the versions of $(LOCK)"
 	@$(BIN)/uv pip install --python $(BIN)/python -q -r $(TORCH_REQ) -c $(LOCK) -e ".[$(EXTRAS)]"
+	@echo "[setup] checking the install (the first import of torch also writes its bytecode cache)"
 	@$(BIN)/python -c "import marble, kfp, diffusers, peft, osqp, torch" || { echo "[setup] install failed" >&2; exit 1; }
 	@touch $(STAMP)
 

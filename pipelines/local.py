@@ -17,12 +17,13 @@ from typing import Any
 
 from marble.config import MarbleConfig
 from marble.errors import MarbleError
+from pipelines.local_output import quiet_run_output
 
 log = logging.getLogger(__name__)
 
 
 class LocalRunError(MarbleError):
-    """A task of the local pipeline run failed (its own output, printed above, says why)."""
+    """A task of the local pipeline run failed (the last lines of its output, printed above, say why)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class LocalRunOutputs:
     metrics: Path
     registration: Path
     seconds: float
+    log: Path | None = None
 
     def summary(self) -> str:
         rows = [
@@ -50,6 +52,8 @@ class LocalRunOutputs:
             ("prompts", self.prompts),
             ("reward cache", self.reward_cache),
         ]
+        if self.log is not None:
+            rows.append(("full log", self.log))
         width = max(len(name) for name, _ in rows)
         lines = [f"pipeline finished in {self.seconds:.0f} s; run directory {self.run_dir}"]
         lines += [f"  {name:<{width}}  {path}" for name, path in rows]
@@ -76,8 +80,10 @@ def run_local(
         runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
     )
     pipeline = build_pipeline(cfg, containerized=False)
+    log_path = root / "logs" / f"{cfg.pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    print(f"full output of the tasks (executor JSON, library logs, warnings): {log_path}", flush=True)
     start = time.perf_counter()
-    with warnings.catch_warnings():
+    with quiet_run_output(log_path), warnings.catch_warnings():
         # The pinned images' names do not contain "python"; locally the image is not used at all.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         try:
@@ -86,7 +92,7 @@ def run_local(
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp colours its messages for terminals
             raise LocalRunError(f"local pipeline run failed under {root}: {plain}") from None
     seconds = time.perf_counter() - start
-    return locate_outputs(_new_run_dir(root, before, cfg.pipeline.name), seconds)
+    return locate_outputs(_new_run_dir(root, before, cfg.pipeline.name), seconds, log_path)
 
 
 def _new_run_dir(root: Path, before: set[str], name: str) -> Path:
@@ -96,7 +102,7 @@ def _new_run_dir(root: Path, before: set[str], name: str) -> Path:
     return new[0]
 
 
-def locate_outputs(run_dir: Path, seconds: float = 0.0) -> LocalRunOutputs:
+def locate_outputs(run_dir: Path, seconds: float = 0.0, log: Path | None = None) -> LocalRunOutputs:
     """The artifact paths of one local run directory (task and output names of the pipeline)."""
     evaluation = run_dir / "evaluate" / "evaluation"
     outputs = LocalRunOutputs(
@@ -110,6 +116,7 @@ def locate_outputs(run_dir: Path, seconds: float = 0.0) -> LocalRunOutputs:
         metrics=evaluation / "metrics.json",
         registration=run_dir / "register-adapter" / "registration" / "registration.json",
         seconds=seconds,
+        log=log,
     )
     missing = [str(p) for p in (outputs.adapter, outputs.metrics, outputs.registration) if not p.exists()]
     if missing:

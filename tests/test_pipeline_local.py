@@ -52,6 +52,9 @@ FAKE_STAGES = textwrap.dedent(
 
 
     def train(cfg, prompts_dir, out_dir, *, reward_cache=None):
+        from tqdm import tqdm
+        for _ in tqdm(range(8), desc="train", unit="step", mininterval=0):
+            pass
         assert (Path(prompts_dir) / "train.jsonl").is_file(), prompts_dir
         assert (Path(reward_cache) / "manifest.json").is_file(), reward_cache
         adapter = Path(out_dir) / "adapter"
@@ -120,11 +123,34 @@ def test_local_run_wires_all_five_stages(fake_stages, tmp_path):
     assert logged["rewards/brightness/delta"] == 0.25
     assert logged["gate/passed"] == 1.0
     summary = out.summary()
-    for path in (out.adapter, out.report_html, out.metrics, out.registration):
+    for path in (out.adapter, out.report_html, out.metrics, out.registration, out.log):
         assert str(path) in summary
 
 
-def test_local_run_reports_a_failing_task(fake_stages, tmp_path):
+TASKS = ("prepare-prompts", "cache-reward-models", "train", "evaluate", "register-adapter")
+
+
+def test_local_run_shows_tasks_and_progress_and_logs_the_rest(fake_stages, tmp_path, capsys):
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    out = run_local(cfg, pipeline_root=tmp_path / "kfp")
+    shown = capsys.readouterr()
+    lines = shown.out.splitlines()
+    for task in TASKS:
+        assert sum(line.endswith(f"start  {task}") for line in lines) == 1, shown.out
+        assert sum(f"end    {task}: SUCCESS in " in line for line in lines) == 1, shown.out
+    bars = [line for line in lines if line.startswith("train:")]
+    assert bars[0].startswith("train:   0%|") and bars[-1].startswith("train: 100%|")
+    assert len(bars) <= 5  # not a terminal: the bar at each quarter, not at every refresh
+    assert str(out.log) in lines[0]
+    assert len(lines) == 1 + 2 * len(TASKS) + len(bars), shown.out
+    assert "executor" not in "\n".join(lines[1:]).lower() and shown.err == ""
+    # The log keeps everything: kfp's executor input JSON and every bar refresh.
+    log = out.log.read_text()
+    assert "Got executor_input:" in log and '"outputFile"' in log
+    assert sum(line.strip().startswith("train:") for line in log.splitlines()) > len(bars)
+
+
+def test_local_run_reports_a_failing_task(fake_stages, tmp_path, capsys):
     # Make the fake train stage fail: the run must stop with a LocalRunError, not a traceback.
     (fake_stages / "sitecustomize.py").write_text(
         FAKE_STAGES + "\ndef _broken(*a, **k):\n    raise RuntimeError('boom')\nS.train = _broken\n"
@@ -133,6 +159,8 @@ def test_local_run_reports_a_failing_task(fake_stages, tmp_path):
     with pytest.raises(LocalRunError, match="failed"):
         run_local(cfg, pipeline_root=tmp_path / "kfp")
     assert not list((tmp_path / "kfp").glob("*/register-adapter"))
+    # The failed task's traceback, kept in the log, is shown on the terminal too.
+    assert "RuntimeError: boom" in capsys.readouterr().out
 
 
 def test_a_bad_run_parameter_fails_the_first_task_naming_the_field(fake_stages, tmp_path, capfd):
