@@ -127,7 +127,7 @@ def test_local_run_wires_all_five_stages(fake_stages, tmp_path):
         assert str(path) in summary
 
 
-TASKS = ("prepare-prompts", "cache-reward-models", "train", "evaluate", "register-adapter")
+TASKS = ("validate-config", "prepare-prompts", "cache-reward-models", "train", "evaluate", "register-adapter")
 
 
 def test_local_run_shows_tasks_and_progress_and_logs_the_rest(fake_stages, tmp_path, capsys):
@@ -170,7 +170,7 @@ def test_a_bad_run_parameter_fails_the_first_task_naming_the_field(fake_stages, 
     # kfp streams the task's output, traceback included, to the console.
     shown = "".join(capfd.readouterr())
     assert "run parameter lr (train.lr): Input should be greater than 0" in shown
-    (run_dir,) = (tmp_path / "kfp").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "kfp").iterdir() if p.name != "logs"]
     assert not (run_dir / "prepare-prompts").exists() and not (run_dir / "train").exists()
 
 
