@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from marble.config import MarbleConfig
-from marble.configio import atomic_write_text, load_config
+from marble.configio import load_config
+from marble.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

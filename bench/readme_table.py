@@ -180,7 +180,7 @@ def render(results: Path = common.RESULTS) -> str:
 
 def update_readme(readme: Path, text: str) -> None:
     """Replace the marked section (append the markers at the end when missing)."""
-    from marble.configio import atomic_write_text
+    from marble.io import atomic_write_text
 
     body = readme.read_text() if readme.is_file() else ""
     block = f"{START}\n{text.rstrip()}\n{END}"

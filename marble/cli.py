@@ -1,6 +1,8 @@
 """The `marble` command line: config tools, the five stages, rewards, the pipeline and benchmarks.
 
-User errors (bad config, bad data, missing files) print one clear message and exit 2; no traceback.
+User errors (bad config, bad data, missing files, weights that differ from the model lock) print one
+clear message and exit 2; a storage failure (disk full, quota, read-only volume) exits 74 (EX_IOERR);
+no traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from marble.configio import ConfigError, config_to_yaml, load_config, read_config_dict, validate_config
-from marble.errors import MarbleError
+from marble.errors import MarbleError, StorageError
 
 EXIT_USER_ERROR = 2
+EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR: retrying after freeing space can succeed
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -59,6 +62,19 @@ def _cfg(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _lock(args: argparse.Namespace):
+    """The model lock beside the config (`configs/x.lock.yaml`), or None."""
+    from marble.model_cache import load_lock_for
+
+    return load_lock_for(args.config)
+
+
+def _model_args(args: argparse.Namespace, default_cache: Path) -> dict:
+    """reward_cache / lock / reward_cache_sha256 for a stage that loads models."""
+    cache = args.reward_cache or (default_cache if default_cache.exists() else None)
+    return {"reward_cache": cache, "lock": _lock(args), "reward_cache_sha256": args.reward_cache_sha256}
+
+
 # ------------------------------------------------------------------------------------------ config
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
@@ -80,7 +96,7 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
     text = schema_json()
     if args.out:
-        from marble.configio import atomic_write_text
+        from marble.io import atomic_write_text
 
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}")
@@ -110,8 +126,33 @@ def cmd_cache_rewards(args: argparse.Namespace) -> int:
     from marble import stages
 
     cfg, d = _dirs(args)
-    manifest = stages.cache_reward_models(cfg, args.out or d.reward_cache)
+    from marble.hub.lock import lock_path_for
+
+    lock_file = lock_path_for(args.config)
+    write = {"write_lock": lock_file, "config_name": Path(args.config).name} if args.write_lock else {}
+    manifest = stages.cache_reward_models(cfg, args.out or d.reward_cache, lock=_lock(args), **write)
     print(f"reward cache ready; manifest: {manifest}")
+    if args.write_lock:
+        print(f"model lock: {lock_file}")
+    return 0
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from marble import model_cache
+
+    cfg, d = _dirs(args)
+    cache = Path(args.reward_cache or d.reward_cache)
+    if args.check:
+        print(model_cache.check_lock(cfg, Path(args.config), cache))
+        return 0
+    from marble.hub.lock import lock_path_for
+
+    path = lock_path_for(args.config)
+    lock, changed = model_cache.lock_models(
+        cfg, path, cache, config_name=Path(args.config).name, update=args.update
+    )
+    state = "written" if changed else "up to date"
+    print(f"model lock {state}: {path} ({len(lock.models)} model repos, sha256 {lock.sha256[:16]})")
     return 0
 
 
@@ -119,8 +160,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from marble import stages
 
     cfg, d = _dirs(args)
-    cache = args.reward_cache or (d.reward_cache if d.reward_cache.exists() else None)
-    adapter = stages.train(cfg, args.prompts or d.prompts, args.out or d.train, reward_cache=cache)
+    adapter = stages.train(
+        cfg, args.prompts or d.prompts, args.out or d.train, **_model_args(args, d.reward_cache)
+    )
     print(f"adapter: {adapter}")
     return 0
 
@@ -131,13 +173,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg, d = _dirs(args)
     train_dir = Path(args.train_dir) if args.train_dir else d.train
     adapter = args.adapter or train_dir / "adapter"
-    cache = args.reward_cache or (d.reward_cache if d.reward_cache.exists() else None)
     metrics = stages.evaluate(
         cfg,
         args.prompts or d.prompts,
         adapter,
         args.out or d.eval,
-        reward_cache=cache,
+        **_model_args(args, d.reward_cache),
         train_dir=train_dir if train_dir.exists() else None,
     )
     print(f"metrics: {metrics}\nreport:  {Path(metrics).parent / 'report.html'}")
@@ -166,9 +207,15 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_rewards_check(args: argparse.Namespace) -> int:
+    from marble.model_cache import run_hub
     from marble.rewards.check import check_rewards
 
-    report = check_rewards(_cfg(args), reward_cache=Path(args.reward_cache) if args.reward_cache else None)
+    cfg = _cfg(args)
+    hub = run_hub(
+        cfg, cache_dir=args.reward_cache, lock=_lock(args), manifest_sha256=args.reward_cache_sha256,
+        config_hint=args.config,
+    )  # fmt: skip
+    report = check_rewards(cfg, hub=hub)
     print(report)
     return 0
 
@@ -196,6 +243,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sys.argv = ["bench", *args.bench_args]
     runpy.run_module(f"bench.{args.name}", run_name="__main__")
     return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward-cache", help="directory written by `marble cache-rewards`")
+    p.add_argument(
+        "--reward-cache-sha256",
+        help="sha256 of the cache's manifest.json as cache-rewards wrote it; a different manifest is refused",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="output directory (default: <output_dir>/<run_name>/<stage>)")
         if name in ("train", "evaluate"):
             p.add_argument("--prompts", help="directory written by `marble prepare`")
-            p.add_argument("--reward-cache", help="directory written by `marble cache-rewards`")
+            _add_model_args(p)
+        if name == "cache-rewards":
+            p.add_argument(
+                "--write-lock",
+                action="store_true",
+                help="also write the model lock beside the config from what was cached (keeps existing pins)",
+            )
         if name == "evaluate":
             p.add_argument("--adapter", help="adapter directory (default: <train dir>/adapter)")
             p.add_argument("--train-dir", help="training directory (for the training curves in the report)")
@@ -248,8 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     rw_sub = rw.add_subparsers(dest="rewards_command", required=True, metavar="ACTION")
     p = rw_sub.add_parser("check", help="score golden images with every reward; fail on broken rewards")
     _add_config_args(p)
-    p.add_argument("--reward-cache", help="directory written by `marble cache-rewards`")
+    _add_model_args(p)
     p.set_defaults(func=cmd_rewards_check)
+
+    p = sub.add_parser(
+        "lock",
+        help="pin every model the config loads (revision, sha256 of each file) in <config>.lock.yaml",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--reward-cache", help="cache to snapshot into (default: <output_dir>/<run_name>/reward-cache)"
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--update", action="store_true", help="re-resolve every model (unpinned repos move)")
+    mode.add_argument(
+        "--check", action="store_true", help="verify the lock and the cached files; write nothing"
+    )
+    p.set_defaults(func=cmd_lock)
 
     pl = sub.add_parser("pipeline", help="run, compile, upload or schedule the Kubeflow pipeline")
     pl_sub = pl.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
@@ -303,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_IO_ERROR
     except (ConfigError, MarbleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -122,7 +122,10 @@ class ModelConfig(StrictModel):
     cache_dir: str = Field(
         ".cache/marble", description="Where built tiny models and hub snapshots are cached."
     )
-    offline: bool = Field(False, description="Never touch the network (sets HF_HUB_OFFLINE=1).")
+    offline: bool = Field(
+        False,
+        description="Never touch the network: load every model from local files (or set HF_HUB_OFFLINE=1).",
+    )
     max_sequence_length: int = Field(256, ge=1, le=512, description="T5 token limit [NFT: 128..256].")
     vae_scale_factor: int = Field(8, ge=1, description="Pixel-to-latent downsampling of the VAE (SD3: 8).")
     patch_size: int = Field(2, ge=1, description="Transformer patch size (SD3: 2).")

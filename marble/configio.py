@@ -7,8 +7,6 @@ can print them without a traceback.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -128,18 +126,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> MarbleC
 
 def config_to_yaml(cfg: MarbleConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=110)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -19,8 +19,20 @@ class RewardError(MarbleError):
     """A reward that cannot be loaded or scored, or fails its health check."""
 
 
+class HubError(MarbleError):
+    """A model cannot be located or loaded (hub id, local directory, cache); names the model."""
+
+
+class LockError(MarbleError):
+    """Weights differ from the model lock, or the lock does not cover the config; names model and file."""
+
+
 class CacheError(MarbleError):
     """A cached snapshot is missing, partial or tampered with; the message names the file."""
+
+
+class StorageError(MarbleError):
+    """Writing an output failed (disk full, quota, read-only, I/O error); names the path and the bytes."""
 
 
 class RegistryError(MarbleError):

@@ -3,6 +3,11 @@
 The CLI (`marble <stage>`), `dvc.yaml` (which calls the CLI) and the Kubeflow components all call
 these functions, so every way of running marble executes the same code. Each function takes the
 validated config and explicit directories, and returns the path of its main output.
+
+Stages that load models take the run's model settings: `reward_cache` (the `cache-rewards` output),
+`lock` (the model lock, `marble lock`) and `reward_cache_sha256` (the cache manifest's sha256 as the
+cache stage reported it: a manifest that changed on the volume since is refused). A storage failure
+anywhere in a stage (disk full, quota, read-only volume) is one `StorageError` naming the path.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from marble.config import MarbleConfig
+from marble.hub.lock import ModelLock
+from marble.io import storage_errors
 
 
 def prepare_prompts(cfg: MarbleConfig, out_dir: str | Path) -> Path:
@@ -20,17 +27,31 @@ def prepare_prompts(cfg: MarbleConfig, out_dir: str | Path) -> Path:
     """
     from marble.data.prepare import prepare_prompts as _impl
 
-    return _impl(cfg, Path(out_dir))
+    with storage_errors(out_dir):
+        return _impl(cfg, Path(out_dir))
 
 
-def cache_reward_models(cfg: MarbleConfig, out_dir: str | Path) -> Path:
-    """Snapshot every reward model (and the base model) into `out_dir` with a verified manifest.
+def cache_reward_models(
+    cfg: MarbleConfig,
+    out_dir: str | Path,
+    *,
+    lock: ModelLock | None = None,
+    write_lock: str | Path | None = None,
+    config_name: str | None = None,
+) -> Path:
+    """Snapshot every reward model (and the base model) into `out_dir` with a verified manifest, at the
+    locked revisions when a lock is given (refusing files that differ from it). `write_lock`: a lock
+    file to write (or complete) from what was cached, so a first run pins what it downloaded.
 
     Returns the manifest path. A second call verifies and does nothing.
     """
-    from marble.rewards.cache import cache_reward_models as _impl
+    from marble.model_cache import cache_models, lock_models
 
-    return _impl(cfg, Path(out_dir))
+    with storage_errors(out_dir):
+        if write_lock is not None:
+            lock_models(cfg, Path(write_lock), Path(out_dir), config_name=config_name)
+            return Path(out_dir) / "manifest.json"
+        return cache_models(cfg, Path(out_dir), lock=lock)
 
 
 def train(
@@ -39,13 +60,16 @@ def train(
     out_dir: str | Path,
     *,
     reward_cache: str | Path | None = None,
+    lock: ModelLock | None = None,
+    reward_cache_sha256: str | None = None,
 ) -> Path:
     """Run MARBLE training; returns the exported adapter directory (`out_dir/adapter`)."""
+    from marble.model_cache import run_hub
     from marble.train.trainer import run_training
 
-    return run_training(
-        cfg, Path(prompts_dir), Path(out_dir), reward_cache=Path(reward_cache) if reward_cache else None
-    )
+    hub = run_hub(cfg, cache_dir=reward_cache, lock=lock, manifest_sha256=reward_cache_sha256)
+    with storage_errors(out_dir):
+        return run_training(cfg, Path(prompts_dir), Path(out_dir), hub=hub)
 
 
 def evaluate(
@@ -55,19 +79,24 @@ def evaluate(
     out_dir: str | Path,
     *,
     reward_cache: str | Path | None = None,
+    lock: ModelLock | None = None,
+    reward_cache_sha256: str | None = None,
     train_dir: str | Path | None = None,
 ) -> Path:
     """Score base vs. adapter on held-out prompts; writes report + metrics.json, returns metrics.json."""
     from marble.eval.evaluate import run_evaluation
+    from marble.model_cache import run_hub
 
-    return run_evaluation(
-        cfg,
-        Path(prompts_dir),
-        Path(adapter_dir),
-        Path(out_dir),
-        reward_cache=Path(reward_cache) if reward_cache else None,
-        train_dir=Path(train_dir) if train_dir else None,
-    )
+    hub = run_hub(cfg, cache_dir=reward_cache, lock=lock, manifest_sha256=reward_cache_sha256)
+    with storage_errors(out_dir):
+        return run_evaluation(
+            cfg,
+            Path(prompts_dir),
+            Path(adapter_dir),
+            Path(out_dir),
+            hub=hub,
+            train_dir=Path(train_dir) if train_dir else None,
+        )
 
 
 def register_adapter(
@@ -79,4 +108,5 @@ def register_adapter(
     """
     from marble.registry.register import register_adapter as _impl
 
-    return _impl(cfg, Path(adapter_dir), Path(eval_dir), Path(out_dir))
+    with storage_errors(out_dir):
+        return _impl(cfg, Path(adapter_dir), Path(eval_dir), Path(out_dir))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from marble.configio import load_config
 from marble.eval.lineage import collect_lineage, git_commit
+from marble.hub import Hub
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def test_lineage_records_data_rewards_adapter_and_code(tmp_path, monkeypatch):
     adapter.mkdir()
     (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"w")
 
-    lin = collect_lineage(cfg, prompts, adapter, cache)
+    lin = collect_lineage(cfg, prompts, adapter, Hub(cache_dir=cache))
     assert lin["data_hash"] == "d1a2b3" and len(lin["test_jsonl_sha256"]) == 64
     assert lin["config_hash"] == cfg.config_hash() and len(lin["adapter_sha256"]) == 64
     rm = lin["reward_models"]

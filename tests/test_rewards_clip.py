@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from marble.config import AestheticReward, ClipScoreReward, PickScoreReward
-from marble.errors import RewardError
+from marble.errors import HubError
+from marble.images import to_pil
 from marble.rewards import build_reward
-from marble.rewards.clip import to_pil
 from marble.rewards.tiny_models import save_tiny_aesthetic_head, save_tiny_clip
 
 PROMPTS = ["a red circle", "a blue square", 'a sign that says "open"', "two rings"]
@@ -61,8 +61,8 @@ def test_pickscore_and_clipscore_match_clip_forward(tiny_dirs, images):
 def test_aesthetic_head_on_normalised_embedding(tiny_dirs, images):
     from transformers import CLIPModel, CLIPProcessor
 
+    from marble.hub import load_state_dict_file
     from marble.rewards.clip import aesthetic_mlp
-    from marble.rewards.hub import load_state_dict_file
 
     clip_dir = str(tiny_dirs / "clip")
     scores = {}
@@ -98,20 +98,20 @@ def test_pickled_objects_and_missing_paths_are_refused(tiny_dirs, tmp_path, imag
     with open(bad, "wb") as f:
         pickle.dump({"layers.0.weight": _Evil()}, f)
     spec = AestheticReward(name="a", model=str(tiny_dirs / "clip"), head=str(tmp_path), head_file="head.pth")
-    with pytest.raises(RewardError, match="weights only"):
+    with pytest.raises(HubError, match="weights only"):
         build_reward(spec).setup("cpu")
-    with pytest.raises(RewardError, match="does not exist"):
+    with pytest.raises(HubError, match="does not exist"):
         build_reward(ClipScoreReward(name="c", model=str(tmp_path / "nope"))).setup("cpu")
     spec = AestheticReward(
         name="a", model=str(tiny_dirs / "clip"), head=str(tmp_path), head_file="missing.pth"
     )
-    with pytest.raises(RewardError, match="missing.pth"):
+    with pytest.raises(HubError, match="missing.pth"):
         build_reward(spec).setup("cpu")
 
 
-def test_unreachable_hub_id_is_a_reward_error(monkeypatch, tmp_path):
+def test_unreachable_hub_id_is_a_hub_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     r = build_reward(ClipScoreReward(name="c", model="marble-tests/does-not-exist", revision="0" * 40))
-    with pytest.raises(RewardError, match="marble-tests/does-not-exist"):
+    with pytest.raises(HubError, match="marble-tests/does-not-exist"):
         r.setup("cpu")

@@ -18,8 +18,8 @@ from PIL import Image
 
 from marble.config import HttpReward
 from marble.errors import RewardError
+from marble.images import to_uint8_hwc
 from marble.rewards import build_reward
-from marble.rewards.offline import to_uint8
 
 
 class _Server:
@@ -84,7 +84,7 @@ def test_round_trip_scores_and_applicability(server, monkeypatch):
     monkeypatch.setenv("MARBLE_TEST_TOKEN", "s3cret")
     r = reward(server, applies_when="quoted_text", token_env="MARBLE_TEST_TOKEN")
     out = r(IMAGES, PROMPTS, [{}, {}, {"k": 1}]).scores
-    expected = torch.from_numpy(to_uint8(IMAGES).astype(np.float64).mean(axis=(1, 2, 3)) / 255.0)
+    expected = torch.from_numpy(to_uint8_hwc(IMAGES).astype(np.float64).mean(axis=(1, 2, 3)) / 255.0)
     assert (
         math.isnan(out[1]) and out[0] == pytest.approx(expected[0]) and out[2] == pytest.approx(expected[2])
     )

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from marble.configio import load_config
+from marble.hub import Hub
 from marble.rewards import build_rewards, score_all
 from marble.rewards.check import check_rewards, golden_batch
 
@@ -29,7 +30,7 @@ pytestmark = [
 
 def test_paper_rewards_pass_the_health_check():
     cfg = load_config("configs/sd35m-marble.yaml")
-    report = check_rewards(cfg, reward_cache=Path(CACHE))
+    report = check_rewards(cfg, Hub(cache_dir=Path(CACHE)))
     assert all(r.name in report for r in cfg.rewards)
 
 
@@ -39,7 +40,7 @@ def test_matching_prompts_score_higher():
     rewards = build_rewards(specs)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for r in rewards:
-        r.setup(device, cache_dir=Path(CACHE))
+        r.setup(device, Hub(cache_dir=Path(CACHE)))
     images, prompts, meta = golden_batch(size=256)
     shuffled = prompts[1:] + prompts[:1]  # every image paired with another image's prompt
     matched = score_all(rewards, images, prompts, meta)

@@ -14,9 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +25,7 @@ from marble.data.records import PromptRecord, read_prompt_records, write_prompt_
 from marble.data.sources import RawPrompt, read_source
 from marble.data.tokens import LETTERS_PER_TOKEN, token_limit
 from marble.errors import DataError
+from marble.io import atomic_write_text, file_sha256, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -146,29 +144,6 @@ def build_manifest(
     }
 
 
-def _chmod_like_mkdir(path: Path) -> None:
-    # mkdtemp creates 0700; the published directory should get the mode a plain mkdir would.
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished `tmp` directory to `out_dir`, replacing a previous output only at the end."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    backup = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-    os.replace(out_dir, backup / "old")
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(backup / "old", out_dir)
-        raise
-    finally:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def prepare_prompts(cfg: MarbleConfig, out_dir: Path) -> Path:
     """Validate, mix and split `cfg.data.sources` into `out_dir`; returns the manifest path.
 
@@ -180,22 +155,13 @@ def prepare_prompts(cfg: MarbleConfig, out_dir: Path) -> Path:
     ps = build_prompt_set(cfg)
     per_reward = applicability_counts(cfg, ps.train, ps.test)
     _check_applicability(per_reward, len(ps.train), len(ps.test))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        _chmod_like_mkdir(tmp)
+    with staged_dir(out_dir) as tmp:
         write_prompt_records(tmp / TRAIN_FILE, ps.train)
         write_prompt_records(tmp / TEST_FILE, ps.test)
         manifest = build_manifest(
             cfg, ps, {TRAIN_FILE: tmp / TRAIN_FILE, TEST_FILE: tmp / TEST_FILE}, per_reward
         )
-        (tmp / MANIFEST_FILE).write_text(
-            json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     counts = manifest["counts"]
     log.info(
         "prepared %d prompts (%d train, %d test) in %s; families %s",
@@ -227,7 +193,7 @@ def load_prepared(prompts_dir: Path) -> tuple[list[PromptRecord], list[PromptRec
         path = prompts_dir / name
         if not path.is_file():
             raise DataError(f"{path}: missing from the prepared prompts")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path)
         if name not in files or files[name].get("sha256") != digest:
             raise DataError(f"{path}: content differs from {manifest_path} (modified after `marble prepare`)")
     return (

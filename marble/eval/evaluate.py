@@ -20,9 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -33,12 +30,14 @@ import numpy as np
 import torch
 
 from marble.config import MarbleConfig
-from marble.configio import atomic_write_text
 from marble.errors import CheckpointError, DataError
 from marble.eval import monitors as mon
 from marble.eval.gate import evaluate_gate
 from marble.eval.lineage import collect_lineage
 from marble.eval.stats import bootstrap_mean_ci, composite_zscores, paired_delta_ci, win_rate
+from marble.hub import Hub
+from marble.images import to_float, to_uint8
+from marble.io import atomic_write_text, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +142,6 @@ def generate_images(
     return torch.cat(chunks)  # [N, 3, H, W] uint8
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] float in [0, 1] -> uint8 (round to nearest, as PNG export does)."""
-    return (images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] uint8 -> float32 in [0, 1] (what rewards and monitors take)."""
-    return images.float() / 255.0
-
-
 def load_adapter(pipe, adapter_dir: Path) -> None:
     """Stock `pipe.load_lora_weights(adapter_dir)` through the models package, which refuses a load
     that attached nothing (STACK-NOTES: a PEFT-format directory silently loads no weights)."""
@@ -167,15 +156,15 @@ def load_adapter(pipe, adapter_dir: Path) -> None:
 
 
 def sample_both(
-    cfg: MarbleConfig, adapter_dir: Path, jobs: list[dict[str, Any]], device: str, cache: Path | None = None
+    cfg: MarbleConfig, adapter_dir: Path, jobs: list[dict[str, Any]], device: str, hub: Hub | None = None
 ):
     """Base images, then adapter images, from one pipeline load: ([N,3,H,W], [N,3,H,W], sampling info).
 
-    `cache` is the reward cache directory: the cache stage snapshots the base model there too.
+    `hub`: the run's model access (the cache stage snapshots the base model too), see `marble.hub`.
     """
     from marble.models.loading import load_pipeline
 
-    pipe = load_pipeline(cfg.model, device=device, cache_dir=cache)
+    pipe = load_pipeline(cfg.model, device=device, hub=hub)
     pipe.set_progress_bar_config(disable=True)
     solver = pin_euler_solver(pipe)
     res = cfg.eval_resolution
@@ -222,7 +211,7 @@ def score_images(
     image_sets: Sequence[torch.Tensor],
     jobs: list[dict],
     device: str,
-    cache: Path | None,
+    hub: Hub | None,
 ) -> list[np.ndarray]:
     """Every reward's scores of each uint8 image set (all for the same `jobs`): one `[N, K]` float64
     array per set, columns in config order, NaN = does not apply. Reward weights are loaded once."""
@@ -230,7 +219,7 @@ def score_images(
 
     rewards = build_rewards(cfg.rewards)
     for r in rewards:
-        r.setup(device, cache_dir=cache)
+        r.setup(device, hub)
     prompts = [j["prompt"] for j in jobs]
     meta = [j["metadata"] for j in jobs]
 
@@ -387,23 +376,12 @@ def sample_rows(cfg, jobs, base_scores, adapter_scores, base_mon, adapter_mon) -
     return "".join(lines)
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished temporary directory into place (old output removed only after the swap)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_evaluation(
     cfg: MarbleConfig,
     prompts_dir: Path,
     adapter_dir: Path,
     out_dir: Path,
-    reward_cache: Path | None = None,
+    hub: Hub | None = None,
     train_dir: Path | None = None,
 ) -> Path:
     """The evaluate stage (see the module docstring). Returns `<out_dir>/metrics.json`."""
@@ -413,15 +391,14 @@ def run_evaluation(
     if not (adapter_dir / ADAPTER_FILE).is_file():
         raise CheckpointError(f"{adapter_dir}: no {ADAPTER_FILE}; run `marble train` first or pass --adapter")
     jobs = eval_jobs(cfg, prompts_dir)
-    lineage = collect_lineage(cfg, prompts_dir, adapter_dir, reward_cache)
+    hub = hub or Hub.create(offline=cfg.model.offline)
+    lineage = collect_lineage(cfg, prompts_dir, adapter_dir, hub)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info(
         "evaluating %d images (%d prompts) on %s", len(jobs), len({j["prompt_id"] for j in jobs}), device
     )
-    base_img, adapter_img, sampling = sample_both(cfg, adapter_dir, jobs, device, reward_cache)
-    base_scores, adapter_scores = score_images(
-        cfg, [base_img, adapter_img], jobs, device, reward_cache
-    )  # [N, K] x 2
+    base_img, adapter_img, sampling = sample_both(cfg, adapter_dir, jobs, device, hub)
+    base_scores, adapter_scores = score_images(cfg, [base_img, adapter_img], jobs, device, hub)  # [N, K] x 2
     base_mon, adapter_mon = monitor_images(base_img), monitor_images(adapter_img)
 
     summary: dict[str, Any] = {
@@ -444,9 +421,7 @@ def run_evaluation(
         log.warning("the adapter did not change a single pixel: an untrained (zero) adapter?")
     summary["gate_preview"] = evaluate_gate(summary, cfg.eval.gate).to_dict()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         save_images(base_img, tmp / "images" / "base")
         save_images(adapter_img, tmp / "images" / "adapter")
         atomic_write_text(tmp / "eval.json", _json(summary))
@@ -455,9 +430,5 @@ def run_evaluation(
             tmp / "samples.jsonl", sample_rows(cfg, jobs, base_scores, adapter_scores, base_mon, adapter_mon)
         )
         write_report(tmp, summary, jobs, base_img, adapter_img, cfg.eval.grid_prompts, train_dir)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("evaluation written to %s (gate preview: %s)", out_dir, summary["gate_preview"]["summary"])
     return out_dir / "metrics.json"

@@ -15,20 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from marble.config import MarbleConfig
+from marble.hub import Hub
+from marble.io import file_sha256
 from marble.registry.base import adapter_sha256
 
 log = logging.getLogger(__name__)
 
 GIT_COMMIT_ENV = "MARBLE_GIT_COMMIT"
 """Set by container builds that carry no .git directory (the image's commit)."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_commit() -> str:
@@ -67,8 +61,10 @@ def data_lineage(prompts_dir: Path) -> dict[str, str | None]:
     }
 
 
-def reward_lineage(cfg: MarbleConfig, reward_cache: Path | None) -> dict[str, Any]:
-    """Reward model ids and revisions from the config, plus the reward cache manifest (hash + entries)."""
+def reward_lineage(cfg: MarbleConfig, hub: Hub | None) -> dict[str, Any]:
+    """Reward model ids and revisions from the config, the model lock's hash, and the reward cache
+    manifest (hash + entries)."""
+    reward_cache = hub.cache_dir if hub is not None else None
     models = {}
     for spec in cfg.rewards:
         entry = {"kind": spec.kind, "held_out": spec.held_out}
@@ -78,7 +74,13 @@ def reward_lineage(cfg: MarbleConfig, reward_cache: Path | None) -> dict[str, An
             if hasattr(spec, key):
                 entry[key] = getattr(spec, key)
         models[spec.name] = entry
-    out: dict[str, Any] = {"rewards": models, "manifest_sha256": None, "manifest": None}
+    lock = hub.lock.sha256 if hub is not None and hub.lock is not None else None
+    out: dict[str, Any] = {
+        "rewards": models,
+        "model_lock_sha256": lock,
+        "manifest_sha256": None,
+        "manifest": None,
+    }
     if reward_cache is not None:
         path = Path(reward_cache) / "manifest.json"
         if path.is_file():
@@ -128,7 +130,7 @@ def eval_protocol_hash(cfg: MarbleConfig, data: dict[str, Any]) -> str:
 
 
 def collect_lineage(
-    cfg: MarbleConfig, prompts_dir: Path, adapter_dir: Path, reward_cache: Path | None
+    cfg: MarbleConfig, prompts_dir: Path, adapter_dir: Path, hub: Hub | None
 ) -> dict[str, Any]:
     """Everything `eval.json["lineage"]` records."""
     data = data_lineage(prompts_dir)
@@ -142,5 +144,5 @@ def collect_lineage(
         "adapter_dir": str(adapter_dir),
         "adapter_sha256": adapter_sha256(adapter_dir),
         **data,
-        "reward_models": reward_lineage(cfg, reward_cache),
+        "reward_models": reward_lineage(cfg, hub),
     }

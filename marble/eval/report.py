@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from marble.configio import atomic_write_text  # noqa: E402
+from marble.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 

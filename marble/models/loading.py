@@ -1,4 +1,5 @@
-"""Load an SD3 pipeline from a hub id, a local directory, a verified cache, or the tiny world.
+"""Load an SD3 pipeline from a hub id, a local directory, a verified cache (all through `marble.hub`),
+or the tiny world.
 
 The tiny world is not special-cased past `resolve_pretrained`: it is built once into a directory and
 then loaded by exactly the code that loads stabilityai/stable-diffusion-3.5-medium.
@@ -7,38 +8,38 @@ then loaded by exactly the code that loads stabilityai/stable-diffusion-3.5-medi
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import torch
 
 from marble.config import ModelConfig
-from marble.errors import MarbleError
+from marble.errors import HubError, MarbleError
+from marble.hub import Artifact, Hub
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PIPELINE_PATTERNS = ("model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model")
+"""A diffusers pipeline repo without its root-level single-file checkpoints."""
 
 
-def resolve_pretrained(model_cfg: ModelConfig, cache_dir: Path | None = None) -> tuple[str, dict]:
-    """`(path_or_hub_id, from_pretrained kwargs)` for the base model."""
+def base_model_artifacts(model_cfg: ModelConfig) -> list[Artifact]:
+    """The repo the base model loads from (none for the tiny world, which is built locally)."""
+    return (
+        [] if model_cfg.is_tiny else [Artifact(model_cfg.pretrained, model_cfg.revision, PIPELINE_PATTERNS)]
+    )
+
+
+def resolve_pretrained(model_cfg: ModelConfig, hub: Hub | None = None) -> tuple[str, dict]:
+    """`(path_or_hub_id, from_pretrained kwargs)` for the base model (through `hub`, see `marble.hub`)."""
     if model_cfg.is_tiny:
         from marble.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(model_cfg)), {}
-    local = Path(model_cfg.pretrained).expanduser()
-    if local.is_dir():
-        return str(local), {}
-    if cache_dir is not None:
-        from marble.rewards.hub import resolve_model
-
-        return resolve_model(model_cfg.pretrained, model_cfg.revision, cache_dir)
-    if model_cfg.pretrained.startswith((".", "/", "~")):
-        raise MarbleError(f"model.pretrained={model_cfg.pretrained!r}: local directory does not exist")
-    kwargs: dict = {"revision": model_cfg.revision} if model_cfg.revision else {}
-    if model_cfg.offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        kwargs["local_files_only"] = True  # never hang on network time-outs when offline was asked for
-    return model_cfg.pretrained, kwargs
+    hub = hub or Hub.create(offline=model_cfg.offline)
+    try:
+        return hub.locate(model_cfg.pretrained, model_cfg.revision)
+    except HubError as exc:
+        raise HubError(f"model.pretrained={model_cfg.pretrained!r}: {exc}") from exc
 
 
 def _dtype_keyword() -> str:
@@ -54,14 +55,13 @@ def load_pipeline(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    cache_dir: Path | None = None,
+    hub: Hub | None = None,
 ):
-    """A frozen `StableDiffusion3Pipeline` on `device` (dtype from the config unless given)."""
+    """A frozen `StableDiffusion3Pipeline` on `device` (dtype from the config unless given), its weights
+    located through `hub` (default: local directory or hub id, offline as `model.offline` says)."""
     from diffusers import StableDiffusion3Pipeline
 
-    if model_cfg.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    source, kwargs = resolve_pretrained(model_cfg, cache_dir)
+    source, kwargs = resolve_pretrained(model_cfg, hub)
     dtype = dtype or _DTYPES[model_cfg.dtype]
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)

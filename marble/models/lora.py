@@ -10,9 +10,6 @@ nothing or silently loses the lora_alpha scale.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from torch import Tensor
 
 from marble.config import LoraConfig
+from marble.io import staged_dir
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 _PEFT_PREFIX = "base_model.model."
@@ -113,21 +111,13 @@ def export_adapter(
     state = state_dict if state_dict is not None else adapter_state_dict(model, adapter_name)
     metadata = model.peft_config[adapter_name].to_dict()
     metadata["target_modules"] = sorted(metadata.get("target_modules") or [])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with staged_dir(out_dir) as tmp:
         StableDiffusion3Pipeline.save_lora_weights(
             save_directory=str(tmp),
             transformer_lora_layers=_diffusers_layers(state),
             transformer_lora_adapter_metadata=metadata,
             safe_serialization=True,
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

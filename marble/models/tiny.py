@@ -14,9 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from tqdm.auto import tqdm
 
 from marble.config import ModelConfig, TinyModelConfig
 from marble.data.tiny_world import PALETTE, SHAPES, WORDS, generate_prompts
+from marble.io import atomic_write_text, staged_dir
 from marble.models.tiny_render import render_batch
 from marble.threads import pinned_threads
 
@@ -85,21 +83,10 @@ def _build_lock(path: Path):
 
 
 def _build_into(tiny: TinyModelConfig, target: Path, max_sequence_length: int) -> Path:
-    root = target.parent
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
-    try:
-        log.info("building the tiny SD3 model into %s (once; cached by config hash)", target)
+    log.info("building the tiny SD3 model into %s (once; cached by config hash)", target)
+    with staged_dir(target, replace=False) as tmp:  # a concurrent builder's finished copy wins
         stats = build_tiny_pipeline(tiny, tmp, max_sequence_length)
-        (tmp / BUILD_INFO).write_text(json.dumps(stats, indent=2))
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / BUILD_INFO).is_file():
-                raise
-            log.info("another process built %s first; using it", target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(tmp / BUILD_INFO, json.dumps(stats, indent=2))
     return target
 
 

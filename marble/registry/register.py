@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from marble.config import KubeflowRegistry, MarbleConfig
-from marble.configio import atomic_write_text
 from marble.errors import RegistryError
 from marble.eval.gate import evaluate_gate
 from marble.eval.stats import composite_zscores
+from marble.io import atomic_write_text
 from marble.registry.base import (
     CANDIDATE,
     CHAMPION,
@@ -97,6 +97,7 @@ def _tags(summary: dict[str, Any], metrics: dict[str, Any], sha: str, rid: str) 
         "marble.base_model": str(lin.get("base_model")),
         "marble.base_model_revision": str(lin.get("base_model_revision")),
         "marble.reward_manifest_sha256": str(rewards.get("manifest_sha256")),
+        "marble.model_lock_sha256": str(rewards.get("model_lock_sha256")),
         "marble.reward_models": json.dumps(rewards.get("rewards", {}), sort_keys=True, separators=(",", ":")),
     }
     for k, v in metrics.items():
@@ -297,17 +298,19 @@ def load_registered_pipeline(
     device: str = "cpu",
     dst: Path | None = None,
     model_cache: Path | None = None,
+    lock=None,
 ):
     """A stock diffusers SD3 pipeline (the configured base) with the `alias` adapter loaded.
 
     Uses only `load_pipeline` + diffusers' own `pipe.load_lora_weights` (through the models package's
     check that the load attached LoRA layers), as a serving user would. `model_cache` is a reward cache
-    directory holding the base model snapshot, if any.
+    directory holding the base model snapshot, if any; `lock` the model lock the base model must match.
     """
+    from marble.model_cache import run_hub
     from marble.models.loading import load_pipeline
     from marble.models.lora import load_adapter_into_pipeline
 
     adapter, version = fetch_adapter(cfg, registry_dir, alias, dst)
-    pipe = load_pipeline(cfg.model, device=device, cache_dir=model_cache)
+    pipe = load_pipeline(cfg.model, device=device, hub=run_hub(cfg, cache_dir=model_cache, lock=lock))
     load_adapter_into_pipeline(pipe, adapter, adapter_name=f"marble_v{version.version}")
     return pipe

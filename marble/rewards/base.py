@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -24,25 +23,9 @@ from torch import Tensor
 
 from marble.data.applicability import spec_applies
 from marble.errors import RewardError
+from marble.hub import Artifact, Hub
 
 log = logging.getLogger(__name__)
-
-
-WEIGHT_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors", "*.bin")
-"""Files of a transformers checkpoint worth caching (no flax/tf weights). `*.bin` is dropped by the cache
-when the repo also has safetensors."""
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """One model repo (or local directory) a reward needs, pinned to a revision.
-
-    allow_patterns: glob patterns of the files to snapshot (None = every file).
-    """
-
-    id: str
-    revision: str | None
-    allow_patterns: tuple[str, ...] | None = WEIGHT_PATTERNS
 
 
 @dataclass
@@ -65,7 +48,7 @@ class Reward(Protocol):
     name: str
     spec: Any
 
-    def setup(self, device: str | torch.device = "cpu", cache_dir: Path | None = None) -> None: ...
+    def setup(self, device: str | torch.device = "cpu", hub: Hub | None = None) -> None: ...
 
     def applies_to(self, prompt: str, metadata: dict) -> bool: ...
 
@@ -107,10 +90,11 @@ class BaseReward:
         self._ready = not self.requires_weights
 
     # ---- protocol
-    def setup(self, device: str | torch.device = "cpu", cache_dir: Path | None = None) -> None:
-        """Load weights (model rewards) onto `device`; `cache_dir` is a `marble cache-rewards` directory."""
+    def setup(self, device: str | torch.device = "cpu", hub: Hub | None = None) -> None:
+        """Load weights (model rewards) onto `device` through the run's `Hub` (reward cache, offline
+        switch, model lock); without one, from local directories or the hub as named."""
         self.device = torch.device(getattr(self.spec, "device", None) or device)
-        self._load(cache_dir)
+        self._load(hub or Hub.create())
         self._ready = True
 
     def applies_to(self, prompt: str, metadata: dict) -> bool:
@@ -150,7 +134,7 @@ class BaseReward:
         return []
 
     # ---- for subclasses
-    def _load(self, cache_dir: Path | None) -> None:
+    def _load(self, hub: Hub) -> None:
         """Load weights; rule-based rewards have none."""
 
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor | RewardOutput:

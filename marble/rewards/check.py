@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor
 from marble.config import MarbleConfig
 from marble.data.tiny_world import PALETTE
 from marble.errors import RewardError
+from marble.hub import Hub
 from marble.rewards.base import Reward
 from marble.rewards.registry import build_rewards
 
@@ -161,20 +161,22 @@ def diagnose(reward: Reward, images: Tensor, prompts: list[str], metadata: list[
 
 def check_rewards(
     cfg: MarbleConfig,
-    reward_cache: Path | None = None,
+    hub: Hub | None = None,
     *,
     rewards: Sequence[Reward] | None = None,
     device: str | None = None,
 ) -> str:
-    """Health-check every reward of `cfg` (or the given `rewards`) on the golden set.
+    """Health-check every reward of `cfg` (or the given `rewards`) on the golden set, loading weights
+    through `hub` (the run's reward cache, offline switch and model lock; default: as the config says).
 
     Returns a plain-text report; raises `RewardError` (with the report) if any reward is broken.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if rewards is None:
+        hub = hub or Hub.create(offline=cfg.model.offline)
         rewards = build_rewards(cfg.rewards)
         for r in rewards:
-            r.setup(device, cache_dir=reward_cache)
+            r.setup(device, hub)
     images, prompts, metadata = golden_batch()
     header = f"{'reward':<16} {'kind':<22} {'n':>3} {'min':>10} {'mean':>10} {'max':>10} {'std':>10} {'sec':>7}  status"
     results = [diagnose(r, images, prompts, metadata) for r in rewards]

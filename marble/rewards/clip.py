@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from marble.errors import RewardError
-from marble.rewards.base import Artifact, BaseReward, RewardOutput
-from marble.rewards.hub import from_pretrained, load_state_dict_file, resolve_file
-from marble.rewards.offline import to_uint8
+from marble.hub import Artifact, Hub, load_state_dict_file
+from marble.images import to_pil
+from marble.rewards.base import BaseReward, RewardOutput
 
 log = logging.getLogger(__name__)
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """`[N, 3, H, W]` in [0, 1] -> N RGB PIL images (uint8, rounded)."""
-    return [Image.fromarray(a, mode="RGB") for a in to_uint8(images)]
 
 
 def _pooled(out) -> Tensor:
@@ -66,16 +59,12 @@ class _ClipReward(BaseReward):
     def artifacts(cls, spec) -> list[Artifact]:
         return [Artifact(spec.model, spec.revision)]
 
-    def _load(self, cache_dir: Path | None) -> None:
+    def _load(self, hub: Hub) -> None:
         from transformers import AutoProcessor, CLIPModel
 
         proc_id, proc_rev = self._processor_source()
-        self.processor = from_pretrained(
-            AutoProcessor, proc_id, proc_rev, cache_dir, f"{self.name} processor"
-        )
-        model = from_pretrained(
-            CLIPModel, self.spec.model, self.spec.revision, cache_dir, f"{self.name} model"
-        )
+        self.processor = hub.from_pretrained(AutoProcessor, proc_id, proc_rev, f"{self.name} processor")
+        model = hub.from_pretrained(CLIPModel, self.spec.model, self.spec.revision, f"{self.name} model")
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     def _cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
@@ -153,16 +142,14 @@ class AestheticScorer(BaseReward):
             Artifact(spec.head, spec.head_revision, (spec.head_file,)),
         ]
 
-    def _load(self, cache_dir: Path | None) -> None:
+    def _load(self, hub: Hub) -> None:
         from transformers import AutoProcessor, CLIPModel
 
         s = self.spec
-        self.processor = from_pretrained(
-            AutoProcessor, s.model, s.revision, cache_dir, f"{self.name} processor"
-        )
-        clip = from_pretrained(CLIPModel, s.model, s.revision, cache_dir, f"{self.name} CLIP")
+        self.processor = hub.from_pretrained(AutoProcessor, s.model, s.revision, f"{self.name} processor")
+        clip = hub.from_pretrained(CLIPModel, s.model, s.revision, f"{self.name} CLIP")
         self.clip = clip.eval().requires_grad_(False).to(self.device)
-        head_path = resolve_file(s.head, s.head_file, s.head_revision, cache_dir)
+        head_path = hub.file(s.head, s.head_file, s.head_revision)
         state = load_state_dict_file(head_path)
         # the published file is the state dict of an MLP module holding `layers` (a Sequential)
         state = {k.removeprefix("module.").removeprefix("layers."): v for k, v in state.items()}

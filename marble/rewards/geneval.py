@@ -25,14 +25,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from marble.rewards.base import Artifact, BaseReward, RewardOutput
-from marble.rewards.clip import clip_text_embeds, to_pil
-from marble.rewards.hub import from_pretrained
+from marble.hub import Artifact, Hub
+from marble.images import to_pil
+from marble.rewards.base import BaseReward, RewardOutput
+from marble.rewards.clip import clip_text_embeds
 
 log = logging.getLogger(__name__)
 
@@ -165,19 +165,19 @@ class GenEvalScorer(BaseReward):
     def artifacts(cls, spec) -> list[Artifact]:
         return [Artifact(spec.model, spec.revision), Artifact(spec.clip_model, spec.clip_revision)]
 
-    def _load(self, cache_dir: Path | None) -> None:
+    def _load(self, hub: Hub) -> None:
         from transformers import AutoProcessor, CLIPModel, Owlv2ForObjectDetection
 
         s = self.spec
-        self.det_processor = from_pretrained(
-            AutoProcessor, s.model, s.revision, cache_dir, "GenEval detector processor"
+        self.det_processor = hub.from_pretrained(
+            AutoProcessor, s.model, s.revision, "GenEval detector processor"
         )
-        det = from_pretrained(Owlv2ForObjectDetection, s.model, s.revision, cache_dir, "GenEval detector")
+        det = hub.from_pretrained(Owlv2ForObjectDetection, s.model, s.revision, "GenEval detector")
         self.detector = det.eval().requires_grad_(False).to(self.device)
-        self.clip_processor = from_pretrained(
-            AutoProcessor, s.clip_model, s.clip_revision, cache_dir, "GenEval CLIP"
+        self.clip_processor = hub.from_pretrained(
+            AutoProcessor, s.clip_model, s.clip_revision, "GenEval CLIP"
         )
-        clip = from_pretrained(CLIPModel, s.clip_model, s.clip_revision, cache_dir, "GenEval CLIP")
+        clip = hub.from_pretrained(CLIPModel, s.clip_model, s.clip_revision, "GenEval CLIP")
         self.clip = clip.eval().requires_grad_(False).to(self.device)
         self._color_text: dict[str, Tensor] = {}
 

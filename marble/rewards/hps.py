@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +25,9 @@ from PIL import Image
 from torch import Tensor
 
 from marble.errors import RewardError
-from marble.rewards.base import Artifact, BaseReward
-from marble.rewards.hub import load_state_dict_file, resolve_file
-from marble.rewards.offline import to_uint8
+from marble.hub import Artifact, Hub, load_state_dict_file
+from marble.images import to_uint8_hwc
+from marble.rewards.base import BaseReward
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def import_open_clip():
 def clip_preprocess(images: Tensor, size: int, mean=OPENAI_MEAN, std=OPENAI_STD) -> Tensor:
     """open_clip's validation transform without torchvision: `[N, 3, H, W]` [0, 1] -> `[N, 3, size, size]`."""
     out = []
-    for arr in to_uint8(images):
+    for arr in to_uint8_hwc(images):
         img = Image.fromarray(arr, mode="RGB")
         w, h = img.size
         scale = size / min(w, h)
@@ -78,11 +77,11 @@ class HPSv21Scorer(BaseReward):
     def artifacts(cls, spec) -> list[Artifact]:
         return [Artifact(spec.model, spec.revision, (spec.checkpoint_file,))]
 
-    def _load(self, cache_dir: Path | None) -> None:
+    def _load(self, hub: Hub) -> None:
         open_clip = import_open_clip()
         s = self.spec
         model = open_clip.create_model(s.architecture, pretrained=None, device="cpu")
-        path = resolve_file(s.model, s.checkpoint_file, s.revision, cache_dir)
+        path = hub.file(s.model, s.checkpoint_file, s.revision)
         state = unwrap_state_dict(load_state_dict_file(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

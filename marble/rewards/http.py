@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 from marble.errors import RewardError
+from marble.images import to_uint8_hwc
 from marble.rewards.base import BaseReward
-from marble.rewards.offline import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ScoreResponse(BaseModel):
 def encode_png(images: Tensor) -> list[str]:
     """`[N, 3, H, W]` in [0, 1] -> base64 PNGs (lossless, so the server sees what was generated)."""
     out = []
-    for arr in to_uint8(images):
+    for arr in to_uint8_hwc(images):
         buf = io.BytesIO()
         Image.fromarray(arr, mode="RGB").save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode("ascii"))

@@ -18,16 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from marble.errors import RewardError
-from marble.rewards.base import Artifact, BaseReward
+from marble.hub import Artifact, Hub, load_state_dict_file
+from marble.rewards.base import BaseReward
 from marble.rewards.clip import aesthetic_mlp
 from marble.rewards.hps import clip_preprocess
-from marble.rewards.hub import from_pretrained, load_state_dict_file, resolve_file
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +119,12 @@ class ImageRewardScorer(BaseReward):
         tokenizer = Artifact(spec.tokenizer, spec.tokenizer_revision, ("*.json", "*.txt"))
         return [Artifact(spec.model, spec.revision, (spec.checkpoint_file, spec.config_file)), tokenizer]
 
-    def _load(self, cache_dir: Path | None) -> None:
+    def _load(self, hub: Hub) -> None:
         from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
 
         s = self.spec
-        ckpt = resolve_file(s.model, s.checkpoint_file, s.revision, cache_dir)
-        med = json.loads(resolve_file(s.model, s.config_file, s.revision, cache_dir).read_text())
+        ckpt = hub.file(s.model, s.checkpoint_file, s.revision)
+        med = json.loads(hub.file(s.model, s.config_file, s.revision).read_text())
         vision_sd, text_sd, mlp_sd = split_checkpoint(load_state_dict_file(ckpt))
         if not vision_sd or not text_sd or not mlp_sd:
             raise RewardError(
@@ -149,8 +148,8 @@ class ImageRewardScorer(BaseReward):
         self.vision = vision.eval().requires_grad_(False).to(self.device)
         self.text = text.eval().requires_grad_(False).to(self.device)
         self.head = head.eval().requires_grad_(False).to(self.device)
-        self.tokenizer = from_pretrained(
-            AutoTokenizer, s.tokenizer, s.tokenizer_revision, cache_dir, "BERT tokenizer"
+        self.tokenizer = hub.from_pretrained(
+            AutoTokenizer, s.tokenizer, s.tokenizer_revision, "BERT tokenizer"
         )
         self.image_size = vision.config.image_size
 

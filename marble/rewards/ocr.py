@@ -24,10 +24,9 @@ from torch import Tensor
 
 from marble.data.tiny_world import quoted_text
 from marble.errors import RewardError
-from marble.rewards.base import Artifact, BaseReward
-from marble.rewards.clip import to_pil
-from marble.rewards.hub import from_pretrained
-from marble.rewards.offline import to_uint8
+from marble.hub import Artifact, Hub
+from marble.images import to_pil, to_uint8_hwc
+from marble.rewards.base import BaseReward
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +68,11 @@ def ocr_score(recognized: str, target: str) -> float:
 class TrOcrRecognizer:
     """transformers TrOCR (`microsoft/trocr-base-printed` by default), greedy decoding."""
 
-    def __init__(self, model: str, revision: str | None, cache_dir: Path | None, device, max_new_tokens=32):
+    def __init__(self, model: str, revision: str | None, hub: Hub, device, max_new_tokens=32):
         from transformers import AutoProcessor, VisionEncoderDecoderModel
 
-        self.processor = from_pretrained(AutoProcessor, model, revision, cache_dir, "OCR processor")
-        net = from_pretrained(VisionEncoderDecoderModel, model, revision, cache_dir, "OCR model")
+        self.processor = hub.from_pretrained(AutoProcessor, model, revision, "OCR processor")
+        net = hub.from_pretrained(VisionEncoderDecoderModel, model, revision, "OCR model")
         self.model = net.eval().requires_grad_(False).to(device)
         self.device = device
         self.max_new_tokens = max_new_tokens
@@ -97,7 +96,7 @@ class EasyOcrRecognizer:
         self.reader = easyocr.Reader(["en"], gpu=str(device).startswith("cuda"), **kwargs)
 
     def __call__(self, images: Tensor) -> list[str]:
-        return [" ".join(self.reader.readtext(arr, detail=0)) for arr in to_uint8(images)]
+        return [" ".join(self.reader.readtext(arr, detail=0)) for arr in to_uint8_hwc(images)]
 
 
 class PaddleOcrRecognizer:
@@ -115,7 +114,7 @@ class PaddleOcrRecognizer:
 
     def __call__(self, images: Tensor) -> list[str]:
         texts = []
-        for arr in to_uint8(images):
+        for arr in to_uint8_hwc(images):
             result = self.ocr.ocr(arr, cls=False)
             lines = [line[1][0] for page in (result or []) for line in (page or [])]
             texts.append(" ".join(lines))
@@ -133,10 +132,10 @@ class OcrScorer(BaseReward):
         # easyocr and PaddleOCR fetch their own weights into their own directories
         return [Artifact(spec.model, spec.revision)] if spec.backend == "trocr" else []
 
-    def _load(self, cache_dir: Path | None) -> None:
+    def _load(self, hub: Hub) -> None:
         s = self.spec
         if s.backend == "trocr":
-            self.recognizer = TrOcrRecognizer(s.model, s.revision, cache_dir, self.device)
+            self.recognizer = TrOcrRecognizer(s.model, s.revision, hub, self.device)
         elif s.backend == "easyocr":
             self.recognizer = EasyOcrRecognizer(self.device)
         else:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import io
 import math
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from marble.data.tiny_world import PALETTE, named_colors
+from marble.images import to_uint8_hwc
 from marble.rewards.base import BaseReward
 
 LUMA = (0.299, 0.587, 0.114)
@@ -58,20 +58,13 @@ def colorfulness(images: Tensor) -> Tensor:
     return std + 0.3 * mean  # [N]
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """`[N, 3, H, W]` float in [0, 1] -> `[N, H, W, 3]` uint8 (round half to even, clamped)."""
-    return (
-        (images.detach().double().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
-
-
 def jpeg_compressibility(images: Tensor, quality: int = 95) -> Tensor:
     """DDPO's compressibility: minus the JPEG size in kB (1000 bytes) at `quality`. `[N]`, <= 0.
 
     Deterministic for a given Pillow/libjpeg build (no randomness in baseline JPEG encoding).
     """
     sizes = []
-    for arr in to_uint8(images):
+    for arr in to_uint8_hwc(images):
         buf = io.BytesIO()
         Image.fromarray(arr, mode="RGB").save(buf, format="JPEG", quality=quality)
         sizes.append(-buf.tell() / 1000.0)

@@ -17,7 +17,6 @@ files), in which case `resume: latest` warns and falls back to the previous chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,9 +29,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from marble.errors import CheckpointError
+from marble.io import (
+    bytes_sha256,
+    ensure_free,
+    file_sha256,
+    fsync_dir,
+    make_staging_dir,
+    publish_dir,
+    storage_errors,
+    torch_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +102,6 @@ def restore_rng(states: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage; detach to CPU copies.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
@@ -125,7 +127,14 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Raise CheckpointError if `path` is not a complete, undamaged checkpoint."""
+    """Raise CheckpointError if `path` is not a complete, undamaged checkpoint.
+
+    Symbolic links are refused (the directory or anything in it): a checkpoint on a shared volume must
+    not make the trainer read a file from elsewhere.
+    """
+    links = [p for p in (path, *path.iterdir()) if p.is_symlink()] if path.is_dir() else []
+    if links or path.is_symlink():
+        raise CheckpointError(f"{(links or [path])[0]}: a symbolic link in a checkpoint (refused)")
     manifest = path / "manifest.json"
     if not manifest.is_file():
         raise CheckpointError(f"{path}: no manifest.json (incomplete checkpoint)")
@@ -137,7 +146,7 @@ def verify_checkpoint(path: Path) -> None:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: file {name} listed in the manifest is missing")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise CheckpointError(f"{f}: sha256 does not match the manifest (file damaged)")
 
 
@@ -186,41 +195,64 @@ class CheckpointManager:
 
     # ---- writing
     def save(self, ckpt: Checkpoint) -> Path:
-        """Write `ckpt` atomically as `<root>/step-<step>`; returns the final directory."""
+        """Write `ckpt` atomically as `<root>/step-<step>`; returns the final directory.
+
+        Every file is serialised in memory first, so the bytes needed are known: a disk without room is
+        refused before writing, and a failed write is a `StorageError` naming them; the temporary
+        directory is removed either way.
+        """
         final = self.root / f"{PREFIX}{ckpt.step:08d}"
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
-        if self.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        self._barrier()
         rank_state = {"rng": capture_rng() if ckpt.rng is None else ckpt.rng, "extra": ckpt.rank_extra}
-        torch.save(rank_state, tmp / f"rank{self.rank}.pt")
+        files = {f"rank{self.rank}.pt": torch_bytes(rank_state)}
         if self.is_main:
-            for name in ADAPTERS:
-                save_file(_contiguous(ckpt.adapters[name]), str(tmp / f"adapter-{name}.safetensors"))
-            torch.save(ckpt.objects, tmp / "objects.pt")
-            state = {
-                **ckpt.state,
-                "compat": self.compat,
-                "world_size": self.world_size,
-                "format": FORMAT_VERSION,
-            }
-            (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+            files.update(self._shared_files(ckpt))
+            with storage_errors(final, sum(map(len, files.values()))):
+                make_staging_dir(final, name=tmp.name)
         self._barrier()
+        try:
+            self._write(final, tmp, files)
+            self._barrier()
+            if self.is_main:
+                digests = {n: bytes_sha256(b) for n, b in files.items()}
+                for p in sorted(tmp.glob("rank*.pt")):  # the other ranks' files
+                    digests.setdefault(p.name, file_sha256(p))
+                manifest = json.dumps({"files": dict(sorted(digests.items()))}, indent=2).encode()
+                self._write(final, tmp, {"manifest.json": manifest})
+                with storage_errors(final):
+                    publish_dir(tmp, final)
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.is_main:
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            (tmp / "manifest.json").write_text(json.dumps({"files": files}, indent=2))
-            _fsync_dir(tmp)
-            if final.exists():  # a re-run of the same step (e.g. after a crash mid-epoch)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
             self._prune()
             log.info("checkpoint written: %s", final)
         self._barrier()
         return final
+
+    def _shared_files(self, ckpt: Checkpoint) -> dict[str, bytes]:
+        """The files rank 0 writes: the three adapters, the objects and the state (serialised)."""
+        files = {
+            f"adapter-{name}.safetensors": safetensors_bytes(_contiguous(ckpt.adapters[name]))
+            for name in ADAPTERS
+        }
+        files["objects.pt"] = torch_bytes(ckpt.objects)
+        state = {**ckpt.state, "compat": self.compat, "world_size": self.world_size, "format": FORMAT_VERSION}
+        files["state.json"] = json.dumps(state, indent=2, sort_keys=True, default=str).encode()
+        return files
+
+    @staticmethod
+    def _write(final: Path, tmp: Path, files: dict[str, bytes]) -> None:
+        needed = sum(map(len, files.values()))
+        with storage_errors(final, needed):
+            ensure_free(tmp, needed)
+            for name, blob in files.items():
+                with open(tmp / name, "wb") as fh:
+                    fh.write(blob)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            fsync_dir(tmp)
 
     def _prune(self) -> None:
         ckpts = list_checkpoints(self.root)
@@ -297,17 +329,3 @@ class CheckpointManager:
             rank_extra=rank_state.get("extra", {}),
             path=path,
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory entry (the rename) to disk where the OS allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

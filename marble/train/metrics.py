@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from marble.configio import atomic_write_text
+from marble.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

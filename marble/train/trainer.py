@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from marble.config import MarbleConfig
-from marble.configio import atomic_write_text
 from marble.errors import TrainingError
+from marble.hub import Hub
+from marble.io import atomic_write_text
 from marble.train import stepping
 from marble.train.checkpoint import Checkpoint, CheckpointManager, restore_rng
 from marble.train.ema import EvalEMA
@@ -41,11 +42,10 @@ class TrainingInterrupted(TrainingError):
     """SIGTERM arrived: a checkpoint was written; run the same command again to resume."""
 
 
-def run_training(
-    cfg: MarbleConfig, prompts_dir: Path, out_dir: Path, reward_cache: Path | None = None
-) -> Path:
-    """Train a LoRA adapter; returns the exported adapter directory (`out_dir/adapter`)."""
-    trainer = Trainer(cfg, Path(prompts_dir), Path(out_dir), reward_cache=reward_cache)
+def run_training(cfg: MarbleConfig, prompts_dir: Path, out_dir: Path, hub: Hub | None = None) -> Path:
+    """Train a LoRA adapter; returns the exported adapter directory (`out_dir/adapter`). `hub`: the run's
+    model access (reward cache, offline, model lock), see `marble.hub`."""
+    trainer = Trainer(cfg, Path(prompts_dir), Path(out_dir), hub=hub)
     try:
         trainer.setup()
         return trainer.train()
@@ -56,11 +56,11 @@ def run_training(
 class Trainer:
     """MARBLE / DiffusionNFT training of one LoRA adapter. See the module docstring."""
 
-    def __init__(self, cfg: MarbleConfig, prompts_dir: Path, out_dir: Path, reward_cache: Path | None = None):
+    def __init__(self, cfg: MarbleConfig, prompts_dir: Path, out_dir: Path, hub: Hub | None = None):
         self.cfg = cfg
         self.prompts_dir = prompts_dir
         self.out_dir = out_dir
-        self.reward_cache = reward_cache
+        self.hub = hub or Hub.create(offline=cfg.model.offline)
         self.step = 0  # optimizer steps done (including skipped ones)
         self.epoch = 0  # current epoch
         self.batch_pos = 0  # next global micro-batch of the current epoch
@@ -123,7 +123,7 @@ class Trainer:
         from marble.models import loading, lora, sampling, text
 
         m = self.cfg.model
-        pipe = loading.load_pipeline(m, device=self.device, cache_dir=self.reward_cache)
+        pipe = loading.load_pipeline(m, device=self.device, hub=self.hub)
         self.models = sampling
         self.lora = lora
         self.text_cache = text.TextEmbeddingCache(pipe, m.max_sequence_length)
@@ -148,7 +148,7 @@ class Trainer:
         self.reward_names = self.cfg.trained_reward_names  # held-out rewards are never trained on
         self.rewards = build_rewards(self.cfg.trained_rewards)
         for r in self.rewards:
-            r.setup(self.device, self.reward_cache)
+            r.setup(self.device, self.hub)
         self.balancer = build_balancer(self.cfg.balancer, self.reward_names)
         self.worker = RolloutWorker(
             models=self.models, transformer=self.model, vae=self.vae, text_cache=self.text_cache,
@@ -390,7 +390,9 @@ class Trainer:
             summary = stepping.summary(self.logger.records, self.reward_names, self.balancer.objective_names)
             summary.update({"steps": self.step, "epochs": self.epoch, "train_seconds": seconds,
                             "adapter": str(adapter), "adapter_weights": "ema" if self.cfg.eval.use_ema else "trainable",
-                            "config_hash": self.cfg.config_hash(), **self.counters})  # fmt: skip
+                            "config_hash": self.cfg.config_hash(), **self.counters,
+                            "model_lock_sha256": self.hub.lock.sha256 if self.hub.lock else None,
+                            "reward_cache_manifest_sha256": self.hub.manifest_sha256})  # fmt: skip
             atomic_write_text(self.out_dir / "train_summary.json", json.dumps(summary, indent=2))
         self.accelerator.wait_for_everyone()
         return adapter
