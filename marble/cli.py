@@ -62,11 +62,18 @@ def _cfg(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _config_path(args: argparse.Namespace) -> Path:
+    """The config file itself (a shipped config named without a path resolved to its file)."""
+    from marble.configio import resolve_config_path
+
+    return resolve_config_path(args.config)
+
+
 def _lock(args: argparse.Namespace):
     """The model lock beside the config (`configs/x.lock.yaml`), or None."""
     from marble.model_cache import load_lock_for
 
-    return load_lock_for(args.config)
+    return load_lock_for(_config_path(args))
 
 
 def _model_args(args: argparse.Namespace, default_cache: Path) -> dict:
@@ -128,8 +135,9 @@ def cmd_cache_rewards(args: argparse.Namespace) -> int:
     cfg, d = _dirs(args)
     from marble.hub.lock import lock_path_for
 
-    lock_file = lock_path_for(args.config)
-    write = {"write_lock": lock_file, "config_name": Path(args.config).name} if args.write_lock else {}
+    config = _config_path(args)
+    lock_file = lock_path_for(config)
+    write = {"write_lock": lock_file, "config_name": config.name} if args.write_lock else {}
     manifest = stages.cache_reward_models(cfg, args.out or d.reward_cache, lock=_lock(args), **write)
     print(f"reward cache ready; manifest: {manifest}")
     if args.write_lock:
@@ -143,13 +151,13 @@ def cmd_lock(args: argparse.Namespace) -> int:
     cfg, d = _dirs(args)
     cache = Path(args.reward_cache or d.reward_cache)
     if args.check:
-        print(model_cache.check_lock(cfg, Path(args.config), cache))
+        print(model_cache.check_lock(cfg, _config_path(args), cache))
         return 0
     from marble.hub.lock import lock_path_for
 
-    path = lock_path_for(args.config)
+    path = lock_path_for(_config_path(args))
     lock, changed = model_cache.lock_models(
-        cfg, path, cache, config_name=Path(args.config).name, update=args.update
+        cfg, path, cache, config_name=path.name.replace(".lock.yaml", ".yaml"), update=args.update
     )
     state = "written" if changed else "up to date"
     print(f"model lock {state}: {path} ({len(lock.models)} model repos, sha256 {lock.sha256[:16]})")

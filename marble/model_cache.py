@@ -239,7 +239,7 @@ def lock_models(
     if old is not None and old == lock:
         return lock, False
     write_lock(path, lock)
-    log.info("model lock written: %s (%d model repos, sha256 %s)", path, len(lock.models), lock.sha256[:16])
+    log.debug("model lock written: %s (%d model repos, sha256 %s)", path, len(lock.models), lock.sha256[:16])
     return lock, True
 
 

@@ -141,6 +141,25 @@ def test_deps_exist_or_are_produced_by_an_earlier_stage(dvc):
         produced += [next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"]]
 
 
+MODEL_STAGES = ("cache-rewards", "train", "evaluate")
+"""The stages that load a model (or snapshot one): the model lock is their dependency."""
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stages_that_load_models_depend_on_the_model_lock(dvc, stage):
+    from marble.hub.lock import lock_path_for
+
+    lock = lock_path_for("params.yaml").as_posix()
+    assert (lock in dvc["stages"][stage]["deps"]) == (stage in MODEL_STAGES)
+
+
+def test_the_committed_model_lock_covers_params_yaml_exactly(params):
+    from marble.model_cache import check_lock
+
+    report = check_lock(validate_config(params), ROOT / "params.yaml", None)
+    assert "covers the 0 model repo(s)" in report  # the tiny world loads no hub model
+
+
 def test_metrics_and_plots_point_into_stage_outputs_with_trained_reward_columns(dvc, params):
     stages = dvc["stages"]
     assert dvc["metrics"] == [f"{stages['evaluate']['outs'][0]}/metrics.json"]
@@ -182,7 +201,7 @@ def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_dvc_repro_runs_the_chain_then_is_a_no_op_then_reruns_only_dependants(tmp_path):
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", "params.lock.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, work / name)
     for name in ("marble", "configs"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -213,3 +232,9 @@ def test_dvc_repro_runs_the_chain_then_is_a_no_op_then_reruns_only_dependants(tm
         assert f"Running stage '{stage}'" not in third.stdout, third.stdout
     for stage in ("train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in third.stdout, third.stdout
+
+    # a new model lock: every stage that loads a model is out of date, prepare is not
+    lock = work / "params.lock.yaml"
+    lock.write_text(lock.read_text().replace("models: {}", "models: {}\n# updated"))
+    changed = json.loads(_dvc(work, "status", "--json").stdout)
+    assert set(changed) == {"cache-rewards", "train", "evaluate"}, changed
