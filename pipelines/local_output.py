@@ -66,7 +66,9 @@ class RunOutput(io.TextIOBase):
             self.tail.append(line)
         bar = PROGRESS.match(line)
         if bar and bar["desc"].strip() in SHOWN_BARS:
-            self._progress(line.strip(), bar["desc"].strip(), int(bar["pct"]))
+            # A bar refresh ends in "\r", not "\n": the executor's next log line can follow on the same line.
+            shown = line.split("[KFP Executor", 1)[0].strip()
+            self._progress(shown, bar["desc"].strip(), int(bar["pct"]))
         elif start := TASK_START.search(line):
             self._started[start[1]] = time.perf_counter()
             self._show(f"{time.strftime('%H:%M:%S')} start  {start[1]}")
