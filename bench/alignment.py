@@ -78,7 +78,7 @@ def measure_batch(
     H = gram_from_output(terms, mb.c_raw, mb.r_raw, beta)  # [K, K]
     out: dict[str, Any] = {"step": step, "micro_step": micro, "directions": {}}
     for name, bal in balancers.items():
-        if name == "weighted_sum":
+        if bal.objective_names != tr.reward_names:  # weighted_sum, gdpo: one objective of their own
             ws = mbs[name]
             omega, rho = combine_coefficients(bal.gamma, ws.c, ws.r)  # one objective, γ = [1]
             d = flat_grads(combined_loss(terms, omega, rho, beta), tr.params, retain_graph=True)

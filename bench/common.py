@@ -38,7 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 WORK_DIR = REPO / "outputs" / "bench"  # git-ignored scratch (prepared prompts, training runs)
 
-PRESETS = ("weighted_sum", "equal", "marble", "marble_full", "marble_ub", "pcgrad", "cagrad")
+PRESETS = ("weighted_sum", "equal", "gdpo", "marble", "marble_full", "marble_ub", "pcgrad", "cagrad")
 
 # Settings every study applies on top of configs/tiny.yaml: no TensorBoard, no progress bar, no
 # resume from an earlier bench run, no mid-run checkpoints.
@@ -206,7 +206,7 @@ def buffer_for(world: World, balancer: Any, buf: Any | None = None) -> Any:
     buf = buf if buf is not None else world.buffer
     n = world.cfg.nft
     r, mask, r_raw, mask_raw, _ = advantage_targets(
-        buf.rewards, buf.group_size, balancer.prepare_rewards, n.std_mode, n.adv_clip_max
+        buf.rewards, buf.group_size, balancer.objective_advantages, n.std_mode, n.adv_clip_max
     )
     return dataclasses.replace(buf, r=r, mask=mask, r_raw=r_raw, mask_raw=mask_raw)
 

@@ -361,6 +361,15 @@ class EqualBalancer(StrictModel):
     kind: Literal["equal"] = "equal"
 
 
+class GDPOBalancer(StrictModel):
+    """GDPO (arXiv 2601.05242): per-reward group normalisation, weighted sum, batch whitening."""
+
+    kind: Literal["gdpo"] = "gdpo"
+    weights: list[float] | None = Field(
+        None, description="One non-negative weight per trained reward, in order; null = 1 each [GDPO]."
+    )
+
+
 class MarbleBalancer(_GramBalancer):
     kind: Literal["marble"] = "marble"
 
@@ -397,6 +406,7 @@ class CAGradBalancer(_GramBalancer):
 BalancerConfig = Annotated[
     WeightedSumBalancer
     | EqualBalancer
+    | GDPOBalancer
     | MarbleBalancer
     | MarbleFullBalancer
     | MarbleUBBalancer
@@ -575,6 +585,16 @@ class MarbleConfig(StrictModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     # ---- cross-field checks
+    def _check_weights(self, weights: list[float]) -> None:
+        k = len(self.trained_rewards)
+        if len(weights) != k:
+            raise ValueError(
+                f"balancer.weights has {len(weights)} entries but there are {k} trained rewards "
+                f"{self.trained_reward_names}"
+            )
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"balancer.weights={weights}: weights must be >= 0 with a positive sum")
+
     @model_validator(mode="after")
     def _check(self) -> MarbleConfig:
         names = [r.name for r in self.rewards]
@@ -607,20 +627,16 @@ class MarbleConfig(StrictModel):
                     f"x patch size {self.model.patch_size})"
                 )
         b = self.balancer
+        k = len(self.trained_rewards)
+        if isinstance(b, GDPOBalancer) and b.weights is not None:
+            self._check_weights(b.weights)
         if isinstance(b, WeightedSumBalancer):
-            k = len(self.trained_rewards)
             if b.weights is None:
                 raise ValueError(
                     f"balancer.weights: weighted_sum needs one weight per trained reward ({k}: "
                     f"{self.trained_reward_names}); e.g. --set balancer.weights=[{','.join(['1'] * k)}]"
                 )
-            if len(b.weights) != k:
-                raise ValueError(
-                    f"balancer.weights has {len(b.weights)} entries but there are {k} trained rewards "
-                    f"{self.trained_reward_names}"
-                )
-            if any(w < 0 for w in b.weights) or sum(b.weights) <= 0:
-                raise ValueError(f"balancer.weights={b.weights}: weights must be >= 0 with a positive sum")
+            self._check_weights(b.weights)
         if self.model.is_tiny and self.model.tiny and self.model.tiny.resolution != s.resolution:
             raise ValueError(
                 f"sampling.resolution={s.resolution} must equal model.tiny.resolution={self.model.tiny.resolution} "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from marble.rl.advantages import group_advantages, optimality_probability
+from marble.rl.advantages import gdpo_advantages, group_advantages, optimality_probability
 
 NAN = float("nan")
 
@@ -83,3 +83,42 @@ def test_optimality_probability_clips_and_masks():
     assert r[0, :5].tolist() == [1.0, 0.0, 0.75, 0.25, 0.5]
     assert mask.tolist() == [[True] * 5 + [False]]
     assert torch.isfinite(r).all()
+
+
+# ------------------------------------------------------------------------------------------- GDPO
+def test_gdpo_hand_computed():
+    """GDPO (arXiv 2601.05242 §3): per-reward group normalisation, weighted sum, batch whitening.
+
+    Groups of two, rewards (x, y), weights (1, 2):
+      group 0: x = [1, 3] -> mean 2, population std 1 -> A_x = [-1, 1] / (1 + e)
+               y = [10, NaN] -> one valid entry -> A_y = [0, NaN] (NaN adds nothing to the sum)
+      group 1: x = [2, 2] -> std 0 -> A_x = [0, 0]
+               y = [20, 40] -> mean 30, std 10 -> A_y = [-10, 10] / (10 + e)
+      group 2: nothing applies -> NaN (no gradient), left out of the whitening
+    S = A_x + 2 A_y = [-a, a, -b, b] with a = 1/(1+e), b = 20/(10+e); mean 0;
+    Bessel std = sqrt((2a² + 2b²) / 3); A = S / (std + e).
+    """
+    e = 1e-4
+    R = torch.tensor(
+        [[1.0, 10.0], [3.0, NAN], [2.0, 20.0], [2.0, 40.0], [NAN, NAN], [NAN, NAN]], dtype=torch.float64
+    )
+    A = gdpo_advantages(R, [0, 0, 1, 1, 2, 2], torch.tensor([1.0, 2.0]))
+    a, b = 1 / (1 + e), 20 / (10 + e)
+    std = math.sqrt((2 * a * a + 2 * b * b) / 3)
+    assert A.shape == (6, 1)
+    np.testing.assert_allclose(A[:4, 0].tolist(), [s / (std + e) for s in (-a, a, -b, b)], rtol=1e-13)
+    assert torch.isnan(A[4:]).all()
+
+
+def test_gdpo_is_scale_free_per_reward_and_ignores_zero_weights():
+    g = torch.Generator().manual_seed(3)
+    R = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    gids = torch.arange(16) // 4
+    w = torch.tensor([1.0, 1.0, 0.0])
+    base = gdpo_advantages(R, gids, w)
+    scaled = R * torch.tensor([1000.0, 0.5, 1.0], dtype=torch.float64) + torch.tensor([5.0, -7.0, 0.0])
+    scaled[:, 2] = float("nan")  # a zero-weight reward never matters, even when it applies nowhere
+    # group-wise normalisation makes each reward's scale and offset irrelevant (up to eps / group std)
+    torch.testing.assert_close(gdpo_advantages(scaled, gids, w), base, rtol=1e-3, atol=1e-3)
+    # whitened over the batch: mean 0, Bessel std ~1
+    assert abs(base.mean().item()) < 1e-12 and base.std().item() == pytest.approx(1.0, abs=1e-3)

@@ -13,6 +13,7 @@ import torch
 from marble.config import (
     CAGradBalancer,
     EqualBalancer,
+    GDPOBalancer,
     MarbleBalancer,
     MarbleFullBalancer,
     MarbleUBBalancer,
@@ -20,7 +21,7 @@ from marble.config import (
     WeightedSumBalancer,
 )
 from marble.errors import CheckpointError
-from marble.rl.advantages import group_advantages, optimality_probability
+from marble.rl.advantages import optimality_probability
 from marble.rl.balancers import BALANCERS, build_balancer, cagrad_coefficients, pcgrad_coefficients
 from marble.rl.gram import gram_from_params
 from marble.rl.nft import combine_coefficients, combined_loss, nft_terms, per_reward_losses, reward_weights
@@ -29,6 +30,7 @@ BETA, C = 0.5, 5.0
 ALL_CONFIGS = [
     WeightedSumBalancer(weights=[1.0, 2.0, 1.0]),
     EqualBalancer(),
+    GDPOBalancer(weights=[1.0, 0.5, 2.0]),
     MarbleBalancer(),
     MarbleFullBalancer(),
     MarbleUBBalancer(),
@@ -81,8 +83,7 @@ def _problem(R: torch.Tensor, seed: int = 0):
 
 def _balanced_grad(balancer, R, gids, terms, flat, params):
     """What the trainer does for one micro-step (step 0, micro-step 0)."""
-    Rb = balancer.prepare_rewards(R)
-    r, mask = optimality_probability(group_advantages(Rb, gids).adv, C)
+    r, mask = optimality_probability(balancer.objective_advantages(R, gids, "global"), C)
     tm = terms()
     c = reward_weights(mask, C)
     if balancer.needs_gram(0, 0):
@@ -99,7 +100,7 @@ def test_every_preset_builds_with_the_trainer_interface(cfg):
     assert b.gram_source in (None, "params", "output")
     K = len(b.objective_names)
     R = torch.randn(6, 3, dtype=torch.float64)
-    assert b.prepare_rewards(R).shape == (6, K)
+    assert b.objective_advantages(R, torch.arange(6) // 3, "global").shape == (6, K)
     assert b.gamma.shape == (K,) and torch.isfinite(b.gamma).all()
     if b.gram_source is not None:
         assert b.needs_gram(0, 0)
@@ -121,7 +122,7 @@ def test_unknown_kind_and_wrong_reward_shape_refused():
     with pytest.raises(ValueError, match="nope"):
         build_balancer(Fake(), NAMES)
     with pytest.raises(ValueError, match=r"\[N, 3\]"):
-        build_balancer(EqualBalancer(), NAMES).prepare_rewards(torch.zeros(4, 2))
+        build_balancer(EqualBalancer(), NAMES).objective_advantages(torch.zeros(4, 2), [0, 0, 1, 1], "global")
 
 
 # ----------------------------------------------------------------------------------- invariants

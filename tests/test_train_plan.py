@@ -34,7 +34,7 @@ def _buffer(rewards: torch.Tensor) -> EpochBuffer:
     G = CFG.sampling.group_size
     prompts = [PromptRecord.create(f"prompt {i}", "general") for i in range(rewards.shape[0] // G)]
     balancer = build_balancer(CFG.balancer, CFG.trained_reward_names)
-    r, mask, r_raw, mask_raw, _ = advantage_targets(rewards, G, balancer.prepare_rewards, "global", 5.0)
+    r, mask, r_raw, mask_raw, _ = advantage_targets(rewards, G, balancer.objective_advantages, "global", 5.0)
     latents = torch.randn(rewards.shape[0], 16, 8, 8, generator=torch.Generator().manual_seed(0))
     return EpochBuffer(0, prompts, G, latents, rewards, r, mask, r_raw, mask_raw)
 

@@ -133,3 +133,44 @@ def optimality_probability(adv: Tensor, clip_max: float) -> tuple[Tensor, Tensor
     r = torch.clamp(A / clip_max, -1.0, 1.0) / 2 + 0.5  # [N, K]
     r = torch.where(mask, r, torch.full_like(r, 0.5))
     return r, mask
+
+
+def gdpo_advantages(rewards: Tensor, group_ids: Tensor | list, weights: Tensor, eps: float = 1e-4) -> Tensor:
+    """GDPO's single advantage per sample (Liu et al., arXiv 2601.05242, §3; NVlabs/GDPO releases it
+    for TRL and verl): normalise each reward within its prompt group, take the weighted SUM of the
+    per-reward advantages, then whiten that sum over the whole batch.
+
+    `A_k = (R_k - group mean) / (group std + eps)` (`group_advantages(std_mode="group")`, valid entries
+    only); `S_i = Σ_{k applies to i} w_k A_ik`; `A_i = (S_i - mean S) / (std S + eps)` with the mean and
+    the Bessel-corrected std (the reference code's `torch.std`) over the samples where S is defined.
+
+    NaN (a reward that does not apply) is explicit: it is left out of its group's statistics and adds
+    nothing to `S_i`; a sample where no reward with `w_k > 0` applies gets NaN (mask 0: no gradient),
+    and is left out of the whitening. The reference code instead turns NaN into a reward of 0 before
+    the group statistics and keeps such samples at `S = 0` in the whitening; in marble a reward applies
+    to whole prompt groups, where both rules give the same per-reward advantage (0).
+    The group std is the population std: with whole groups of equal size the reference code's Bessel
+    factor is one constant per reward, which the batch whitening removes.
+
+    Args:
+        rewards: `[N, K]` raw rewards, NaN = not applicable.
+        group_ids: `[N]` prompt-group label of each sample.
+        weights: `[K]` non-negative reward weights w_k.
+        eps: added to both stds [GDPO: 1e-4].
+    Returns `[N, 1]` float64.
+    """
+    R = rewards.detach().to(torch.float64)  # [N, K]
+    w = torch.as_tensor(weights, dtype=torch.float64, device=R.device)  # [K]
+    if w.shape != (R.shape[1],):
+        raise ValueError(f"gdpo: {w.numel()} weights for {R.shape[1]} rewards")
+    adv = group_advantages(R, group_ids, std_mode="group", eps=eps).adv  # [N, K]
+    use = torch.isfinite(adv) & (w > 0)  # [N, K]
+    S = torch.where(use, adv * w, torch.zeros_like(adv)).sum(1)  # [N]
+    defined = use.any(1)  # [N]
+    n = int(defined.sum())
+    out = torch.full_like(S, float("nan"))
+    if n:
+        s = S[defined]
+        std = float(s.std(unbiased=True)) if n > 1 else 0.0
+        out[defined] = (s - s.mean()) / (std + eps)
+    return out[:, None]  # [N, 1]

@@ -4,8 +4,7 @@ the config's `kind`; the trainer uses this one interface and never branches on t
 Trainer usage, per micro-step (b = index of the micro-batch rows)::
 
     balancer = build_balancer(cfg.balancer, cfg.trained_reward_names)
-    R = balancer.prepare_rewards(R_raw)                      # [N, K'] (weighted_sum: K' = 1)
-    adv = group_advantages(R, group_ids, cfg.nft.std_mode).adv
+    adv = balancer.objective_advantages(R_raw, group_ids, cfg.nft.std_mode)  # [N, K'] (weighted_sum, gdpo: 1)
     r, mask = optimality_probability(adv, C)                # [N, K'] each
     terms = nft_terms(v, v_old, x_t, x0, t, beta, floor)
     c = reward_weights(mask[b], C)                          # [B, K']
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor
 
 from marble.errors import CheckpointError
+from marble.rl.advantages import gdpo_advantages, group_advantages
 from marble.rl.gram import NormalizedGram, normalize_gram
 from marble.rl.qp import MinNormSolver
 
@@ -162,6 +162,11 @@ class Balancer:
             )
         return rewards
 
+    def objective_advantages(self, rewards: Tensor, group_ids: Tensor, std_mode: str) -> Tensor:
+        """Raw rewards `[N, K]` -> the objectives' advantages `[N, K']` (NaN = not applicable): the
+        per-objective group advantages of `prepare_rewards` (docs/algorithm.md §2)."""
+        return group_advantages(self.prepare_rewards(rewards), group_ids, std_mode).adv
+
     def needs_gram(self, step: int, micro_step: int) -> bool:
         """Whether `update` wants a Gram at this (optimizer step, micro-step)."""
         return False
@@ -216,6 +221,31 @@ class WeightedSumBalancer(Balancer):
         den = torch.where(use, w, torch.zeros_like(R)).sum(1)  # [N]
         out = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
         return out[:, None]  # [N, 1]
+
+
+@register_balancer("gdpo")
+class GDPOBalancer(Balancer):
+    """GDPO (arXiv 2601.05242, §3): one advantage per sample, the batch-whitened weighted sum of the
+    per-reward group-normalised advantages (`advantages.gdpo_advantages`); `nft.std_mode` does not
+    apply (GDPO fixes its normalisations). Applied like `weighted_sum`: one objective, γ = [1]."""
+
+    def __init__(self, cfg: Any, reward_names: list[str]):
+        super().__init__(cfg, reward_names)
+        weights = cfg.weights if cfg.weights is not None else [1.0] * len(reward_names)
+        if len(weights) != len(reward_names):
+            raise ValueError(f"balancer.weights has {len(weights)} entries for rewards {reward_names}")
+        self.weights = torch.tensor(weights, dtype=torch.float64)  # [K]
+
+    @property
+    def objective_names(self) -> list[str]:
+        return ["gdpo"]
+
+    def prepare_rewards(self, rewards: Tensor) -> Tensor:
+        raise TypeError("gdpo has no objective reward: its advantage comes from objective_advantages()")
+
+    def objective_advantages(self, rewards: Tensor, group_ids: Tensor, std_mode: str) -> Tensor:
+        Balancer.prepare_rewards(self, rewards)  # shape check
+        return gdpo_advantages(rewards, group_ids, self.weights)  # [N, 1]
 
 
 @register_balancer("equal")

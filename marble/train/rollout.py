@@ -64,19 +64,23 @@ class EpochBuffer:
 
 
 def advantage_targets(
-    rewards: Tensor, group_size: int, prepare: Callable[[Tensor], Tensor], std_mode: str, clip_max: float
+    rewards: Tensor,
+    group_size: int,
+    objective_advantages: Callable[[Tensor, Tensor, str], Tensor],
+    std_mode: str,
+    clip_max: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, AdvantageStats]:
     """Per-objective and per-reward (r, mask) from gathered raw rewards `[N, K]`.
 
-    The balancer's `prepare_rewards` decides the objectives (identity for per-reward presets, the
-    NaN-aware weighted mean for `weighted_sum`); the per-reward ones feed diagnostics and logging.
+    The balancer's `objective_advantages` decides the objectives (per-reward group advantages for the
+    per-reward presets, one advantage for `weighted_sum` and `gdpo`); the per-reward ones feed
+    diagnostics and logging.
     """
     group_ids = torch.arange(rewards.shape[0]) // group_size  # [N]
     raw = group_advantages(rewards, group_ids, std_mode)  # adv [N, K]
     r_raw, mask_raw = optimality_probability(raw.adv, clip_max)  # [N, K]
-    objectives = prepare(rewards)  # [N, K']
-    obj = group_advantages(objectives, group_ids, std_mode)
-    r, mask = optimality_probability(obj.adv, clip_max)  # [N, K']
+    obj_adv = objective_advantages(rewards, group_ids, std_mode)  # [N, K']
+    r, mask = optimality_probability(obj_adv, clip_max)  # [N, K']
     return r, mask, r_raw, mask_raw, raw.stats
 
 

@@ -309,7 +309,7 @@ class Trainer:
         r, mask, r_raw, mask_raw, st = advantage_targets(
             rewards,
             s.group_size,
-            self.balancer.prepare_rewards,
+            self.balancer.objective_advantages,
             self.cfg.nft.std_mode,
             self.cfg.nft.adv_clip_max,
         )
