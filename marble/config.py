@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from marble.cluster.layout import layout_problem, valid_process_counts
+from marble.cluster.quantity import parse_quantity
+
 TINY_MODEL = "tiny"
 """Reserved `model.pretrained` value: build (once, cached by config hash) and load the tiny SD3 world."""
 
@@ -70,9 +73,29 @@ PromptSource = Annotated[
 ]
 
 
+class DvcData(StrictModel):
+    """Read the prompt files through DVC (`dvc.api`) from a Git repository and its DVC remote, as a pod
+    on a cluster must: the repository's working tree is not in the image. Remote credentials come from
+    the environment (the secret `pipeline.dvc_secret`)."""
+
+    repo: str = Field(description="Git URL (or local path) of the DVC project holding the prompt files.")
+    rev: str | None = Field(
+        None, description="Git revision (commit, tag, branch) to read; null = the default branch."
+    )
+    remote: str | None = Field(None, description="DVC remote to read from; null = the project's default.")
+
+
 class DataConfig(StrictModel):
     sources: list[PromptSource] = Field(
         default_factory=lambda: [TinyWorldSource()], min_length=1, description="Prompt sources, mixed."
+    )
+    root: str | None = Field(
+        None,
+        description="Directory that relative source paths resolve against (e.g. a path on the cache PVC); "
+        "null = the working directory.",
+    )
+    dvc: DvcData | None = Field(
+        None, description="Read source paths through DVC from this repository (overrides data.root)."
     )
     test_fraction: float = Field(
         0.25, ge=0.0, lt=1.0, description="Held-out share per family (stratified split)."
@@ -492,15 +515,30 @@ class MlflowRegistry(StrictModel):
 
 
 class KubeflowRegistry(StrictModel):
+    """Defaults reach the Model Registry that Kubeflow 1.10 installs (kubeflow/manifests
+    applications/model-registry: Service `model-registry-service` in `kubeflow`, REST on port 8080, plain
+    HTTP inside the cluster), from a pod of a profile namespace (its NetworkPolicy admits them)."""
+
     kind: Literal["kubeflow"] = "kubeflow"
     server_address: str = Field(
-        description="Model Registry service address, e.g. https://model-registry.kubeflow.svc"
+        "http://model-registry-service.kubeflow.svc.cluster.local",
+        description="Model Registry service address (scheme included).",
     )
-    port: int = Field(443, ge=1, le=65535, description="Model Registry port.")
+    port: int = Field(8080, ge=1, le=65535, description="Model Registry REST port.")
     author: str = Field("marble", description="Author recorded on registered versions.")
     model_name: str = Field("marble-lora", description="Registered model name.")
     token_env: str = Field("MODEL_REGISTRY_TOKEN", description="Environment variable that holds the token.")
-    is_secure: bool = Field(True, description="Use TLS.")
+    is_secure: bool = Field(False, description="Use TLS (an https endpoint outside the cluster).")
+
+    @model_validator(mode="after")
+    def _check(self) -> KubeflowRegistry:
+        scheme = self.server_address.split("://", 1)[0] if "://" in self.server_address else ""
+        if scheme and scheme != ("https" if self.is_secure else "http"):
+            raise ValueError(
+                f"registry.server_address={self.server_address!r} does not match registry.is_secure="
+                f"{self.is_secure} (https needs is_secure: true, http needs false)"
+            )
+        return self
 
 
 RegistryConfig = Annotated[MlflowRegistry | KubeflowRegistry, Field(discriminator="kind")]
@@ -514,33 +552,139 @@ class Toleration(StrictModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
 
 
+class TaskResources(StrictModel):
+    """Requests, limits and the active deadline of one pipeline task's pod. Profile namespaces with a
+    ResourceQuota reject pods without requests and limits, CPU-only tasks included."""
+
+    cpu_request: str = Field(description="CPU request (Kubernetes quantity, e.g. 500m or 4).")
+    cpu_limit: str = Field(description="CPU limit.")
+    memory_request: str = Field(description="Memory request (e.g. 2Gi).")
+    memory_limit: str = Field(description="Memory limit.")
+    timeout_s: int = Field(ge=60, description="Pod active deadline (kubernetes.set_timeout), seconds.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskResources:
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self, f"{kind}_request"), getattr(self, f"{kind}_limit")
+            try:
+                too_big = parse_quantity(request) > parse_quantity(limit)
+            except ValueError as exc:
+                raise ValueError(f"{kind}_request / {kind}_limit: {exc}") from None
+            if too_big:
+                raise ValueError(f"{kind}_request={request} exceeds {kind}_limit={limit}")
+        return self
+
+
+def _resources(cpu: tuple[str, str], memory: tuple[str, str], hours: float) -> Any:
+    return Field(
+        default_factory=lambda: TaskResources(
+            cpu_request=cpu[0], cpu_limit=cpu[1], memory_request=memory[0], memory_limit=memory[1],
+            timeout_s=int(hours * 3600),
+        )
+    )  # fmt: skip
+
+
+class PipelineResources(StrictModel):
+    """Per-task pod resources. `train` is the pod that trains: the train task itself on one node, each
+    PyTorchJob replica when `pipeline.nodes > 1` (the train task then only launches and watches the
+    job, with `launcher`'s resources and `train`'s deadline)."""
+
+    prepare_prompts: TaskResources = _resources(("500m", "2"), ("1Gi", "4Gi"), 1)
+    cache_reward_models: TaskResources = _resources(("1", "2"), ("4Gi", "8Gi"), 4)
+    train: TaskResources = _resources(("4", "8"), ("32Gi", "64Gi"), 24)
+    evaluate: TaskResources = _resources(("4", "8"), ("32Gi", "64Gi"), 6)
+    register_adapter: TaskResources = _resources(("250m", "1"), ("1Gi", "2Gi"), 0.5)
+    launcher: TaskResources = _resources(("250m", "1"), ("512Mi", "1Gi"), 24)
+    cleanup: TaskResources = _resources(("100m", "500m"), ("256Mi", "512Mi"), 0.25)
+
+
 class PipelineConfig(StrictModel):
     name: str = Field("marble", description="Kubeflow pipeline name.")
     pipeline_root: str | None = Field(
         None, description="Artifact root (local dir or s3://...); null = default."
     )
     accelerator_type: str = Field("nvidia.com/gpu", description="Accelerator resource of the GPU tasks.")
-    gpus: int = Field(1, ge=0, description="Accelerators per GPU task.")
-    cpu: str = Field("8", description="CPU limit of the GPU tasks.")
-    memory: str = Field("64Gi", description="Memory limit of the GPU tasks.")
+    gpus: int = Field(
+        1, ge=0, description="Accelerators per GPU task; for training, per node (> 1: one process per GPU)."
+    )
+    nodes: int = Field(
+        1, ge=1, description="Training nodes; > 1 runs training as a PyTorchJob of this many replicas."
+    )
+    resources: PipelineResources = Field(
+        default_factory=PipelineResources, description="Requests, limits and deadlines per task."
+    )
+    shm_size: str = Field(
+        "16Gi", description="Memory-backed /dev/shm of the GPU pods (data loaders, NCCL); counts as memory."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector of the GPU tasks.")
     tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu")],
         description="Tolerations of the GPU tasks.",
     )
+    run_as_user: int = Field(
+        1000, ge=1, description="Non-root UID of every pod (the images' user); runAsNonRoot is always set."
+    )
     cache_pvc: str = Field("marble-cache", description="PVC holding reward/model snapshots and checkpoints.")
     cache_mount: str = Field("/mnt/marble-cache", description="Where the cache PVC is mounted.")
-    hub_token_secret: str = Field("marble-hf-token", description="Kubernetes secret with HF_TOKEN.")
-    registry_token_secret: str = Field(
-        "marble-registry-token", description="Kubernetes secret with the registry token."
+    cache_access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        "ReadWriteOnce",
+        description="Access mode of the cache PVC (as created by manifests/); multi-node needs ReadWriteMany.",
     )
-    dvc_secret: str = Field("marble-dvc-remote", description="Kubernetes secret with DVC remote credentials.")
+    hub_token_secret: str | None = Field(
+        None, description="Kubernetes secret with key HF_TOKEN for gated hub models; null = none injected."
+    )
+    registry_token_secret: str | None = Field(
+        None,
+        description="Kubernetes secret with the registry token (key: the variable the registry backend "
+        "reads); null = none injected.",
+    )
+    dvc_secret: str | None = Field(
+        None,
+        description="Kubernetes secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the DVC "
+        "remote of data.dvc; null = none injected.",
+    )
     train_retries: int = Field(
         2, ge=0, description="Retries of the training task (it resumes from checkpoints)."
+    )
+    retry_backoff_s: int = Field(60, ge=0, description="Wait before the first retry (doubles each time).")
+    rendezvous_timeout_s: int = Field(
+        1800, ge=60, description="How long PyTorchJob processes wait for each other at start-up."
+    )
+    job_poll_s: float = Field(30.0, gt=0, description="How often the launcher checks the PyTorchJob.")
+    job_service_account: str = Field(
+        "marble-trainer",
+        description="Service account of the PyTorchJob pods (manifests/ creates it; no API token mounted).",
+    )
+    gang_scheduler: str | None = Field(
+        None,
+        description="Scheduler name for gang scheduling of PyTorchJob pods (e.g. volcano); the training "
+        "operator must run with the same --gang-scheduler-name. null = default scheduler.",
     )
     schedule_cron: str = Field(
         "0 0 3 * * 0", description="Recurring-run cron (KFP 6-field: weekly, Sun 03:00)."
     )
+
+    @property
+    def procs_per_node(self) -> int:
+        """Training processes per node: one per GPU (one on a CPU-only node)."""
+        return max(self.gpus, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        try:
+            parse_quantity(self.shm_size)
+        except ValueError as exc:
+            raise ValueError(f"shm_size: {exc}") from None
+        if self.nodes > 1 and self.cache_access_mode != "ReadWriteMany":
+            raise ValueError(
+                f"pipeline.nodes={self.nodes} needs pipeline.cache_access_mode=ReadWriteMany: every "
+                "PyTorchJob replica mounts the cache PVC at once (a ReadWriteOnce volume attaches to one node)"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------------- root
@@ -644,4 +788,16 @@ class MarbleConfig(StrictModel):
             )
         if self.train.resume not in ("latest", "none") and not self.train.resume.strip():
             raise ValueError("train.resume: use 'latest', 'none' or a checkpoint directory")
+        self._check_world_size()
         return self
+
+    def _check_world_size(self) -> None:
+        """Refuse a cluster layout whose process count cannot split the epoch, naming the ones that can."""
+        p = self.pipeline
+        problem = layout_problem(self, p.world_size)
+        if problem:
+            raise ValueError(
+                f"pipeline.nodes={p.nodes} x {p.procs_per_node} processes per node (pipeline.gpus={p.gpus}) "
+                f"= {p.world_size} training processes cannot split an epoch: {problem}. Valid process "
+                f"counts for this config: {', '.join(map(str, valid_process_counts(self)))}"
+            )

@@ -59,6 +59,7 @@ class FakeModelRegistryClient:
 
 def kf_config(tmp_path: Path, **reg):
     cfg = load_config(REPO / "configs/tiny.yaml")
+    reg = {"port": 443, "is_secure": True, **reg}
     return cfg.model_copy(
         update={
             "registry": KubeflowRegistry(
@@ -189,3 +190,13 @@ def test_the_real_client_against_a_closed_port_is_a_clear_error(tmp_path, monkey
         RegistryError, match=rf"cannot reach the Kubeflow Model Registry at http://127.0.0.1:{port}"
     ):
         KubeflowModelRegistry(reg_cfg).find_versions("k:r")
+
+
+def test_defaults_reach_the_in_cluster_model_registry_of_kubeflow_1_10():
+    """kubeflow/manifests v1.10.x applications/model-registry: Service model-registry-service in the
+    kubeflow namespace, REST port 8080 (appProtocol http), no TLS inside the cluster."""
+    reg = KubeflowRegistry()
+    assert reg.server_address == "http://model-registry-service.kubeflow.svc.cluster.local"
+    assert (reg.port, reg.is_secure) == (8080, False)
+    with pytest.raises(ValueError, match="is_secure"):
+        KubeflowRegistry(server_address="https://mr.example.com", is_secure=False)

@@ -16,7 +16,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from marble.config import CsvSource, DataConfig, GenEvalSource, JsonlSource, TextSource, TinyWorldSource
+from marble.config import (
+    CsvSource,
+    DataConfig,
+    DvcData,
+    GenEvalSource,
+    JsonlSource,
+    TextSource,
+    TinyWorldSource,
+)
 from marble.data import tiny_world
 from marble.data.validation import Location, data_error, validate_geneval, validate_prompt
 from marble.errors import DataError
@@ -42,10 +50,37 @@ def _read_bytes(path: Path, config_field: str) -> bytes:
         raise DataError(f"{path}: prompt source not found (field {config_field})")
     if not path.is_file():
         raise DataError(f"{path}: prompt source is not a file (field {config_field})")
-    data = path.read_bytes()
+    return _non_empty(path, path.read_bytes())
+
+
+def _non_empty(path: Path | str, data: bytes) -> bytes:
     if not data.strip():
         raise DataError(f"{path}:1: field prompt: the file is empty (no prompts)")
     return data
+
+
+def _read_dvc(path: str, spec: DvcData, config_field: str) -> bytes:
+    import dvc.api
+
+    where = f"{spec.repo}@{spec.rev or 'HEAD'}:{path}"
+    try:
+        data = dvc.api.read(path, repo=spec.repo, rev=spec.rev, remote=spec.remote, mode="rb")
+    except Exception as exc:  # dvc raises many types (Git, remote, missing file); the message says which
+        raise DataError(
+            f"{where}: cannot read the prompt source through DVC (field {config_field}; data.dvc.repo / "
+            f"data.dvc.rev / data.dvc.remote; remote credentials come from the environment): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    return _non_empty(where, data)
+
+
+def load_source(path: str, cfg: DataConfig, config_field: str) -> tuple[Path, bytes]:
+    """(where, bytes) of a source file: through DVC when `data.dvc` is set, else `data.root / path`
+    for a relative path (or the path itself)."""
+    if cfg.dvc is not None:
+        return Path(f"{cfg.dvc.repo}@{cfg.dvc.rev or 'HEAD'}") / path, _read_dvc(path, cfg.dvc, config_field)
+    resolved = Path(cfg.root) / path if cfg.root and not Path(path).is_absolute() else Path(path)
+    return resolved, _read_bytes(resolved, config_field)
 
 
 def _decoded_lines(path: Path, data: bytes) -> Iterator[tuple[int, str]]:
@@ -100,8 +135,7 @@ def _json_object(line: str, where: Location) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ readers
 def read_text(src: TextSource, cfg: DataConfig, config_field: str) -> SourcePrompts:
     """Plain text, one prompt per line; blank lines are refused (they are usually a broken export)."""
-    path = Path(src.path)
-    data = _read_bytes(path, config_field)
+    path, data = load_source(src.path, cfg, config_field)
     out: list[RawPrompt] = []
     for lineno, text in _decoded_lines(path, data):
         if _limited(out, src.limit):
@@ -118,8 +152,7 @@ def read_jsonl(src: JsonlSource, cfg: DataConfig, config_field: str) -> SourcePr
     Metadata carrying GenEval's `include` is validated with the GenEval schema too, so the GenEval
     reward never meets malformed metadata.
     """
-    path = Path(src.path)
-    data = _read_bytes(path, config_field)
+    path, data = load_source(src.path, cfg, config_field)
     out: list[RawPrompt] = []
     for lineno, line in _decoded_lines(path, data):
         if _limited(out, src.limit):
@@ -141,8 +174,7 @@ def read_jsonl(src: JsonlSource, cfg: DataConfig, config_field: str) -> SourcePr
 
 def read_geneval(src: GenEvalSource, cfg: DataConfig, config_field: str) -> SourcePrompts:
     """GenEval metadata JSONL: {"tag", "include": [...], "exclude"?: [...], "prompt"} per line."""
-    path = Path(src.path)
-    data = _read_bytes(path, config_field)
+    path, data = load_source(src.path, cfg, config_field)
     out: list[RawPrompt] = []
     for lineno, line in _decoded_lines(path, data):
         if _limited(out, src.limit):
@@ -160,8 +192,7 @@ def read_geneval(src: GenEvalSource, cfg: DataConfig, config_field: str) -> Sour
 
 def read_csv(src: CsvSource, cfg: DataConfig, config_field: str) -> SourcePrompts:
     """CSV with a header row; the prompt in `prompt_column`, other non-empty cells kept as metadata."""
-    path = Path(src.path)
-    data = _read_bytes(path, config_field)
+    path, data = load_source(src.path, cfg, config_field)
     text = "\n".join(line for _, line in _decoded_lines(path, data)) + "\n"  # locates bad UTF-8 by line
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = reader.fieldnames or []
