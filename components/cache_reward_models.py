@@ -12,10 +12,11 @@ from kfp.dsl import Artifact, Output
 from components._factory import make_component
 
 
-def cache_reward_models(config: dict, work_root: str, reward_cache: Output[Artifact]) -> NamedTuple(
-    "Outputs", [("cache_dir", str)]
-):
-    """Returns the directory that train and evaluate read the snapshots from."""
+def cache_reward_models(
+    config: dict, work_root: str, models_fingerprint: str, reward_cache: Output[Artifact]
+) -> NamedTuple("Outputs", [("cache_dir", str)]):
+    """Returns the directory that train and evaluate read the snapshots from. `models_fingerprint` (the
+    models' resolved revisions) is an input only so that KFP's cache key changes with the models."""
     import shutil
     from collections import namedtuple
     from pathlib import Path
@@ -31,6 +32,7 @@ def cache_reward_models(config: dict, work_root: str, reward_cache: Output[Artif
         shutil.copyfile(manifest, Path(reward_cache.path) / manifest.name)
     reward_cache.metadata["cache_dir"] = str(cache_dir)
     reward_cache.metadata["config_hash"] = cfg.config_hash()
+    reward_cache.metadata["models_fingerprint"] = models_fingerprint
     return namedtuple("Outputs", ["cache_dir"])(str(cache_dir))
 
 

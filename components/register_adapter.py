@@ -6,10 +6,16 @@ from components._factory import make_component
 
 
 def register_adapter(
-    config: dict, adapter: Input[Model], evaluation: Input[Artifact], registration: Output[Artifact]
+    config: dict,
+    work_root: str,
+    adapter: Input[Model],
+    evaluation: Input[Artifact],
+    registration: Output[Artifact],
 ):
     """Registers the `adapter` artifact (the files train exported and evaluate scored); the record is
-    written to `registration/registration.json` and its scalar fields to the artifact's metadata."""
+    written to `registration/registration.json` and its scalar fields to the artifact's metadata. An
+    embedded registry store lives in `<work_root>/registry` (the cache PVC), so `champion` carries over
+    between runs; with an empty `work_root` (the local run) it lives in the artifact."""
     from pathlib import Path
 
     from components._io import scalar_metadata
@@ -17,7 +23,10 @@ def register_adapter(
     from marble.config import MarbleConfig
 
     cfg = MarbleConfig.model_validate(config)
-    record = stages.register_adapter(cfg, Path(adapter.path), Path(evaluation.path), Path(registration.path))
+    store = Path(work_root) / "registry" if work_root else None
+    record = stages.register_adapter(
+        cfg, Path(adapter.path), Path(evaluation.path), Path(registration.path), registry_dir=store
+    )
     registration.metadata.update(scalar_metadata(record))
 
 

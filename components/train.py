@@ -1,9 +1,12 @@
-"""Component for stage 3: MARBLE training of the LoRA adapter (`marble.stages.train`).
+"""Component for stage 3: MARBLE training of the LoRA adapter (`marble.cluster.train_task`).
 
-The training directory (checkpoints, metrics.jsonl) is keyed by the pipeline run id under
-`work_root` (the cache PVC on a cluster), so a retried task finds its own checkpoints and resumes from
-the latest one (`train.resume: latest`). The exported adapter is copied into the `adapter` Model
-artifact: the files evaluated and registered downstream are exactly these.
+`launch` is the launch plan compiled from the config's `pipeline:` section (`marble.cluster.launch`):
+one process in this task, `accelerate launch` of N processes in this task's container (one node, N
+GPUs), or a PyTorchJob of `pipeline.nodes` replicas that this task creates, watches and deletes when the
+run is cancelled. The training directory (checkpoints, metrics.jsonl) is keyed by the pipeline run id
+under `work_root` (the cache PVC on a cluster), so a retried task resumes from its own checkpoints and a
+new run never sees another run's. The exported adapter is copied into the `adapter` Model artifact:
+the files evaluated and registered downstream are exactly these.
 """
 
 from typing import NamedTuple
@@ -19,6 +22,7 @@ def train(
     reward_cache_dir: str,
     work_root: str,
     run_id: str,
+    launch: dict,
     adapter: Output[Model],
 ) -> NamedTuple("Outputs", [("train_dir", str)]):
     """Returns the training directory (for the report's training curves)."""
@@ -26,17 +30,19 @@ def train(
     from pathlib import Path
 
     from components._io import publish_dir
-    from marble import stages
+    from marble.cluster.launch import LaunchPlan
+    from marble.cluster.train_task import run_train_task
     from marble.config import MarbleConfig
 
     cfg = MarbleConfig.model_validate(config)
-    root = Path(work_root) / "runs" / run_id if work_root else Path(adapter.path).parent
-    train_dir = root / "train"
-    adapter_dir = stages.train(cfg, Path(prompts.path), train_dir, reward_cache=reward_cache_dir or None)
-    publish_dir(adapter_dir, adapter.path)
+    run_dir = Path(work_root) / "runs" / run_id if work_root else Path(adapter.path).parent
+    plan = LaunchPlan.from_dict(launch)
+    train_dir = run_train_task(cfg, plan, Path(prompts.path), reward_cache_dir or None, run_dir, run_id)
+    publish_dir(train_dir / "adapter", adapter.path)
     adapter.metadata["config_hash"] = cfg.config_hash()
     adapter.metadata["base_model"] = cfg.model.pretrained
     adapter.metadata["lora_rank"] = cfg.lora.rank
+    adapter.metadata["launch"] = f"{plan.kind}: {plan.nodes} node(s) x {plan.procs_per_node} process(es)"
     return namedtuple("Outputs", ["train_dir"])(str(train_dir))
 
 

@@ -100,13 +100,20 @@ def evaluate(
 
 
 def register_adapter(
-    cfg: MarbleConfig, adapter_dir: str | Path, eval_dir: str | Path, out_dir: str | Path
+    cfg: MarbleConfig,
+    adapter_dir: str | Path,
+    eval_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    registry_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Register the adapter in the model registry; move `champion` only if the gate passes.
 
-    Returns the registration record (also written to `out_dir/registration.json`).
+    Returns the registration record (also written to `out_dir/registration.json`). An embedded MLflow
+    store (no `registry.tracking_uri`) lives in `registry_dir` (default `out_dir`): the pipeline points
+    it at the cache PVC so `champion` carries over from one scheduled run to the next.
     """
     from marble.registry.register import register_adapter as _impl
 
     with storage_errors(out_dir):
-        return _impl(cfg, Path(adapter_dir), Path(eval_dir), Path(out_dir))
+        return _impl(cfg, Path(adapter_dir), Path(eval_dir), Path(out_dir), registry_dir=registry_dir)

@@ -4,9 +4,10 @@ secrets and caching.
 Run parameters: the typed settings people change between runs (`marble.runparams.RUN_PARAMETERS`,
 defaults from the config the pipeline is compiled with) plus `config`, the whole config as an advanced
 override. The first task (`validate-config`) applies the parameters to the override, validates the
-result and hands it to every later task. The Kubernetes settings (GPU type and count, node selector,
-tolerations, PVC, secret names) are read from the `pipeline:` section of the compile-time config and
-fixed in the compiled spec; they are no run parameters.
+result and hands it to every later task. The Kubernetes settings (resources, GPUs, node
+selector, tolerations, PVC, secrets, the training launch) are read from the `pipeline:` section of the
+compile-time config (applied by `pipelines/kube.py`) and fixed in the compiled spec; they are no run
+parameters.
 """
 
 import inspect
@@ -14,18 +15,23 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
 from components import (
     cache_reward_models,
+    cleanup_train_job,
     evaluate,
+    fingerprint_inputs,
     prepare_prompts,
     register_adapter,
     train,
     validate_config,
 )
-from marble.config import MarbleConfig, PipelineConfig
-from marble.configio import load_config
+from marble.cluster.launch import LaunchPlan, plan_launch
+from marble.cluster.preflight import cluster_problems
+from marble.cluster.secrets import task_secrets, unused_secrets
+from marble.config import MarbleConfig, TaskResources
+from marble.configio import ConfigError, load_config
 from marble.runparams import (
     RUN_PARAMETER_NAMES,
     RUN_PARAMETERS,
@@ -36,6 +42,7 @@ from marble.runparams import (
     run_parameter_values,
 )
 from marble.shipped import CONFIG_DIR, checkout_root
+from pipelines import images, kube
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +54,10 @@ CONFIG_PARAMETER_HELP = (
     "Advanced: the whole marble config (without its Kubernetes `pipeline:` section). The run parameters "
     "above replace the fields they name."
 )
-HF_TOKEN_ENV = "HF_TOKEN"
-DVC_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_COMPONENTS = (
+    validate_config, fingerprint_inputs, prepare_prompts, cache_reward_models, train, evaluate,
+    register_adapter, cleanup_train_job,
+)  # fmt: skip
 __all__ = ["build_pipeline", "compile_pipeline", "config_dict", "pipeline_arguments"]
 
 
@@ -62,40 +71,6 @@ def default_config_path() -> Path:
 
 def default_config() -> MarbleConfig:
     return load_config(default_config_path())
-
-
-# ------------------------------------------------------------------------------- Kubernetes helpers
-def on_gpu_nodes(task: dsl.PipelineTask, k8s: PipelineConfig) -> dsl.PipelineTask:
-    """Accelerators, CPU/memory limits, node selector and tolerations of a GPU task."""
-    task.set_cpu_limit(k8s.cpu).set_memory_limit(k8s.memory)
-    if k8s.gpus:
-        task.set_accelerator_type(k8s.accelerator_type).set_accelerator_limit(k8s.gpus)
-    for key, value in sorted(k8s.node_selector.items()):
-        kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    for t in k8s.tolerations:
-        kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-    return task
-
-
-def with_cache_volume(task: dsl.PipelineTask, k8s: PipelineConfig) -> dsl.PipelineTask:
-    """Mount the cache PVC (reward/model snapshots, training checkpoints) at `k8s.cache_mount`."""
-    return kubernetes.mount_pvc(task, pvc_name=k8s.cache_pvc, mount_path=k8s.cache_mount)
-
-
-def with_secret_env(task: dsl.PipelineTask, secret: str, keys_to_env: dict[str, str]) -> dsl.PipelineTask:
-    """Expose keys of a Kubernetes secret as environment variables. Optional: a missing secret (public
-    models, no registry server) must not block the run; the stage that needs it says so."""
-    return kubernetes.use_secret_as_env(
-        task, secret_name=secret, secret_key_to_env=keys_to_env, optional=True
-    )
-
-
-def registry_token_env(cfg: MarbleConfig) -> dict[str, str]:
-    """Secret key -> environment variable the configured registry backend reads its token from."""
-    env = {"MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN"}
-    token_env = getattr(cfg.registry, "token_env", None)
-    env["MODEL_REGISTRY_TOKEN"] = token_env or "MODEL_REGISTRY_TOKEN"
-    return env
 
 
 # ------------------------------------------------------------------------------------------ the DAG
@@ -123,24 +98,26 @@ def build_pipeline(cfg: MarbleConfig | None = None, *, containerized: bool = Tru
     """
     cfg = cfg or default_config()
     k8s = cfg.pipeline
-    if k8s.gpus > 1:
-        log.warning(
-            "pipeline.gpus=%d: the pipeline's train task is one process and uses one GPU; "
-            "multi-GPU / multi-node training runs as the PyTorchJob in manifests/",
-            k8s.gpus,
-        )
+    plan = plan_launch(cfg, image=images.IMAGES["cuda"])
+    if containerized and cluster_problems(cfg):
+        raise ConfigError("cannot run on a cluster: " + "; ".join(cluster_problems(cfg)))
+    for problem in unused_secrets(cfg):
+        log.warning(problem)
     work_root = k8s.cache_mount if containerized else ""
-    ops = {
-        m.__name__.rsplit(".", 1)[-1]: m.build(containerized)
-        for m in (validate_config, prepare_prompts, cache_reward_models, train, evaluate, register_adapter)
-    }
+    ops = {m.__name__.rsplit(".", 1)[-1]: m.build(containerized) for m in _COMPONENTS}
     signature, doc = pipeline_signature(cfg)
     names = list(signature.parameters)
 
     def marble_pipeline(*args):
         # kfp calls the pipeline function with one channel per parameter, in signature order.
         params = dict(zip(names, args, strict=True))
-        _stages(ops, cfg, params, work_root, containerized)
+        if plan.kind == "pytorchjob":  # an exit handler deletes the run's job however the run ends
+            cleanup = ops["cleanup_train_job"](run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+            kube.with_namespace_env(_settings(cleanup, cfg, "cleanup-train-job", k8s.resources.cleanup))
+            with dsl.ExitHandler(cleanup, name="run-with-job-cleanup"):
+                _stages(ops, cfg, plan, params, work_root, containerized)
+        else:
+            _stages(ops, cfg, plan, params, work_root, containerized)
 
     marble_pipeline.__signature__ = signature
     marble_pipeline.__doc__ = doc
@@ -149,57 +126,85 @@ def build_pipeline(cfg: MarbleConfig | None = None, *, containerized: bool = Tru
     )
 
 
+def _settings(
+    task: dsl.PipelineTask, cfg: MarbleConfig, name: str, resources: TaskResources
+) -> dsl.PipelineTask:
+    """Resources, deadline, identity and the secrets this task reads (and no other)."""
+    kube.with_resources(task, resources)
+    kube.with_security(task, cfg.pipeline)
+    return kube.with_secrets(task, task_secrets(cfg).get(name, []))
+
+
 def _stages(
-    ops: dict, cfg: MarbleConfig, params: dict[str, Any], work_root: str, containerized: bool
+    ops: dict,
+    cfg: MarbleConfig,
+    plan: LaunchPlan,
+    params: dict[str, Any],
+    work_root: str,
+    containerized: bool,
 ) -> None:
-    """validate-config, then the five stages on the validated config."""
-    k8s = cfg.pipeline
+    """validate-config and fingerprint-inputs, then the five stages on the validated config."""
+    k8s, res = cfg.pipeline, cfg.pipeline.resources
     validate_task = ops["validate_config"](
         config=params["config"],
         kubernetes=kubernetes_section(cfg),
         **{name: params[name] for name in RUN_PARAMETER_NAMES},
     )
+    # Checks the run's config (a run parameter may change the epoch's size: the world size is re-checked).
+    _settings(validate_task, cfg, "validate-config", res.prepare_prompts)
     config = validate_task.outputs["config"]
 
-    prepare_task = ops["prepare_prompts"](config=config)
-    with_secret_env(prepare_task, k8s.dvc_secret, {k: k for k in DVC_CREDENTIAL_KEYS})
+    fingerprint = ops["fingerprint_inputs"](config=config)
+    _settings(fingerprint, cfg, "fingerprint-inputs", res.prepare_prompts).set_caching_options(False)
 
-    cache_task = ops["cache_reward_models"](config=config, work_root=work_root)
-    with_cache_volume(cache_task, k8s)
-    with_secret_env(cache_task, k8s.hub_token_secret, {HF_TOKEN_ENV: HF_TOKEN_ENV})
+    prepare = ops["prepare_prompts"](config=config, data_fingerprint=fingerprint.outputs["data"])
+    _settings(prepare, cfg, "prepare-prompts", res.prepare_prompts)
+
+    cache = ops["cache_reward_models"](
+        config=config, work_root=work_root, models_fingerprint=fingerprint.outputs["models"]
+    )
+    kube.with_cache_volume(_settings(cache, cfg, "cache-reward-models", res.cache_reward_models), k8s)
 
     train_task = ops["train"](
         config=config,
-        prompts=prepare_task.outputs["prompts"],
-        reward_cache_dir=cache_task.outputs["cache_dir"],
+        prompts=prepare.outputs["prompts"],
+        reward_cache_dir=cache.outputs["cache_dir"],
         work_root=work_root,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        launch=plan.to_dict(),
     )
-    on_gpu_nodes(with_cache_volume(train_task, k8s), k8s)
+    kube.with_cache_volume(train_task, k8s)
+    if plan.kind == "pytorchjob":  # the task launches and watches; the job's replicas hold the GPUs
+        launcher = res.launcher.model_copy(update={"timeout_s": res.train.timeout_s})
+        kube.with_namespace_env(_settings(train_task, cfg, "train", launcher))
+    else:
+        kube.on_gpu_nodes(_settings(train_task, cfg, "train", res.train), k8s)
     if containerized:
         # A retried task resumes from the newest checkpoint in its run's directory on the PVC.
         # Locally (where kfp.local honours retries too) a failure should stop the demo at once.
-        train_task.set_retry(num_retries=k8s.train_retries, backoff_duration="60s", backoff_factor=2.0)
+        kube.with_retries(train_task, k8s, res.train.timeout_s)
     train_task.set_caching_options(False)
 
     evaluate_task = ops["evaluate"](
         config=config,
-        prompts=prepare_task.outputs["prompts"],
+        prompts=prepare.outputs["prompts"],
         adapter=train_task.outputs["adapter"],
-        reward_cache_dir=cache_task.outputs["cache_dir"],
+        reward_cache_dir=cache.outputs["cache_dir"],
         train_dir=train_task.outputs["train_dir"],
     )
-    on_gpu_nodes(with_cache_volume(evaluate_task, k8s), k8s)
+    kube.on_gpu_nodes(
+        kube.with_cache_volume(_settings(evaluate_task, cfg, "evaluate", res.evaluate), k8s), k8s
+    )
     evaluate_task.set_caching_options(False)
 
     register_task = ops["register_adapter"](
         config=config,
+        work_root=work_root,
         adapter=train_task.outputs["adapter"],
         evaluation=evaluate_task.outputs["evaluation"],
     )
-    # The PVC is where an embedded registry (registry.tracking_uri: sqlite:////<mount>/...) persists.
-    with_cache_volume(register_task, k8s)
-    with_secret_env(register_task, k8s.registry_token_secret, registry_token_env(cfg))
+    # The PVC holds the embedded registry store (<work_root>/registry): champion persists across runs.
+    kube.with_cache_volume(_settings(register_task, cfg, "register-adapter", res.register_adapter), k8s)
     register_task.set_caching_options(False)
 
 

@@ -105,17 +105,23 @@ def test_prepare_validates_then_writes_into_the_dataset(config, calls, tmp_path)
 
     calls.impl["prepare_prompts"] = impl
     prompts = art(dsl.Dataset, tmp_path / "prompts")
-    prepare_prompts.component.python_func(config=config, prompts=prompts)
+    prepare_prompts.component.python_func(config=config, data_fingerprint="d1", prompts=prompts)
     (cfg, out), _ = calls.args["prepare_prompts"]
     assert isinstance(cfg, MarbleConfig) and cfg.run_name == config["run_name"]
     assert out == tmp_path / "prompts"
-    assert prompts.metadata == {"config_hash": cfg.config_hash(), "manifest": "manifest.json"}
+    assert prompts.metadata == {
+        "config_hash": cfg.config_hash(),
+        "manifest": "manifest.json",
+        "data_fingerprint": "d1",
+    }
 
 
 def test_an_invalid_config_fails_before_the_stage_runs(config, calls, tmp_path):
     bad = {**config, "nft": {**config["nft"], "beta": -1.0}}
     with pytest.raises(ValidationError, match="beta"):
-        prepare_prompts.component.python_func(config=bad, prompts=art(dsl.Dataset, tmp_path / "p"))
+        prepare_prompts.component.python_func(
+            config=bad, data_fingerprint="d1", prompts=art(dsl.Dataset, tmp_path / "p")
+        )
     assert "prepare_prompts" not in calls.args
 
 
@@ -128,7 +134,9 @@ def _write_manifest(cfg, out):
 def test_cache_rewards_locally_keeps_snapshots_in_the_artifact(config, calls, tmp_path):
     calls.impl["cache_reward_models"] = _write_manifest
     cache = art(dsl.Artifact, tmp_path / "reward_cache")
-    result = cache_reward_models.component.python_func(config=config, work_root="", reward_cache=cache)
+    result = cache_reward_models.component.python_func(
+        config=config, work_root="", models_fingerprint="m1", reward_cache=cache
+    )
     assert result.cache_dir == str(tmp_path / "reward_cache")
     assert (tmp_path / "reward_cache" / "manifest.json").is_file()
 
@@ -137,11 +145,21 @@ def test_cache_rewards_on_a_cluster_writes_to_the_pvc_and_keeps_the_manifest(con
     calls.impl["cache_reward_models"] = _write_manifest
     pvc = tmp_path / "pvc"
     cache = art(dsl.Artifact, tmp_path / "reward_cache")
-    result = cache_reward_models.component.python_func(config=config, work_root=str(pvc), reward_cache=cache)
+    result = cache_reward_models.component.python_func(
+        config=config, work_root=str(pvc), models_fingerprint="m1", reward_cache=cache
+    )
     assert result.cache_dir == str(pvc / "reward-cache")
     assert (pvc / "reward-cache" / "manifest.json").is_file()
     assert (tmp_path / "reward_cache" / "manifest.json").read_text() == '{"files": []}'
     assert cache.metadata["cache_dir"] == str(pvc / "reward-cache")
+
+
+IN_PROCESS = {
+    "kind": "process",
+    "nodes": 1.0,
+    "procs_per_node": 1.0,
+    "command": [],
+}  # floats: protobuf Struct
 
 
 def _fake_train(cfg, prompts_dir, out_dir, *, reward_cache=None):
@@ -163,6 +181,7 @@ def test_train_publishes_the_adapter_and_keys_checkpoints_by_run(config, calls, 
         reward_cache_dir=str(tmp_path / "cache"),
         work_root=root,
         run_id="run-123",
+        launch=IN_PROCESS,
         adapter=adapter,
     )
     (_, prompts_dir, out_dir), kwargs = calls.args["train"]
@@ -185,6 +204,7 @@ def test_train_without_a_reward_cache_passes_none(config, calls, tmp_path):
         reward_cache_dir="",
         work_root="",
         run_id="r",
+        launch=IN_PROCESS,
         adapter=art(dsl.Model, tmp_path / "t" / "adapter"),
     )
     assert calls.args["train"][1] == {"reward_cache": None}
@@ -246,10 +266,11 @@ def test_evaluate_skips_a_missing_train_dir(config, calls, tmp_path):
 
 def test_register_records_scalars_in_the_artifact(config, calls, tmp_path):
     record = {"version": "3", "alias": "candidate", "promoted": False, "metrics": {"a": 1}}
-    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out: record
+    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: record
     registration = art(dsl.Artifact, tmp_path / "registration")
     register_adapter.component.python_func(
         config=config,
+        work_root="",
         adapter=art(dsl.Model, tmp_path / "adapter"),
         evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
         registration=registration,
@@ -285,3 +306,15 @@ def test_publish_dir_replaces_the_destination(tmp_path):
 
 def test_scalar_metadata_drops_nested_values():
     assert scalar_metadata({"a": 1, "b": [1], "c": {"d": 1}, "e": "x"}) == {"a": 1, "e": "x"}
+
+
+def test_register_keeps_the_embedded_store_on_the_pvc_between_runs(config, calls, tmp_path):
+    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: {"version": "1"}
+    register_adapter.component.python_func(
+        config=config,
+        work_root=str(tmp_path / "pvc"),
+        adapter=art(dsl.Model, tmp_path / "adapter"),
+        evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
+        registration=art(dsl.Artifact, tmp_path / "registration"),
+    )
+    assert calls.args["register_adapter"][1] == {"registry_dir": tmp_path / "pvc" / "registry"}

@@ -30,6 +30,13 @@ from pipelines.marble_pipeline import (
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "pipelines" / "marble_pipeline.yaml"
 GPU_TASKS = ("train", "evaluate")
+CPU_TASKS = (
+    "validate-config",
+    "fingerprint-inputs",
+    "prepare-prompts",
+    "cache-reward-models",
+    "register-adapter",
+)
 UNCACHED_TASKS = ("train", "evaluate", "register-adapter")
 IR_TYPES = {int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING", bool: "BOOLEAN"}
 SECRETISH = re.compile(r"pass(word|wd)?|token|secret|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
@@ -50,6 +57,14 @@ def compile_docs(tmp_path: Path, cfg: MarbleConfig | None = None) -> tuple[dict,
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     return compile_docs(tmp_path_factory.mktemp("compiled"))
+
+
+def dag_tasks(spec: dict) -> dict:
+    """Every task of the pipeline, the root DAG's and those inside sub-DAGs (the exit handler's)."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        tasks.update(comp.get("dag", {}).get("tasks", {}))
+    return tasks
 
 
 def executor(spec: dict, task: str) -> dict:
@@ -133,20 +148,114 @@ def test_every_task_takes_the_validated_config(compiled):
         }, name
 
 
-def test_gpu_tasks_have_accelerators_resources_and_tolerations(compiled):
+def test_gpu_tasks_have_accelerators_tolerations_and_shm(compiled):
     spec, k8s = compiled
     cfg = default_config().pipeline
     for task in GPU_TASKS:
         resources = executor(spec, task)["resources"]
         assert resources["accelerator"]["resourceType"] == cfg.accelerator_type
         assert resources["accelerator"]["resourceCount"] == str(cfg.gpus)
-        assert resources["resourceCpuLimit"] == cfg.cpu
-        assert resources["resourceMemoryLimit"] == cfg.memory
         tolerations = k8s[f"exec-{task}"]["tolerations"]
         assert {t["key"] for t in tolerations} == {t.key for t in cfg.tolerations}
-    for task in ("validate-config", "prepare-prompts", "cache-reward-models", "register-adapter"):
+        assert k8s[f"exec-{task}"]["emptyDirMounts"] == [
+            {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": cfg.shm_size}
+        ]
+    for task in CPU_TASKS:
         assert "accelerator" not in executor(spec, task).get("resources", {})
         assert "tolerations" not in k8s.get(f"exec-{task}", {})
+
+
+@pytest.fixture(scope="module")
+def all_compiled(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """The shipped configs, single node and multi-node, compiled."""
+    tmp_path = tmp_path_factory.mktemp("variants")
+    paper = REPO / "configs" / "sd35m-marble.yaml"
+    on_pvc = "data.root=/mnt/marble-cache/data"
+    variants = {
+        "default": default_config(),
+        "paper-1gpu": load_config(paper, [on_pvc, "pipeline.gpus=1"]),
+        "paper": load_config(paper, [on_pvc]),
+        "paper-3x8": load_config(
+            paper, [on_pvc, "pipeline.gpus=8", "pipeline.nodes=3", "pipeline.cache_access_mode=ReadWriteMany"]
+        ),
+    }
+    return {name: compile_docs(tmp_path / name, cfg) for name, cfg in variants.items()}
+
+
+def test_every_task_has_requests_limits_timeout_and_a_non_root_identity(all_compiled):
+    for variant, (spec, k8s) in all_compiled.items():
+        for name, ex in spec["deploymentSpec"]["executors"].items():
+            res = ex["container"].get("resources", {})
+            for field in (
+                "resourceCpuRequest",
+                "resourceCpuLimit",
+                "resourceMemoryRequest",
+                "resourceMemoryLimit",
+            ):
+                assert res.get(field), f"{variant}/{name}: no {field}"
+            assert int(k8s[name]["activeDeadlineSeconds"]) >= 60, f"{variant}/{name}: no timeout"
+            assert k8s[name]["securityContext"]["runAsNonRoot"] is True, f"{variant}/{name}"
+            assert int(k8s[name]["securityContext"]["runAsUser"]) > 0, f"{variant}/{name}"
+
+
+def test_no_task_relies_on_an_optional_secret(all_compiled):
+    """KFP 2.4/2.5 ignore `optional` on secret env: every referenced secret must be required, used."""
+    for variant, (_, k8s) in all_compiled.items():
+        for name, ex in k8s.items():
+            for secret in ex.get("secretAsEnv", []):
+                assert not secret.get("optional"), f"{variant}/{name}: optional secret {secret}"
+    # The tiny default config reads no secret at all; the paper config only the hub token (gated model).
+    assert not any(ex.get("secretAsEnv") for ex in all_compiled["default"][1].values())
+    paper = {
+        n: [s["secretName"] for s in ex.get("secretAsEnv", [])] for n, ex in all_compiled["paper"][1].items()
+    }
+    assert {n: v for n, v in paper.items() if v} == {
+        "exec-fingerprint-inputs": ["marble-hf-token"],
+        "exec-cache-reward-models": ["marble-hf-token"],
+    }
+
+
+def test_repo_relative_prompt_files_are_refused_for_a_cluster(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.sources.0.path='data/pickscore/train.txt'.*data.root"):
+        compile_docs(tmp_path, load_config(REPO / "configs" / "sd35m-marble.yaml"))
+
+
+def test_train_is_a_distributed_launch_when_gpus_or_nodes_exceed_one(all_compiled):
+    compiled = all_compiled
+
+    def launch(variant):
+        spec = compiled[variant][0]
+        return dag_tasks(spec)["train"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]
+
+    assert launch("paper-1gpu")["kind"] == "process" and launch("paper-1gpu")["command"] == []
+    single = launch("paper")
+    assert single["kind"] == "accelerate"
+    assert single["command"][:2] == ["accelerate", "launch"] and "--multi_gpu" in single["command"]
+    assert single["command"][single["command"].index("--num_processes") + 1] == "8"
+    multi = launch("paper-3x8")
+    assert multi["kind"] == "pytorchjob" and multi["command"][0] == "torchrun"
+    assert (multi["nodes"], multi["procs_per_node"]) == (3, 8) and images.is_pinned(multi["image"])
+    # Multi-node: the train task only launches (no GPU), and an exit handler deletes the job.
+    spec, _ = compiled["paper-3x8"]
+    assert "accelerator" not in executor(spec, "train")["resources"]
+    assert "cleanup-train-job" in spec["root"]["dag"]["tasks"]
+    assert (
+        spec["root"]["dag"]["tasks"]["cleanup-train-job"]["triggerPolicy"]["strategy"]
+        == "ALL_UPSTREAM_TASKS_COMPLETED"
+    )
+
+
+def test_a_world_size_that_cannot_split_the_epoch_is_refused_naming_valid_counts():
+    with pytest.raises(
+        ConfigError,
+        match=r"32 training processes.*Valid process counts for this config: 1, 2, 3, 4, 6, 8, 12, 24",
+    ):
+        load_config(
+            REPO / "configs" / "sd35m-marble.yaml",
+            ["pipeline.gpus=8", "pipeline.nodes=4", "pipeline.cache_access_mode=ReadWriteMany"],
+        )
+    with pytest.raises(ConfigError, match="ReadWriteMany"):
+        load_config(REPO / "configs" / "sd35m-marble.yaml", ["pipeline.gpus=8", "pipeline.nodes=3"])
 
 
 def test_node_selector_and_gpu_settings_come_from_the_config(tmp_path):
@@ -175,7 +284,7 @@ def test_no_gpu_request_when_gpus_is_zero(tmp_path):
 def test_every_image_is_pinned_by_digest(compiled):
     spec, _ = compiled
     refs = [e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()]
-    assert len(refs) == 6
+    assert len(refs) == 7
     for ref in refs:
         assert not ref.endswith(":latest") and ":latest@" not in ref, ref
         assert images.is_pinned(ref), f"{ref} is not registry/name@sha256:<64 hex>"
@@ -196,12 +305,27 @@ def test_caching_is_off_for_train_evaluate_register(compiled):
         assert not tasks[name]["cachingOptions"].get("enableCache", False), name
     for name in ("prepare-prompts", "cache-reward-models"):
         assert tasks[name]["cachingOptions"]["enableCache"] is True, name
+    # Their cache keys see the data and the models: fingerprints (never cached) are inputs.
+    assert not tasks["fingerprint-inputs"]["cachingOptions"].get("enableCache", False)
+    assert tasks["prepare-prompts"]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"] == {
+        "producerTask": "fingerprint-inputs",
+        "outputParameterKey": "data",
+    }
+    assert tasks["cache-reward-models"]["inputs"]["parameters"]["models_fingerprint"][
+        "taskOutputParameter"
+    ] == {"producerTask": "fingerprint-inputs", "outputParameterKey": "models"}
 
 
 def test_train_retries_and_resumes_in_its_run_directory(compiled):
     spec, _ = compiled
+    cfg = default_config().pipeline
     train = spec["root"]["dag"]["tasks"]["train"]
-    assert train["retryPolicy"]["maxRetryCount"] == default_config().pipeline.train_retries
+    assert train["retryPolicy"]["maxRetryCount"] == cfg.train_retries
+    # Argo cuts a retried pod at maxDuration from the first attempt (kfp's default: 3600 s): it must
+    # cover every attempt running to its deadline plus the backoffs.
+    max_duration = int(train["retryPolicy"]["backoffMaxDuration"].rstrip("s"))
+    attempts = cfg.train_retries + 1
+    assert max_duration >= attempts * cfg.resources.train.timeout_s > 3600
     # The run id keys the checkpoint directory, so a retry of the same run finds its checkpoints.
     assert (
         train["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -223,23 +347,44 @@ def test_cache_pvc_is_mounted_where_snapshots_and_checkpoints_are_used(compiled)
         assert work_root["runtimeValue"]["constant"] == cfg.cache_mount
 
 
-def test_secrets_come_only_from_kubernetes_secrets_named_in_the_config(compiled):
-    _, k8s = compiled
-    cfg = default_config().pipeline
+def test_secrets_are_injected_only_where_the_config_uses_them(tmp_path):
+    cfg = load_config(
+        REPO / "configs" / "sd35m-marble.yaml",
+        [
+            "pipeline.hub_token_secret=hf",
+            "data.root=/mnt/marble-cache/data", "pipeline.dvc_secret=dvc", "pipeline.registry_token_secret=reg",
+            "data.dvc.repo=https://git.example.com/team/prompts.git", "registry.tracking_uri=https://mlflow.example.com",
+        ],
+    )  # fmt: skip
+    _, k8s = compile_docs(tmp_path, cfg)
     used = {
-        task: {s["secretName"] for s in ex.get("secretAsEnv", [])}
+        task: {
+            (s["secretName"], tuple(k["secretKey"] for k in s["keyToEnv"])) for s in ex.get("secretAsEnv", [])
+        }
         for task, ex in k8s.items()
         if ex.get("secretAsEnv")
     }
+    hub, dvc = ("hf", ("HF_TOKEN",)), ("dvc", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
     assert used == {
-        "exec-prepare-prompts": {cfg.dvc_secret},
-        "exec-cache-reward-models": {cfg.hub_token_secret},
-        "exec-register-adapter": {cfg.registry_token_secret},
+        "exec-fingerprint-inputs": {hub, dvc},
+        "exec-prepare-prompts": {dvc},
+        "exec-cache-reward-models": {hub},
+        "exec-register-adapter": {("reg", ("MLFLOW_TRACKING_TOKEN",))},
     }
     for ex in k8s.values():
         for secret in ex.get("secretAsEnv", []):
-            assert secret["optional"] is True
-            assert all(ENV_NAME.match(k["envVar"]) for k in secret["keyToEnv"])
+            assert all(
+                k["envVar"] == k["secretKey"] and ENV_NAME.match(k["envVar"]) for k in secret["keyToEnv"]
+            )
+    # Without data.dvc the DVC secret is not injected (nothing would read it).
+    _, k8s = compile_docs(
+        tmp_path / "b",
+        load_config(
+            REPO / "configs" / "sd35m-marble.yaml",
+            ["pipeline.dvc_secret=dvc", "pipeline.hub_token_secret=null", "data.root=/d"],
+        ),
+    )
+    assert not any(ex.get("secretAsEnv") for ex in k8s.values())
 
 
 def _walk(node, path=""):

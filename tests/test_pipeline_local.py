@@ -77,7 +77,7 @@ FAKE_STAGES = textwrap.dedent(
         return out / "metrics.json"
 
 
-    def register_adapter(cfg, adapter_dir, eval_dir, out_dir):
+    def register_adapter(cfg, adapter_dir, eval_dir, out_dir, registry_dir=None):
         evaluated = json.loads((Path(eval_dir) / "metrics.json").read_text())["adapter_sha256"]
         record = {"adapter_sha256": _sha(Path(adapter_dir) / "pytorch_lora_weights.safetensors"),
                   "evaluated_sha256": evaluated, "version": 1, "alias": "champion"}

@@ -106,8 +106,11 @@ def _tags(summary: dict[str, Any], metrics: dict[str, Any], sha: str, rid: str) 
     return tags
 
 
-def register_adapter(cfg: MarbleConfig, adapter_dir: Path, eval_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Register `adapter_dir` with the evaluation in `eval_dir`; see the module docstring."""
+def register_adapter(
+    cfg: MarbleConfig, adapter_dir: Path, eval_dir: Path, out_dir: Path, registry_dir: Path | None = None
+) -> dict[str, Any]:
+    """Register `adapter_dir` with the evaluation in `eval_dir`; see the module docstring. An embedded
+    store lives in `registry_dir` (default `out_dir`)."""
     adapter_dir, eval_dir, out_dir = Path(adapter_dir), Path(eval_dir), Path(out_dir)
     _check_adapter(adapter_dir)
     summary = _read_json(eval_dir / "eval.json")
@@ -121,7 +124,7 @@ def register_adapter(cfg: MarbleConfig, adapter_dir: Path, eval_dir: Path, out_d
         )
     rid = run_id(cfg)
     key = f"{sha}:{rid}"
-    registry = open_registry(cfg, out_dir)
+    registry = open_registry(cfg, Path(registry_dir) if registry_dir else out_dir)
     with registry.lock():
         record = _register_locked(cfg, registry, adapter_dir, eval_dir, summary, metrics, sha, rid, key)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,129 @@
+"""The pipeline's train task: start training as the launch plan says and return its directory.
+
+All three launches train into `<run dir>/train` (on the cache PVC on a cluster), keyed by the pipeline
+run id: a retried task of the same run resumes from its checkpoints (`train.resume: latest`), a new run
+starts in a new directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from marble.cluster.launch import LaunchError, LaunchPlan, check_world_size
+from marble.configio import atomic_write_text, config_to_yaml
+
+
+def run_train_task(
+    cfg: Any,
+    plan: LaunchPlan,
+    prompts_dir: Path,
+    reward_cache: str | None,
+    run_dir: Path,
+    run_id: str,
+    job_api: Callable[[], Any] | None = None,
+) -> Path:
+    """Train per `plan`; returns `<run_dir>/train` (its `adapter/` holds the exported adapter)."""
+    check_world_size(cfg, plan.nodes, plan.procs_per_node)  # before any process or pod starts
+    train_dir = run_dir / "train"
+    if plan.kind == "process":
+        from marble import stages
+
+        stages.train(cfg, prompts_dir, train_dir, reward_cache=reward_cache)
+    elif plan.kind == "accelerate":
+        config = _write_config(cfg, run_dir)
+        _run_launcher(plan.train_argv(str(config), str(prompts_dir), reward_cache, str(train_dir)))
+    else:
+        _run_pytorchjob(cfg, plan, prompts_dir, reward_cache, run_dir, run_id, job_api)
+    if not (train_dir / "adapter").is_dir():
+        raise LaunchError(f"training finished but wrote no adapter under {train_dir}")
+    return train_dir
+
+
+def _write_config(cfg: Any, run_dir: Path) -> Path:
+    path = run_dir / "config.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, config_to_yaml(cfg))
+    return path
+
+
+@contextlib.contextmanager
+def _sigterm_sets(event: threading.Event) -> Iterator[threading.Event]:
+    """SIGTERM (how Kubernetes stops the pod of a cancelled run) sets `event`; the waiting loops check
+    it between API calls and process polls, so cleanup never starts inside a half-done request."""
+
+    def handler(signum: int, frame: Any) -> None:
+        event.set()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_launcher(argv: list[str]) -> None:
+    """Run `accelerate launch ...` in its own process group; a cancelled run stops every rank."""
+    print("launching: " + " ".join(argv), flush=True)
+    proc = subprocess.Popen(argv, start_new_session=True)
+    with _sigterm_sets(threading.Event()) as cancelled:
+        while proc.poll() is None and not cancelled.wait(1.0):
+            pass
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+        raise LaunchError("pipeline run cancelled; the training processes were stopped")
+    if proc.returncode != 0:
+        raise LaunchError(
+            f"`{' '.join(argv[:6])} ...` exited with code {proc.returncode}; its output is above"
+        )
+
+
+def _run_pytorchjob(
+    cfg: Any,
+    plan: LaunchPlan,
+    prompts_dir: Path,
+    reward_cache: str | None,
+    run_dir: Path,
+    run_id: str,
+    job_api: Callable[[], Any] | None,
+) -> None:
+    from marble.cluster.jobrun import JobRunner
+    from marble.cluster.kubeapi import JobApi, current_namespace
+    from marble.cluster.pytorchjob import build_job, job_name
+
+    # The replicas read their inputs from the PVC: copy the prompts artifact next to the config.
+    shared_prompts = run_dir / "prompts"
+    if shared_prompts.resolve() != Path(prompts_dir).resolve():
+        shutil.rmtree(shared_prompts, ignore_errors=True)
+        shutil.copytree(prompts_dir, shared_prompts)
+    config = _write_config(cfg, run_dir)
+    command = plan.train_argv(str(config), str(shared_prompts), reward_cache, str(run_dir / "train"))
+    api = job_api() if job_api else JobApi(current_namespace())
+    job = build_job(cfg, plan, name=job_name(run_id), namespace=api.namespace, run_id=run_id, command=command)
+    with _sigterm_sets(threading.Event()) as cancelled:
+        runner = JobRunner(api, poll_s=cfg.pipeline.job_poll_s, cancel=cancelled)
+        runner.run(job, timeout_s=cfg.pipeline.resources.train.timeout_s)
+
+
+def cleanup_run_jobs(run_id: str, job_api: Callable[[], Any] | None = None) -> list[str]:
+    """Delete the run's PyTorchJobs that are still active (the pipeline's exit handler); returns names."""
+    from marble.cluster.jobrun import FINISHED, job_state
+    from marble.cluster.kubeapi import JobApi, current_namespace
+    from marble.cluster.pytorchjob import RUN_ID_LABEL, label_value
+
+    api = job_api() if job_api else JobApi(current_namespace())
+    deleted = []
+    for job in api.list_by_label(f"{RUN_ID_LABEL}={label_value(run_id)}"):
+        if job_state(job)[0] not in FINISHED:
+            api.delete(job["metadata"]["name"])
+            deleted.append(job["metadata"]["name"])
+    return deleted
