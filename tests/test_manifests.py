@@ -1,6 +1,9 @@
 """manifests/: kustomize renders each overlay; kubernetes-validate --strict accepts every built-in
-resource; the PyTorchJob converts into the Kubeflow training SDK's models with no unknown field; names,
-paths, images and commands agree with the config, the pipeline and the CLI."""
+resource at the Kubernetes version Kubeflow 1.10 targets; the PyTorchJob satisfies the vendored Training
+Operator v1.9 CRD schema (strictly) and converts into the training SDK's models; every pod template
+passes Pod Security "restricted"; the profile namespace is never created or relabelled and RoleBinding
+subjects follow a changed namespace; RBAC is least privilege; names, paths, images and commands agree
+with the config, the pipeline and the CLI."""
 
 from __future__ import annotations
 
@@ -15,16 +18,19 @@ import kubernetes.client.models as k8s_models
 import kubernetes_validate
 import pytest
 import yaml
+from _kube_contracts import pytorchjob_errors, restricted_violations
 
 from marble.cli import build_parser
+from marble.cluster.secrets import DVC_KEYS, HF_TOKEN_KEY, MLFLOW_TOKEN_KEY
 from marble.configio import load_config
 from pipelines import images
-from pipelines.marble_pipeline import DVC_CREDENTIAL_KEYS, HF_TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 OVERLAYS = ("local", "gpu-cluster")
-K8S_VERSION = "1.30"
+K8S_VERSION = "1.32"
+"""Kubeflow 1.10 targets Kubernetes 1.32 (kubeflow/manifests v1.10.x README; its kind node is v1.32.0)."""
+NAMESPACE = "kubeflow-user-example-com"
 KUBE_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 CFG = load_config(REPO / "configs" / "sd35m-marble.yaml").pipeline
 
@@ -124,9 +130,8 @@ def test_overlay_renders_and_validates_strictly(overlay, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     builtin = [d for d in docs(overlay) if d["kind"] != "PyTorchJob"]
-    assert {d["kind"] for d in builtin} == {
-        "Namespace", "PersistentVolumeClaim", "ServiceAccount", "Role", "RoleBinding",
-    }  # fmt: skip
+    # No Namespace: the profile's namespace belongs to the profile controller.
+    assert {d["kind"] for d in builtin} == {"PersistentVolumeClaim", "ServiceAccount", "Role", "RoleBinding"}
     for d in builtin:
         assert (
             f"passed for resource {d['kind'].lower()}/{d['metadata']['name']}"
@@ -150,6 +155,7 @@ def test_pytorchjob_converts_into_the_training_sdk_models(overlay):
     replicas = model.spec.pytorch_replica_specs
     assert replicas["Master"].replicas == 1
     assert model.spec.run_policy.suspend is True, "applying the manifests must not start a training job"
+    assert model.spec.nproc_per_node is not None
     for name, spec in replicas.items():
         (container,) = spec.template.spec.containers
         assert container.name == "pytorch", (
@@ -165,7 +171,7 @@ def test_pytorchjob_converts_into_the_training_sdk_models(overlay):
         }
         kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
     if overlay == "gpu-cluster":
-        assert replicas["Worker"].replicas == 3 and model.spec.nproc_per_node == "8"
+        assert replicas["Worker"].replicas == 2 and model.spec.nproc_per_node == "8"
         for spec in replicas.values():
             assert spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "8"
             assert spec.template.spec.tolerations[0].key == "nvidia.com/gpu"
@@ -200,24 +206,106 @@ def test_images_are_the_pipelines_pinned_images(overlay):
 def test_names_and_paths_agree_with_the_pipeline_config(overlay):
     (pvc,) = by_kind(overlay, "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == CFG.cache_pvc
-    assert all(d["metadata"].get("namespace", "marble") == "marble" for d in docs(overlay))
-    (role,) = by_kind(overlay, "Role")
-    (secret_rule,) = [r for r in role["rules"] if "secrets" in r["resources"]]
-    assert set(secret_rule["resourceNames"]) == {
-        CFG.hub_token_secret,
-        CFG.registry_token_secret,
-        CFG.dvc_secret,
-    }
-    assert secret_rule["verbs"] == ["get"]
+    assert all(d["metadata"]["namespace"] == NAMESPACE for d in docs(overlay))
     (job,) = by_kind(overlay, "PyTorchJob")
     for spec in job["spec"]["pytorchReplicaSpecs"].values():
         pod = spec["template"]["spec"]
+        assert pod["serviceAccountName"] == CFG.job_service_account
         (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
         assert volume["persistentVolumeClaim"]["claimName"] == CFG.cache_pvc
         for c in pod["containers"] + pod.get("initContainers", []):
             assert {m["mountPath"] for m in c["volumeMounts"] if m["name"] == volume["name"]} == {
                 CFG.cache_mount
             }
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pytorchjob_satisfies_the_training_operator_crd(overlay):
+    (job,) = by_kind(overlay, "PyTorchJob")
+    assert pytorchjob_errors(job) == []
+
+
+def test_the_crd_check_is_strict():
+    job = yaml.safe_load((MANIFESTS / "base" / "pytorchjob.yaml").read_text())
+    assert pytorchjob_errors(job) == []
+    bad = yaml.safe_load((MANIFESTS / "base" / "pytorchjob.yaml").read_text())
+    bad["spec"]["runPolicy"]["suspended"] = True  # the real field is `suspend`
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "one"
+    errors = " ".join(pytorchjob_errors(bad))
+    assert "suspended" in errors and "'one' is not of type 'integer'" in errors
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_template_passes_pod_security_restricted(overlay):
+    (job,) = by_kind(overlay, "PyTorchJob")
+    for name, spec in job["spec"]["pytorchReplicaSpecs"].items():
+        assert restricted_violations(spec["template"]["spec"]) == [], name
+        assert spec["template"]["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+
+
+def test_the_pod_security_check_can_fail():
+    pod = {"containers": [{"name": "c"}], "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}
+    problems = " ".join(restricted_violations(pod))
+    for rule in ("hostPath", "allowPrivilegeEscalation", "drop ALL", "runAsNonRoot", "seccompProfile"):
+        assert rule in problems, rule
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_changed_namespace_moves_every_object_and_rolebinding_subject(overlay, tmp_path):
+    copy = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, copy)
+    ns_file = copy / "overlays" / overlay / "namespace.yaml"
+    ns_file.write_text(ns_file.read_text().replace(f"namespace: {NAMESPACE}", "namespace: team-vision"))
+    out = subprocess.run(
+        [*kustomize_command(), str(copy / "overlays" / overlay)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    rendered_docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert {d["metadata"]["namespace"] for d in rendered_docs} == {"team-vision"}
+    (binding,) = [d for d in rendered_docs if d["kind"] == "RoleBinding"]
+    assert {s["namespace"] for s in binding["subjects"]} == {"team-vision"}
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rbac_is_least_privilege(overlay):
+    (role,) = by_kind(overlay, "Role")
+    granted = {
+        (g, r): set(rule["verbs"])
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert not any(r == "secrets" or "*" in v or r == "*" for (_, r), v in granted.items())
+    assert granted[("kubeflow.org", "pytorchjobs/status")] == {"get"}
+    assert granted[("kubeflow.org", "pytorchjobs")] == {"get", "list", "watch", "create", "delete"}
+    assert all(v <= {"get", "list", "watch"} for (g, r), v in granted.items() if g == "")
+    (binding,) = by_kind(overlay, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert [s["name"] for s in binding["subjects"]] == ["default-editor"]  # KFP's runner in a profile
+
+
+@needs_kustomize
+def test_pvc_access_modes_match_the_configs_that_use_them():
+    tiny = load_config(REPO / "configs" / "tiny.yaml").pipeline
+    (local_pvc,) = by_kind("local", "PersistentVolumeClaim")
+    assert local_pvc["spec"]["accessModes"] == [tiny.cache_access_mode] == ["ReadWriteOnce"]
+    (gpu_pvc,) = by_kind("gpu-cluster", "PersistentVolumeClaim")
+    assert gpu_pvc["spec"]["accessModes"] == ["ReadWriteMany"] and gpu_pvc["spec"]["storageClassName"]
+    # The gpu-cluster job's layout is one the paper config accepts (with the RWX volume it needs).
+    (job,) = by_kind("gpu-cluster", "PyTorchJob")
+    nodes = 1 + job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"]
+    load_config(
+        REPO / "configs" / "sd35m-marble.yaml",
+        [
+            f"pipeline.nodes={nodes}",
+            f"pipeline.gpus={job['spec']['nprocPerNode']}",
+            "pipeline.cache_access_mode=ReadWriteMany",
+        ],
+    )
 
 
 def _expand(text: str, env: list[dict]) -> str:
@@ -256,9 +344,9 @@ def test_pytorchjob_commands_are_real_marble_commands(overlay):
 
 def test_secret_templates_hold_no_values_and_match_the_pipeline():
     expected = {
-        CFG.hub_token_secret: {HF_TOKEN_ENV},
-        CFG.dvc_secret: set(DVC_CREDENTIAL_KEYS),
-        CFG.registry_token_secret: {"MLFLOW_TRACKING_TOKEN", "MODEL_REGISTRY_TOKEN"},
+        "marble-hf-token": {HF_TOKEN_KEY},
+        "marble-dvc-remote": set(DVC_KEYS),
+        "marble-registry-token": {MLFLOW_TOKEN_KEY, "MODEL_REGISTRY_TOKEN"},
     }
     templates = sorted((MANIFESTS / "secrets").glob("*.template.yaml"))
     found = {}
@@ -267,8 +355,17 @@ def test_secret_templates_hold_no_values_and_match_the_pipeline():
         kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
         assert "data" not in secret, f"{path.name}: templates use empty stringData only"
         assert all(v == "" for v in secret["stringData"].values()), f"{path.name} holds a value"
+        assert "namespace" not in secret["metadata"], f"{path.name}: created in the profile's namespace"
         found[secret["metadata"]["name"]] = set(secret["stringData"])
     assert found == expected
     # Templates are never part of what kustomize applies.
     for kustomization in MANIFESTS.rglob("kustomization.yaml"):
         assert "secrets" not in kustomization.read_text().split("resources:")[-1].split("components:")[0]
+
+
+def test_the_data_loader_pod_is_valid_and_restricted():
+    pod = yaml.safe_load((MANIFESTS / "tools" / "data-loader.pod.yaml").read_text())
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    assert restricted_violations(pod["spec"]) == []
+    (volume,) = pod["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == CFG.cache_pvc
