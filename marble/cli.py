@@ -261,6 +261,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_endpoint_args(p: argparse.ArgumentParser) -> None:
+    import os
+
+    p.add_argument(
+        "--host",
+        default=os.environ.get("KF_PIPELINES_ENDPOINT") or None,
+        help="KFP endpoint, e.g. https://kubeflow.example.com/pipeline (default: $KF_PIPELINES_ENDPOINT)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("KFP_NAMESPACE") or None,
+        help="Kubeflow profile namespace of the run; multi-user Kubeflow refuses requests without one "
+        "(default: $KFP_NAMESPACE)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marble", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -341,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--local", action="store_true", help="run locally with Kubeflow's SubprocessRunner")
     p.add_argument("--pipeline-root", help="where local artifacts go (default: <output_dir>/kfp)")
-    p.add_argument("--host", help="KFP endpoint, for a cluster run")
+    _add_endpoint_args(p)
     p.add_argument("--experiment", help="KFP experiment of a cluster run (default: pipeline.name)")
     _add_version_arg(p)
     _add_param_arg(p)
@@ -354,12 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         "upload", help="upload the pipeline, or a new version of it named by git commit and config hash"
     )
     _add_config_args(p, required=False)
-    p.add_argument("--host", help="KFP endpoint (e.g. https://kubeflow.example.com/pipeline)")
+    _add_endpoint_args(p)
     p.add_argument("--version-name", help="name of the version (default: <git commit>-<config hash>)")
     p.set_defaults(func=cmd_pipeline)
     p = pl_sub.add_parser("schedule", help="create or replace a recurring run of an uploaded version")
     _add_config_args(p, required=False)
-    p.add_argument("--host", help="KFP endpoint (e.g. https://kubeflow.example.com/pipeline)")
+    _add_endpoint_args(p)
     p.add_argument("--experiment", default="marble")
     p.add_argument(
         "--name", help="recurring run name; the same name replaces it (default: <pipeline>-<run_name>)"

@@ -30,10 +30,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         experiment = args.experiment or cfg.pipeline.name
         run_id, version = submit_run(
-            cfg, host=args.host, experiment=experiment, params=params, version=args.version
+            cfg,
+            host=args.host,
+            experiment=experiment,
+            params=params,
+            version=args.version,
+            namespace=args.namespace,
         )
+        where = f" in namespace {args.namespace}" if args.namespace else ""
         print(
-            f"started run {run_id} of pipeline {cfg.pipeline.name!r} version {version.name!r} on {args.host}"
+            f"started run {run_id} of pipeline {cfg.pipeline.name!r} version {version.name!r} "
+            f"on {args.host}{where}"
         )
         return 0
     raise ConfigError("marble pipeline run: choose --local (this machine) or --host URL (a KFP endpoint)")
@@ -54,7 +61,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     require_pushed_images()
-    client = connect(args.host)
+    client = connect(args.host, args.namespace)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml")
         version = upload_version(client, cfg, package, args.version_name)
@@ -84,6 +91,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             params=parse_run_parameters(args.params),
             version=args.version,
             name=args.name,
+            namespace=args.namespace,
         )
         if args.dry_run:
             print(request.to_json())

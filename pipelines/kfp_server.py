@@ -23,6 +23,12 @@ from marble.errors import MarbleError
 
 log = logging.getLogger(__name__)
 
+HOST_ENV = "KF_PIPELINES_ENDPOINT"
+"""The endpoint variable the kfp client itself reads; the default of `--host`."""
+NAMESPACE_ENV = "KFP_NAMESPACE"
+"""Default of `--namespace`. Multi-user Kubeflow refuses runs and experiments without the profile's
+namespace; the kfp client reads no namespace variable (only its context file, or a pod's own
+namespace)."""
 TOKEN_ENV = "KFP_TOKEN"
 """Bearer token for an endpoint behind authentication, read from the environment (never an argument:
 arguments end up in shell history and process lists). In-cluster, kfp finds the projected service
@@ -45,14 +51,17 @@ class PipelineVersion:
     created: bool
 
 
-def connect(host: str | None):
-    """A `kfp.Client` for `host` (bearer token from KFP_TOKEN when set)."""
+def connect(host: str | None, namespace: str | None = None):
+    """A `kfp.Client` for `host` (bearer token from KFP_TOKEN when set) acting in the profile
+    `namespace` (kfp's "kubeflow" default means none given)."""
     import kfp
 
     if not host:
-        raise ClusterError("no KFP endpoint: pass --host https://<kubeflow>/pipeline")
+        raise ClusterError(f"no KFP endpoint: pass --host https://<kubeflow>/pipeline (or set {HOST_ENV})")
     try:
-        return kfp.Client(host=host, existing_token=os.environ.get(TOKEN_ENV) or None)
+        return kfp.Client(
+            host=host, existing_token=os.environ.get(TOKEN_ENV) or None, namespace=namespace or "kubeflow"
+        )
     except Exception as exc:  # the client raises many transport types; the message is what matters
         raise ClusterError(f"cannot connect to the KFP endpoint {host}: {exc}") from None
 
@@ -147,11 +156,16 @@ def resolve_version(client, cfg: MarbleConfig, package: Path, name: str | None) 
 
 
 def start_run(
-    client, cfg: MarbleConfig, version: PipelineVersion, experiment: str, arguments: dict[str, Any]
+    client,
+    cfg: MarbleConfig,
+    version: PipelineVersion,
+    experiment: str,
+    arguments: dict[str, Any],
+    namespace: str | None = None,
 ):
-    """One run of an uploaded version; returns its run id."""
+    """One run of an uploaded version in the experiment of `namespace`; returns its run id."""
     try:
-        experiment_id = client.create_experiment(name=experiment).experiment_id
+        experiment_id = client.create_experiment(name=experiment, namespace=namespace).experiment_id
         run = client.run_pipeline(
             experiment_id=experiment_id,
             job_name=f"{cfg.pipeline.name}-{cfg.run_name}",
@@ -160,5 +174,14 @@ def start_run(
             version_id=version.version_id,
         )
     except Exception as exc:
-        raise ClusterError(f"starting a run of version {version.name!r} failed: {exc}") from None
+        raise ClusterError(
+            f"starting a run of version {version.name!r} failed{in_namespace(namespace)}: {exc}"
+        ) from None
     return run.run_id
+
+
+def in_namespace(namespace: str | None) -> str:
+    """For error messages: where the request went, or that it named no namespace."""
+    if namespace:
+        return f" in namespace {namespace}"
+    return f" (no namespace given: multi-user Kubeflow needs --namespace or {NAMESPACE_ENV})"

@@ -24,6 +24,7 @@ from pipelines.kfp_server import (
     PipelineVersion,
     connect,
     display_name_filter,
+    in_namespace,
     resolve_version,
     spec_sha256,
     start_run,
@@ -41,6 +42,7 @@ class RecurringRunRequest:
     """What `create_recurring_run` sends (the pipeline by version name; its spec summarised by hash)."""
 
     host: str | None
+    namespace: str | None
     experiment: str
     job_name: str
     description: str
@@ -93,6 +95,7 @@ def build_request(
     params: dict[str, Any] | None = None,
     version: str | None = None,
     name: str | None = None,
+    namespace: str | None = None,
 ) -> RecurringRunRequest:
     """The recurring run for `cfg` (run parameters checked as the run's first task will check them)."""
     from pipelines.marble_pipeline import check_arguments, pipeline_arguments
@@ -102,6 +105,7 @@ def build_request(
     check_arguments(cfg, arguments)
     return RecurringRunRequest(
         host=host,
+        namespace=namespace,
         experiment=experiment,
         job_name=name or f"{cfg.pipeline.name}-{cfg.run_name}",
         description=f"marble {cfg.run_name} (config {cfg.config_hash()}), cron '{cron}'",
@@ -123,7 +127,9 @@ def schedule_recurring_run(
     Returns (new recurring run id, ids of the replaced ones).
     """
     try:
-        experiment_id = client.create_experiment(name=request.experiment).experiment_id
+        experiment_id = client.create_experiment(
+            name=request.experiment, namespace=request.namespace
+        ).experiment_id
         listed = client.list_recurring_runs(
             experiment_id=experiment_id, filter=display_name_filter(request.job_name), page_size=100
         ).recurring_runs
@@ -132,7 +138,8 @@ def schedule_recurring_run(
             client.disable_recurring_run(rid)
     except Exception as exc:
         raise ClusterError(
-            f"{request.host}: preparing recurring run {request.job_name!r} failed: {exc}"
+            f"{request.host}: preparing recurring run {request.job_name!r} failed"
+            f"{in_namespace(request.namespace)}: {exc}"
         ) from None
     try:
         created = client.create_recurring_run(
@@ -150,7 +157,8 @@ def schedule_recurring_run(
     except Exception as exc:
         _reenable(client, old)
         raise ClusterError(
-            f"{request.host}: creating recurring run {request.job_name!r} failed: {exc}"
+            f"{request.host}: creating recurring run {request.job_name!r} failed"
+            f"{in_namespace(request.namespace)}: {exc}"
         ) from None
     _delete_replaced(client, old)
     return created.recurring_run_id, old
@@ -176,7 +184,7 @@ def send_recurring_run(
     request: RecurringRunRequest, cfg: MarbleConfig, package: Path
 ) -> tuple[str, list[str]]:
     """Connect, find or upload the request's pipeline version, and (re)place the recurring run."""
-    client = connect(request.host)
+    client = connect(request.host, request.namespace)
     version = resolve_version(client, cfg, package, _named_version(request, cfg))
     return schedule_recurring_run(client, request, version)
 
@@ -193,6 +201,7 @@ def submit_run(
     experiment: str,
     params: dict[str, Any] | None = None,
     version: str | None = None,
+    namespace: str | None = None,
 ) -> tuple[str, PipelineVersion]:
     """Start one run of an uploaded version (this code and config's, uploaded if needed, or `version`)."""
     import tempfile
@@ -202,8 +211,8 @@ def submit_run(
     arguments = pipeline_arguments(cfg, params)
     check_arguments(cfg, arguments)
     require_pushed_images()
-    client = connect(host)
+    client = connect(host, namespace)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml")
         resolved = resolve_version(client, cfg, package, version)
-    return start_run(client, cfg, resolved, experiment, arguments), resolved
+    return start_run(client, cfg, resolved, experiment, arguments, namespace), resolved

@@ -75,9 +75,11 @@ def make_client_class(server: FakeKfpServer) -> type:
             verify_ssl: bool | None = None,
         ) -> None:
             server.record("init", host=host, existing_token=existing_token)
+            self.namespace = None if namespace == "kubeflow" else namespace  # kfp: "kubeflow" = not given
 
         def create_experiment(self, name: str, description: str = None, namespace: str = None):
-            server.record("create_experiment", name=name)
+            namespace = namespace or self.namespace
+            server.record("create_experiment", name=name, **({"namespace": namespace} if namespace else {}))
             for exp in server.experiments.values():
                 if exp.display_name == name:
                     return exp

@@ -145,7 +145,7 @@ def test_upload_creates_the_pipeline_then_versions_named_by_commit_and_config(ca
 def test_a_version_name_that_exists_with_another_spec_is_refused(capsys, server, pushed_images):
     argv = ["pipeline", "upload", "--config", TINY, "--host", HOST, "--version-name", "v1"]
     assert main(argv) == 0
-    assert main([*argv, "--set", "pipeline.gpus=2"]) == 2
+    assert main([*argv, "--set", "pipeline.gpus=0"]) == 2
     assert "already exists with another compiled spec" in capsys.readouterr().err
     assert len(server.versions) == 2
 
@@ -229,9 +229,32 @@ def test_a_failed_delete_leaves_the_old_schedule_disabled(capsys, server, pushed
 
 def test_compile_writes_ir_yaml_with_the_given_config(tmp_path, capsys):
     out = tmp_path / "p.yaml"
-    assert main(["pipeline", "compile", "--config", TINY, "--set", "pipeline.gpus=2", "--out", str(out)]) == 0
+    # Two processes must split the tiny epoch (48 samples): micro-batches of 8, no accumulation.
+    two_gpus = ["pipeline.gpus=2", "train.micro_batch_size=8", "train.gradient_accumulation_steps=1"]
+    sets = [a for s in two_gpus for a in ("--set", s)]
+    assert main(["pipeline", "compile", "--config", TINY, *sets, "--out", str(out)]) == 0
     spec = next(yaml.safe_load_all(out.read_text()))
     assert spec["pipelineInfo"]["name"] == "marble"
     resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert resources["accelerator"]["resourceCount"] == "2"
     assert str(out) in capsys.readouterr().out
+
+
+def test_namespace_reaches_the_client_and_every_experiment(capsys, server, pushed_images, monkeypatch):
+    """Multi-user Kubeflow refuses runs and experiments without the profile's namespace."""
+    args = ["--config", TINY, "--host", HOST, "--namespace", "team-vision"]
+    assert main(["pipeline", "run", *args]) == 0
+    assert sent(server, "create_experiment") == {"name": "marble", "namespace": "team-vision"}
+    assert "in namespace team-vision" in capsys.readouterr().out
+    assert main(["pipeline", "schedule", *args]) == 0
+    assert sent(server, "create_experiment") == {"name": "marble", "namespace": "team-vision"}
+    # From the environment: the endpoint variable the kfp client reads, and KFP_NAMESPACE.
+    monkeypatch.setenv("KF_PIPELINES_ENDPOINT", "http://kfp.from-env")
+    monkeypatch.setenv("KFP_NAMESPACE", "team-env")
+    assert main(["pipeline", "run", "--config", TINY]) == 0
+    assert sent(server, "init")["host"] == "http://kfp.from-env"
+    assert sent(server, "create_experiment")["namespace"] == "team-env"
+    capsys.readouterr()
+    assert main(["pipeline", "schedule", "--config", TINY, "--dry-run"]) == 0
+    request = json.loads(capsys.readouterr().out)
+    assert (request["host"], request["namespace"]) == ("http://kfp.from-env", "team-env")
