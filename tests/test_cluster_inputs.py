@@ -98,3 +98,42 @@ def test_fingerprints_change_with_the_data_and_the_models(tmp_path):
     assert models_fingerprint(tiny) != models_fingerprint(
         load_config(REPO / "configs" / "tiny.yaml", ["model.tiny.seed=1"])
     )
+
+
+FAKE_LAUNCHER = """#!/usr/bin/env python3
+import json, sys
+from pathlib import Path
+argv = sys.argv[1:]
+Path(argv[argv.index("--out") + 1], "adapter").mkdir(parents=True)
+Path(argv[argv.index("--out") + 1], "launched.json").write_text(json.dumps(argv))
+sys.exit(int(Path(argv[argv.index("--config") + 1]).parent.joinpath("exit_code").read_text()))
+"""
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_one_node_multi_gpu_runs_the_launcher_in_the_task(tmp_path, exit_code):
+    from marble.cluster.launch import LaunchError, LaunchPlan
+    from marble.cluster.train_task import run_train_task
+
+    launcher = tmp_path / "fake-accelerate"
+    launcher.write_text(FAKE_LAUNCHER)
+    launcher.chmod(0o755)
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", ["train.micro_batch_size=8", "train.gradient_accumulation_steps=1"]
+    )
+    plan = LaunchPlan("accelerate", 1, 2, [str(launcher), "--num_processes", "2"])
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "exit_code").write_text(str(exit_code))
+    if exit_code:
+        with pytest.raises(LaunchError, match="exited with code 3"):
+            run_train_task(cfg, plan, tmp_path / "prompts", None, run_dir, "r")
+        return
+    train_dir = run_train_task(cfg, plan, tmp_path / "prompts", str(tmp_path / "cache"), run_dir, "r")
+    import json
+
+    argv = json.loads((train_dir / "launched.json").read_text())
+    assert argv[:5] == ["--num_processes", "2", "-m", "marble.cli", "train"]
+    assert argv[argv.index("--out") + 1] == str(run_dir / "train")
+    assert argv[argv.index("--reward-cache") + 1] == str(tmp_path / "cache")
+    assert load_config(argv[argv.index("--config") + 1]) == cfg  # the run's config, written for every rank

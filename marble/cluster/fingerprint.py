@@ -53,7 +53,21 @@ def models_fingerprint(cfg: Any) -> str:
         elif art.revision:
             parts.append([art.id, art.revision])
         else:
-            from huggingface_hub import HfApi
-
-            parts.append([art.id, HfApi().model_info(art.id).sha])  # the commit an unpinned repo is at now
+            parts.append([art.id, _hub_commit(art.id)])
     return _digest(parts)
+
+
+def _hub_commit(repo_id: str) -> str:
+    """The commit an unpinned hub repo is at now (HF_TOKEN from the environment for gated repos)."""
+    from huggingface_hub import HfApi
+
+    from marble.errors import CacheError
+
+    try:
+        return HfApi().model_info(repo_id).sha
+    except Exception as exc:  # network, auth, missing repo: the message says which
+        raise CacheError(
+            f"cannot resolve the current revision of {repo_id!r} on the hub ({type(exc).__name__}: {exc}); "
+            "pin it (its `revision` field) or give the task network access and, for gated models, "
+            "pipeline.hub_token_secret"
+        ) from None
