@@ -43,7 +43,7 @@ def _local_listing(root: Path) -> list[Any]:
 
 def models_fingerprint(cfg: Any) -> str:
     """Every model artifact at the revision it resolves to today (hub commit, or a local listing)."""
-    from marble.rewards.cache import required_artifacts
+    from marble.model_cache import required_artifacts
 
     parts: list[Any] = [cfg.model.model_dump(mode="json")]
     for art, _ in required_artifacts(cfg):
