@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from marble.cluster.launch import LaunchError, LaunchPlan, check_world_size
-from marble.configio import atomic_write_text, config_to_yaml
+from marble.configio import config_to_yaml
+from marble.io import atomic_write_text
 
 
 def run_train_task(
