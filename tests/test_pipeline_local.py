@@ -127,7 +127,10 @@ def test_local_run_wires_all_five_stages(fake_stages, tmp_path):
         assert str(path) in summary
 
 
-TASKS = ("validate-config", "prepare-prompts", "cache-reward-models", "train", "evaluate", "register-adapter")
+TASKS = (
+    "validate-config", "fingerprint-inputs", "prepare-prompts", "cache-reward-models", "train", "evaluate",
+    "register-adapter",
+)  # fmt: skip
 
 
 def test_local_run_shows_tasks_and_progress_and_logs_the_rest(fake_stages, tmp_path, capsys):
