@@ -136,7 +136,8 @@ class Evaluator:
         self.noise = ev.initial_noise(seeds, ev.latent_shape(self.pipe, cfg.eval_resolution))  # [N, C, h, w]
         t0 = time.perf_counter()
         self.base_images = self._images()  # [N, 3, H, W] uint8, sampled once
-        (self.base,) = ev.score_images(cfg, [self.base_images], self.jobs, device, None)
+        (base,), _ = ev.score_images(cfg, [self.base_images], self.jobs, device, None)
+        self.base = base.reported  # [N, K] the scale `marble evaluate` reports
         self.sample_seconds = time.perf_counter() - t0  # one image set, sampled and scored: sizes the reserve
 
     def _images(self) -> torch.Tensor:
@@ -154,12 +155,12 @@ class Evaluator:
             images = self._images()
         finally:
             self.pipe.delete_adapters(self.ev.ADAPTER_NAME)
-        base, scores = self.ev.score_images(
+        (base, scores), _ = self.ev.score_images(
             self.cfg, [self.base_images, images], self.jobs, self.device, None
         )
-        if not np.array_equal(base, self.base, equal_nan=True):
+        if not np.array_equal(base.reported, self.base, equal_nan=True):
             raise RuntimeError("base scores changed between evaluations: rewards are not deterministic")
-        return scores
+        return scores.reported
 
 
 def run_stats(cfg, base: np.ndarray, adapter: np.ndarray) -> dict[str, Any]:
@@ -176,7 +177,7 @@ def run_stats(cfg, base: np.ndarray, adapter: np.ndarray) -> dict[str, Any]:
             "held_out": spec.held_out,
             "base": bootstrap_mean_ci(b, **boot).mean,
             "adapter": bootstrap_mean_ci(a, **boot).mean,
-            "delta": d.to_dict(),
+            "delta": d.model_dump(),
             "delta_std_units": d.mean / sd if sd > 0 else float("nan"),
         }
     return out

@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-
-def flatten_metrics(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Finite numbers of a nested JSON mapping as `{"a/b/c": value}` (booleans as 0/1).
-
-    Kubeflow's Metrics artifact holds flat scalar metrics; lists, strings and non-finite numbers are
-    left out (they stay in the metrics.json file the stage wrote).
-    """
-    flat: dict[str, float] = {}
-    for key, value in data.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, name))
-        elif isinstance(value, int | float) and math.isfinite(value):  # bool is an int: 0/1
-            flat[name] = float(value)
-    return flat
 
 
 def publish_dir(src: str | Path, dst: str | Path) -> Path:

@@ -18,13 +18,12 @@ def evaluate(
 ):
     """`evaluation` holds everything the stage wrote (metrics.json, report, plots); the report and the
     flattened metrics are also published as Kubeflow HTML / Markdown / Metrics artifacts for the UI."""
-    import json
     import shutil
     from pathlib import Path
 
-    from components._io import flatten_metrics
     from marble import stages
     from marble.config import MarbleConfig
+    from marble.eval.contract import EvalSummary
 
     cfg = MarbleConfig.model_validate(config)
     metrics_path = Path(
@@ -37,8 +36,9 @@ def evaluate(
             train_dir=train_dir if train_dir and Path(train_dir).exists() else None,
         )
     )
-    for name, value in flatten_metrics(json.loads(metrics_path.read_text(encoding="utf-8"))).items():
-        metrics.log_metric(name, value)
+    for name, value in EvalSummary.load(metrics_path.parent / "eval.json").flat_metrics().items():
+        if value is not None:  # Kubeflow metrics are finite numbers; a missing score stays in eval.json
+            metrics.log_metric(name, value)
     shutil.copyfile(metrics_path.parent / "report.html", report_html.path)
     shutil.copyfile(metrics_path.parent / "report.md", report_md.path)
     evaluation.metadata["config_hash"] = cfg.config_hash()

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from marble.cluster.layout import layout_problem, valid_process_counts
 from marble.cluster.quantity import parse_quantity
@@ -223,7 +223,21 @@ class NFTConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------------ rewards
+ApplicabilityRule = Literal["always", "quoted_text", "named_color", "geneval_metadata"]
+"""Names of the rules deciding which prompts a reward scores (marble/data/applicability.py implements each)."""
+
+
 class _RewardBase(StrictModel):
+    """A reward kind is declared once, by its config class below: `kind` (the config discriminator),
+    `implementation` (the class that scores it, "module:Class", imported on first use) and
+    `applicability` (the rule naming the prompts it scores; None when each reward chooses, `applies_when`).
+    The config union `RewardSpec`, the class table `marble.rewards.registry.REWARD_KINDS`, the rules of
+    `marble.data.applicability` and the evaluation lineage (through the class's `artifacts`) derive from it.
+    """
+
+    implementation: ClassVar[str]
+    applicability: ClassVar[ApplicabilityRule | None]
+
     name: str = Field(description="Unique name; metrics are logged as train/reward/<name>.")
     held_out: bool = Field(False, description="Evaluated but never trained on.")
     batch_size: int = Field(16, ge=1, description="Images scored per forward pass.")
@@ -231,23 +245,34 @@ class _RewardBase(StrictModel):
 
 class BrightnessReward(_RewardBase):
     kind: Literal["brightness"] = "brightness"
+    implementation = "marble.rewards.offline:BrightnessScorer"
+    applicability = "always"
 
 
 class ColorfulnessReward(_RewardBase):
     kind: Literal["colorfulness"] = "colorfulness"
+    implementation = "marble.rewards.offline:ColorfulnessScorer"
+    applicability = "always"
 
 
 class JpegCompressibilityReward(_RewardBase):
     kind: Literal["jpeg_compressibility"] = "jpeg_compressibility"
+    implementation = "marble.rewards.offline:JpegCompressibilityScorer"
+    applicability = "always"
+
     quality: int = Field(95, ge=1, le=100, description="JPEG quality used to measure size [DDPO: 95].")
 
 
 class ColorMatchReward(_RewardBase):
     kind: Literal["color_match"] = "color_match"
+    implementation = "marble.rewards.offline:ColorMatchScorer"
+    applicability = "named_color"
 
 
 class EdgeDetailReward(_RewardBase):
     kind: Literal["edge_detail"] = "edge_detail"
+    implementation = "marble.rewards.offline:EdgeDetailScorer"
+    applicability = "quoted_text"
 
 
 class _HubModelReward(_RewardBase):
@@ -258,6 +283,9 @@ class _HubModelReward(_RewardBase):
 
 class PickScoreReward(_HubModelReward):
     kind: Literal["pickscore"] = "pickscore"
+    implementation = "marble.rewards.clip:PickScoreScorer"
+    applicability = "always"
+
     model: str = "yuvalkirstain/PickScore_v1"
     processor: str = Field(
         "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", description="Processor hub id or directory."
@@ -268,11 +296,17 @@ class PickScoreReward(_HubModelReward):
 
 class ClipScoreReward(_HubModelReward):
     kind: Literal["clipscore"] = "clipscore"
+    implementation = "marble.rewards.clip:ClipScoreScorer"
+    applicability = "always"
+
     model: str = "openai/clip-vit-large-patch14"
 
 
 class HPSv21Reward(_HubModelReward):
     kind: Literal["hpsv21"] = "hpsv21"
+    implementation = "marble.rewards.hps:HPSv21Scorer"
+    applicability = "always"
+
     model: str = "xswu/HPSv2"
     checkpoint_file: str = Field("HPS_v2.1_compressed.pt", description="State dict file inside the repo.")
     architecture: str = Field("ViT-H-14", description="open_clip architecture name.")
@@ -280,6 +314,9 @@ class HPSv21Reward(_HubModelReward):
 
 class AestheticReward(_HubModelReward):
     kind: Literal["aesthetic"] = "aesthetic"
+    implementation = "marble.rewards.clip:AestheticScorer"
+    applicability = "always"
+
     model: str = "openai/clip-vit-large-patch14"
     head: str = Field(
         "camenduru/improved-aesthetic-predictor",
@@ -291,6 +328,9 @@ class AestheticReward(_HubModelReward):
 
 class ImageRewardReward(_HubModelReward):
     kind: Literal["imagereward"] = "imagereward"
+    implementation = "marble.rewards.imagereward:ImageRewardScorer"
+    applicability = "always"
+
     model: str = "THUDM/ImageReward"
     checkpoint_file: str = Field(
         "ImageReward.pt", description="State dict file inside the repo (BLIP + MLP)."
@@ -304,12 +344,18 @@ class ImageRewardReward(_HubModelReward):
 
 class OcrReward(_HubModelReward):
     kind: Literal["ocr"] = "ocr"
+    implementation = "marble.rewards.ocr:OcrScorer"
+    applicability = "quoted_text"
+
     backend: Literal["trocr", "easyocr", "paddle"] = Field("trocr", description="Recognizer backend.")
     model: str = "microsoft/trocr-base-printed"
 
 
 class GenEvalReward(_HubModelReward):
     kind: Literal["geneval"] = "geneval"
+    implementation = "marble.rewards.geneval:GenEvalScorer"
+    applicability = "geneval_metadata"
+
     model: str = Field("google/owlv2-base-patch16-ensemble", description="Object detector.")
     clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP for zero-shot colour.")
     clip_revision: str | None = Field(None, description="Hub revision (commit hash) of the colour CLIP.")
@@ -325,10 +371,13 @@ class HttpReward(_RewardBase):
     """A reward served over HTTP (JSON wire format `marble-reward/1`, see marble/rewards/http.py)."""
 
     kind: Literal["http"] = "http"
+    implementation = "marble.rewards.http:HttpScorer"
+    applicability = None  # `applies_when` below
+
     url: str = Field(
         description="Endpoint receiving POST JSON {schema, prompts, metadata, images (base64 PNG)}."
     )
-    applies_when: Literal["always", "quoted_text", "named_color", "geneval_metadata"] = Field(
+    applies_when: ApplicabilityRule = Field(
         "always", description="Which prompts the reward scores (others get NaN without a request)."
     )
     timeout_s: float = Field(60.0, gt=0, le=600, description="Per-request timeout, seconds.")
@@ -341,22 +390,26 @@ class HttpReward(_RewardBase):
     score_max: float | None = Field(None, description="Documented upper bound of the score (health check).")
 
 
-RewardSpec = Annotated[
-    BrightnessReward
-    | ColorfulnessReward
-    | JpegCompressibilityReward
-    | ColorMatchReward
-    | EdgeDetailReward
-    | PickScoreReward
-    | ClipScoreReward
-    | HPSv21Reward
-    | AestheticReward
-    | ImageRewardReward
-    | OcrReward
-    | GenEvalReward
-    | HttpReward,
-    Field(discriminator="kind"),
-]
+REWARD_SPECS: tuple[type[_RewardBase], ...] = (
+    BrightnessReward,
+    ColorfulnessReward,
+    JpegCompressibilityReward,
+    ColorMatchReward,
+    EdgeDetailReward,
+    PickScoreReward,
+    ClipScoreReward,
+    HPSv21Reward,
+    AestheticReward,
+    ImageRewardReward,
+    OcrReward,
+    GenEvalReward,
+    HttpReward,
+)
+"""Every reward kind's declaration (see `_RewardBase`): add a kind here and nowhere else."""
+
+REWARD_SPEC_BY_KIND: dict[str, type[_RewardBase]] = {c.model_fields["kind"].default: c for c in REWARD_SPECS}
+
+RewardSpec = Annotated[Union[REWARD_SPECS], Field(discriminator="kind")]  # noqa: UP007 (a union of a tuple)
 
 
 # ---------------------------------------------------------------------------------------- balancers

@@ -17,15 +17,15 @@ import types
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from marble.rewards.clip import aesthetic_mlp
-from marble.rewards.tiny_models import (
+from _tiny_reward_models import (
     save_tiny_aesthetic_head,
     save_tiny_clip,
     save_tiny_owlv2,
     save_tiny_trocr,
 )
+from torch import nn
+
+from marble.rewards.clip import aesthetic_mlp
 
 MED = {
     "vocab_size": 40, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from _eval_helpers import reward, scores, summary
+
 from marble.registry.base import adapter_sha256
 
 
@@ -22,27 +24,16 @@ def make_eval(
     d = root / f"eval-{adapter.name}-{improve}-{dark_shift}-{protocol}"
     d.mkdir(parents=True)
     lo = 0.01 if improve else -0.05
+    delta = 0.05 if improve else 0.0
     rewards = {
-        name: {
-            "held_out": name == "jpeg",
-            "base_std": 0.1,
-            "base": {"mean": m - (0.05 if improve else 0.0)},
-            "adapter": {"mean": m},
-            "delta": {"mean": 0.05 if improve else 0.0, "ci_lo": lo, "ci_hi": 0.1, "n": 8},
-        }
+        name: reward(delta, (lo, 0.1), m, held_out=name == "jpeg", base_std=0.1, n=8)
         for name, m in means.items()
     }
-    summary = {
-        "lineage": {
-            "adapter_sha256": adapter_sha256(adapter),
-            "config_hash": "c0ffee",
-            "data_hash": "da7a",
-            "eval_protocol": protocol,
-        },
-        "rewards": rewards,
-        "monitors": {"dark_fraction": {"relative_shift": dark_shift}},
-    }
-    (d / "eval.json").write_text(json.dumps(summary))
-    metrics = {f"adapter/{k}": v for k, v in means.items()}
-    (d / "metrics.json").write_text(json.dumps(metrics))
+    ev = summary(
+        scores(rewards, {"dark_fraction": dark_shift}),
+        adapter_sha256=adapter_sha256(adapter),
+        protocol=protocol,
+    )
+    ev.write(d / "eval.json")
+    (d / "metrics.json").write_text(json.dumps(ev.flat_metrics()))
     return d

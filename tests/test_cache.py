@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from _tiny_reward_models import save_tiny_aesthetic_head, save_tiny_clip
 
 from marble.config import ClipScoreReward
 from marble.configio import load_config
@@ -17,7 +18,6 @@ from marble.io import file_sha256
 from marble.model_cache import cache_models
 from marble.rewards import build_reward
 from marble.rewards.check import check_rewards
-from marble.rewards.tiny_models import save_tiny_aesthetic_head, save_tiny_clip
 
 HUB_ID = "marble-tests/tiny-clip"
 HEAD_ID = "marble-tests/tiny-aesthetic"

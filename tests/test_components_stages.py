@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _eval_helpers import reward, scores, summary
 from kfp import dsl
 from pydantic import ValidationError
 
@@ -18,7 +19,7 @@ from components import (
     train,
     validate_config,
 )
-from components._io import flatten_metrics, publish_dir, scalar_metadata
+from components._io import publish_dir, scalar_metadata
 from marble.config import MarbleConfig
 from marble.configio import ConfigError, load_config
 from marble.runparams import (
@@ -212,12 +213,14 @@ def test_train_without_a_reward_cache_passes_none(config, calls, tmp_path):
 
 def _fake_evaluate(cfg, prompts_dir, adapter_dir, out_dir, *, reward_cache=None, train_dir=None):
     out_dir.mkdir(parents=True)
-    metrics = {
-        "rewards": {"brightness": {"mean": 0.5, "ci": [0.4, 0.6]}},
-        "gate": {"passed": False},
-        "note": "x",
+    nan = float("nan")
+    rewards = {
+        "brightness": reward(0.1, (0.05, 0.15), 0.5),
+        "ocr": reward(nan, (nan, nan), nan, n=0),  # scored no prompt: not a Kubeflow metric
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics))
+    ev = summary(scores(rewards, {"dark_fraction": 0.1}))
+    ev.write(out_dir / "eval.json")
+    (out_dir / "metrics.json").write_text(json.dumps(ev.flat_metrics()))
     (out_dir / "report.html").write_text("<html>r</html>")
     (out_dir / "report.md").write_text("# r")
     return out_dir / "metrics.json"
@@ -243,7 +246,14 @@ def test_evaluate_publishes_metrics_and_report(config, calls, tmp_path):
     (_, prompts, adapter, out), kwargs = calls.args["evaluate"]
     assert (prompts, adapter, out) == (tmp_path / "prompts", tmp_path / "adapter", tmp_path / "evaluation")
     assert kwargs == {"reward_cache": None, "train_dir": str(tmp_path / "train")}
-    assert outs["metrics"].metadata == {"rewards/brightness/mean": 0.5, "gate/passed": 0.0}
+    logged = outs["metrics"].metadata
+    assert logged["adapter/brightness"] == pytest.approx(0.5) and logged["delta/brightness"] == pytest.approx(
+        0.1
+    )
+    assert logged["gate_preview/passed"] in (0.0, 1.0) and logged[
+        "monitor/shift/dark_fraction"
+    ] == pytest.approx(0.1)
+    assert "adapter/ocr" not in logged  # NaN: left in eval.json
     assert Path(outs["report_html"].path).read_text() == "<html>r</html>"
     assert Path(outs["report_md"].path).read_text() == "# r"
 
@@ -282,16 +292,6 @@ def test_register_records_scalars_in_the_artifact(config, calls, tmp_path):
         tmp_path / "registration",
     )
     assert registration.metadata == {"version": "3", "alias": "candidate", "promoted": False}
-
-
-def test_flatten_metrics_keeps_finite_scalars_only():
-    data = {
-        "a": 1,
-        "b": {"c": 2.5, "d": float("nan"), "e": [1, 2], "f": True},
-        "g": "text",
-        "h": float("inf"),
-    }
-    assert flatten_metrics(data) == {"a": 1.0, "b/c": 2.5, "b/f": 1.0}
 
 
 def test_publish_dir_replaces_the_destination(tmp_path):

@@ -1,8 +1,10 @@
 """evaluate -> register -> fetch by alias on the tiny world, with a random non-zero LoRA adapter.
 
-The adapter is built with the models engineer's LoRA helpers (B drawn non-zero, so it changes the
-images) and exported with `export_adapter`; no trainer needed. The fetched adapter is loaded into a
-stock diffusers pipeline with `load_lora_weights` and must reproduce the evaluated images.
+The adapter is built with the LoRA helpers (B drawn non-zero, so it changes the images) and exported
+with `export_adapter`; no trainer needed. The fetched adapter is loaded into a stock diffusers
+pipeline with `load_lora_weights` and must reproduce the evaluated images. Besides the tiny world's
+rewards, PickScore and GenEval (tiny random models through their real loading code, GenEval on
+prompts carrying its metadata) show that the evaluation reports each paper's scale.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_reward_models import save_tiny_clip, save_tiny_owlv2
 from PIL import Image
 
 from marble.configio import validate_config
@@ -20,10 +23,33 @@ from marble.errors import CheckpointError
 from marble.eval.evaluate import eval_jobs, generate_images, initial_noise, latent_shape, run_evaluation
 from marble.registry.register import load_registered_pipeline, register_adapter
 
+REPO = Path(__file__).resolve().parents[1]
 EVAL_OVERRIDES = {
-    "data": {"sources": [{"kind": "tiny_world", "num_prompts": 24, "seed": 0}], "test_fraction": 0.25},
+    "data": {
+        "sources": [
+            {"kind": "tiny_world", "num_prompts": 24, "seed": 0},
+            {"kind": "geneval", "path": str(REPO / "tests" / "fixtures" / "data" / "geneval.jsonl")},
+        ],
+        "test_fraction": 0.25,
+    },
     "eval": {"num_steps": 4, "images_per_prompt": 2, "bootstrap_samples": 200, "grid_prompts": 3},
 }
+
+
+def paper_scale_rewards(root: Path) -> list[dict]:
+    """PickScore (reported on the raw logit scale, trained /26) and GenEval (reported as binary
+    accuracy, trained on partial credit), on tiny random models saved like their hub repos."""
+    clip, owl = save_tiny_clip(root / "clip"), save_tiny_owlv2(root / "owlv2")
+    return [
+        {
+            "kind": "pickscore",
+            "name": "pickscore",
+            "held_out": True,
+            "model": str(clip),
+            "processor": str(clip),
+        },
+        {"kind": "geneval", "name": "geneval", "held_out": True, "model": str(owl), "clip_model": str(clip)},
+    ]
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -59,8 +85,10 @@ def saved_images(folder: Path, n: int) -> np.ndarray:
 def world(tiny_config, tmp_path_factory):
     from marble.data.prepare import prepare_prompts
 
-    cfg = validate_config(_merge(tiny_config.model_dump(mode="json"), EVAL_OVERRIDES), "test")
     root = tmp_path_factory.mktemp("e2e")
+    data = _merge(tiny_config.model_dump(mode="json"), EVAL_OVERRIDES)
+    data["rewards"] += paper_scale_rewards(root)
+    cfg = validate_config(data, "test")
     prepare_prompts(cfg, root / "prompts")
     adapter = random_adapter(cfg, root / "adapter")
     train_dir = root / "train"
@@ -79,15 +107,16 @@ def test_evaluation_outputs(world):
     metrics = json.loads(metrics_path.read_text())
     summary = json.loads((ev / "eval.json").read_text())
     n = summary["num_images"]
-    assert n == 2 * summary["num_prompts"] and summary["num_prompts"] == 6
+    assert n == 2 * summary["num_prompts"] and summary["num_prompts"] == 7
     for r in cfg.rewards:  # every reward, trained and held out, base and adapter
         assert {f"base/{r.name}", f"adapter/{r.name}", f"delta/{r.name}", f"win_rate/{r.name}"} <= set(
             metrics
         )
     assert summary["rewards"]["jpeg"]["held_out"]
-    # specialists only score their own family (2 color + 2 text prompts, 2 seeds each)
+    # specialists only score their own family (2 color + 2 text + 1 GenEval prompt, 2 seeds each)
     assert (
         summary["rewards"]["color_match"]["delta"]["n"] == 4
+        and summary["rewards"]["geneval"]["delta"]["n"] == 2
         and summary["rewards"]["brightness"]["delta"]["n"] == n
     )
     assert summary["adapter_effect"]["max_abs_pixel_diff"] > 0.01, "the adapter must change the images"
@@ -110,6 +139,40 @@ def test_evaluation_outputs(world):
     html = (ev / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and "http://" not in html and "https://" not in html
     assert not [p for p in root.iterdir() if p.name.startswith(".eval")], "temporary directories left behind"
+
+
+def test_evaluation_reports_each_papers_scale_with_the_training_scale_beside(world):
+    from marble.eval.contract import EvalSummary
+    from marble.rewards.registry import build_rewards, score_all
+
+    cfg, root, _, _ = world
+    ev = root / "eval"
+    summary = EvalSummary.load(ev / "eval.json")
+    metrics = json.loads((ev / "metrics.json").read_text())
+    pick, gen, bright = (summary.rewards[k] for k in ("pickscore", "geneval", "brightness"))
+    assert (pick.scale, gen.scale, bright.scale) == ("raw", "binary", "training") and bright.training is None
+    # PickScore: the paper's raw logit scale, the training scale (/26) beside it
+    for model in ("base", "adapter"):
+        paper, train = getattr(pick, model).mean, getattr(pick.training, model).mean
+        assert paper == pytest.approx(26.0 * train, rel=1e-9) and abs(paper) > 1e-3
+    assert metrics["adapter/pickscore"] == pytest.approx(26.0 * metrics["training/adapter/pickscore"])
+    # GenEval: binary accuracy per image (mean of 0/1), partial credit on the training scale
+    rows = [json.loads(line) for line in (ev / "samples.jsonl").read_text().splitlines()]
+    binary = [r[m]["geneval"] for r in rows for m in ("base", "adapter") if r[m]["geneval"] is not None]
+    assert len(binary) == 4 and set(binary) <= {0.0, 1.0}
+    assert gen.adapter.mean == pytest.approx(
+        np.mean([r["adapter"]["geneval"] for r in rows if r["family"] == "geneval"])
+    )
+    assert gen.training is not None and 0.0 <= gen.training.adapter.mean <= 1.0
+    # independently: the saved adapter images re-scored in the paper's mode give the reported means
+    rewards = build_rewards([s for s in cfg.rewards if s.name in ("pickscore", "geneval")])
+    n = summary.num_images
+    images = torch.from_numpy(saved_images(ev / "images" / "adapter", n)).permute(0, 3, 1, 2).float() / 255
+    jobs = eval_jobs(cfg, root / "prompts")
+    prompts, meta = [j["prompt"] for j in jobs], [j["metadata"] for j in jobs]
+    paper = score_all(rewards, images, prompts, meta, mode="eval").numpy()  # [N, 2]
+    assert np.nanmean(paper[:, 0]) == pytest.approx(pick.adapter.mean, rel=1e-6)
+    assert np.nanmean(paper[:, 1]) == pytest.approx(gen.adapter.mean)
 
 
 def test_register_then_fetch_by_alias_reproduces_the_evaluated_images(world, monkeypatch):
@@ -150,9 +213,10 @@ def test_a_failed_evaluation_leaves_the_previous_output(world, monkeypatch):
         m: torch.from_numpy(saved_images(root / "eval" / "images" / m, n)).to(torch.uint8).permute(0, 3, 1, 2)
         for m in ("base", "adapter")
     }
+    sampling = json.loads((root / "eval" / "eval.json").read_text())["sampling"]
+    info = {k: v for k, v in sampling.items() if k != "images_per_prompt"}
     monkeypatch.setattr(
-        "marble.eval.evaluate.sample_both",
-        lambda *a, **k: (images["base"], images["adapter"], {"solver": "cached"}),
+        "marble.eval.evaluate.sample_both", lambda *a, **k: (images["base"], images["adapter"], info)
     )
     monkeypatch.setattr("marble.eval.report.write_report", broken_report)
     with pytest.raises(RuntimeError, match="disk full"):

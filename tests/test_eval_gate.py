@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
+from _eval_helpers import reward as _reward
+from _eval_helpers import scores
+
 from marble.config import GateConfig
 from marble.eval.gate import evaluate_gate
-
-
-def _reward(delta: float, ci: tuple[float, float], adapter: float, *, held_out=False, base_std=1.0, n=10):
-    return {
-        "held_out": held_out,
-        "base_std": base_std,
-        "adapter": {"mean": adapter},
-        "delta": {"mean": delta, "ci_lo": ci[0], "ci_hi": ci[1], "n": n},
-    }
 
 
 def _table(**overrides):
@@ -22,10 +16,10 @@ def _table(**overrides):
         "colorfulness": _reward(0.1, (0.02, 0.2), 0.4),
         "jpeg": _reward(-0.05, (-0.2, 0.1), 0.5, held_out=True),
     }
-    monitors = {"dark_fraction": {"relative_shift": 0.1}, "saturation": {"relative_shift": 0.2}}
+    monitors = {"dark_fraction": 0.1, "saturation": 0.2}
     rewards.update(overrides.pop("rewards", {}))
     monitors.update(overrides.pop("monitors", {}))
-    return {"rewards": rewards, "monitors": monitors}
+    return scores(rewards, monitors)
 
 
 def _failed_rules(result):
@@ -75,7 +69,7 @@ def test_held_out_regression_fails():
 
 def test_hacked_monitor_fails():
     # every reward went up, but the images went dark: the dark-pixel fraction tripled
-    r = evaluate_gate(_table(monitors={"dark_fraction": {"relative_shift": 2.0}}), GateConfig())
+    r = evaluate_gate(_table(monitors={"dark_fraction": 2.0}), GateConfig())
     assert _failed_rules(r) == [("monitor", "dark_fraction")]
     assert "dark_fraction" in r.summary()
 

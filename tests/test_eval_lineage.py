@@ -33,7 +33,7 @@ def test_lineage_records_data_rewards_adapter_and_code(tmp_path, monkeypatch):
     adapter.mkdir()
     (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"w")
 
-    lin = collect_lineage(cfg, prompts, adapter, Hub(cache_dir=cache))
+    lin = collect_lineage(cfg, prompts, adapter, Hub(cache_dir=cache)).model_dump(mode="json")
     assert lin["data_hash"] == "d1a2b3" and len(lin["test_jsonl_sha256"]) == 64
     assert lin["config_hash"] == cfg.config_hash() and len(lin["adapter_sha256"]) == 64
     rm = lin["reward_models"]
@@ -46,7 +46,7 @@ def test_lineage_records_data_rewards_adapter_and_code(tmp_path, monkeypatch):
     ]  # fmt: skip
     # an adapter's identity changes with its bytes
     (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"v")
-    assert collect_lineage(cfg, prompts, adapter, None)["adapter_sha256"] != lin["adapter_sha256"]
+    assert collect_lineage(cfg, prompts, adapter, None).adapter_sha256 != lin["adapter_sha256"]
 
 
 def test_git_commit_prefers_the_build_variable(monkeypatch):

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _eval_helpers import summary as full_summary
 
-from marble.config import GateConfig
 from marble.configio import load_config
 from marble.eval import monitors as mon
-from marble.eval.evaluate import _json, flat_metrics, summarize
-from marble.eval.gate import evaluate_gate
+from marble.eval.evaluate import ImageScores, summarize
 from marble.eval.report import grid_indices, write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,16 +44,16 @@ def synthetic_evaluation(n_prompts: int = 12, per_prompt: int = 2):
     g = torch.Generator().manual_seed(0)
     base_img = torch.rand(n, 3, 32, 32, generator=g)
     adapter_img = (base_img * 1.1).clamp(0, 1)
-    summary = summarize(
-        cfg, base, adapter, mon.compute_monitors(base_img), mon.compute_monitors(adapter_img), jobs
-    )
-    summary.update(
-        lineage={"run_name": "tiny", "config_hash": cfg.config_hash(), "adapter_sha256": "ab" * 32},
-        sampling={"solver": "FlowMatchEulerDiscreteScheduler", "num_steps": 8},
-        num_prompts=n_prompts,
-        num_images=n,
-    )
-    summary["gate_preview"] = evaluate_gate(summary, GateConfig()).to_dict()
+    # jpeg is reported on another scale than it trains on (x 10), as PickScore's raw logit scale is
+    scales = ["training"] * 4 + ["raw"]
+    reported_b, reported_a = base.copy(), adapter.copy()
+    reported_b[:, 4] *= 10
+    reported_a[:, 4] *= 10
+    scores = summarize(
+        cfg, ImageScores(reported_b, base), ImageScores(reported_a, adapter), scales,
+        mon.compute_monitors(base_img), mon.compute_monitors(adapter_img), jobs,
+    )  # fmt: skip
+    summary = full_summary(scores).model_copy(update={"num_prompts": n_prompts, "num_images": n})
     return cfg, summary, jobs, base_img, adapter_img
 
 
@@ -91,25 +90,29 @@ def report(tmp_path_factory):
 
 def test_statistics_of_the_synthetic_table(report):
     _, _, summary = report
-    r = summary["rewards"]
-    assert r["brightness"]["delta"]["ci_lo"] > 0.1 and r["brightness"]["win_rate"] == 1.0
-    assert r["color_match"]["delta"]["n"] == 8 and r["edge_detail"]["delta"]["n"] == 8  # 4 prompts x 2 seeds
-    assert r["jpeg"]["held_out"] and not r["brightness"]["held_out"]
-    assert summary["composite"]["all"]["adapter"] > summary["composite"]["all"]["base"]
+    r = summary.rewards
+    assert r["brightness"].delta.ci_lo > 0.1 and r["brightness"].win_rate == 1.0
+    assert r["color_match"].delta.n == 8 and r["edge_detail"].delta.n == 8  # 4 prompts x 2 seeds
+    assert r["jpeg"].held_out and not r["brightness"].held_out
+    assert summary.composite.all.adapter > summary.composite.all.base
+    color = summary.by_family["color"].rewards["color_match"]
+    assert color.adapter > color.base
+    assert "color_match" not in summary.by_family["general"].rewards
+    # the reported scale and the training scale beside it
     assert (
-        summary["by_family"]["color"]["color_match"]["adapter"]
-        > summary["by_family"]["color"]["color_match"]["base"]
+        r["jpeg"].scale == "raw" and r["brightness"].scale == "training" and r["brightness"].training is None
     )
-    assert "color_match" not in summary["by_family"]["general"]
-    flat = flat_metrics(summary)
-    assert flat["delta/brightness"] == pytest.approx(r["brightness"]["delta"]["mean"])
+    assert r["jpeg"].adapter.mean == pytest.approx(10 * r["jpeg"].training.adapter.mean)
+    flat = summary.flat_metrics()
+    assert flat["delta/brightness"] == pytest.approx(r["brightness"].delta.mean)
+    assert flat["adapter/jpeg"] == pytest.approx(10 * flat["training/adapter/jpeg"])
     assert set(flat) >= {
         "adapter/jpeg",
         "win_rate/edge_detail",
         "monitor/shift/dark_fraction",
         "composite/all/adapter",
     }
-    json.loads(_json(summary))  # strict JSON (no NaN)
+    json.loads(summary.to_json())  # strict JSON (no NaN)
 
 
 def test_plots_exist_and_are_not_trivial(report):
@@ -131,6 +134,7 @@ def test_report_html_is_self_contained(report):
     assert "brightness" in text and "Gate preview" in text and "PASS" in text
     assert "Training run" in text and "train_seconds" in text
     assert "Per prompt family" in text and "general (n=8)" in text
+    assert "Rewards on the training scale" in text  # jpeg reports another scale
     md = (out / "report.md").read_text()
     assert "![grid](plots/grid.png)" in md and "| brightness |" in md
 

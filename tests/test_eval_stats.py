@@ -12,7 +12,6 @@ from marble.eval.stats import (
     composite_zscores,
     dominates,
     paired_delta_ci,
-    pareto_front,
     win_rate,
 )
 
@@ -96,7 +95,6 @@ def test_composite_reproduces_the_paper_ordering():
 def test_pareto_dominance():
     assert dominates([1, 2], [1, 1]) and not dominates([1, 1], [1, 1]) and not dominates([2, 0], [1, 1])
     assert not dominates([np.nan], [1.0])
-    np.testing.assert_array_equal(pareto_front(np.array([[1, 2], [2, 1], [0, 0], [1, 2]])), [1, 1, 0, 1])
 
 
 def test_monitors_on_known_images():

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _eval_helpers import reward as reward_result
+from _eval_helpers import scores, summary
 from _hub_mirror import PAPER_REPOS, build_paper_mirror, fake_open_clip
 
 from marble.cli import main
@@ -188,7 +190,7 @@ def test_check_verifies_without_writing_and_update_re_resolves(locked, config_pa
     saved = tmp_path / "saved"
     shutil.copytree(repo, saved)
     try:
-        from marble.rewards.tiny_models import save_tiny_clip
+        from _tiny_reward_models import save_tiny_clip
 
         save_tiny_clip(repo, seed=99)
         with pytest.raises(LockError, match="PickScore_v1.*model.safetensors.*lock has"):
@@ -229,8 +231,10 @@ def test_cache_manifest_lineage_and_registry_record_the_lock_hash(locked, tmp_pa
     cfg, cache, lock = locked
     hub = run_hub(cfg, cache_dir=cache, lock=lock)
     lineage = reward_lineage(cfg, hub)
-    assert lineage["model_lock_sha256"] == lock.sha256 == read_manifest(cache)["model_lock_sha256"]
-    tags = _tags({"lineage": {"reward_models": lineage}}, {}, "sha", "run")
+    assert lineage.model_lock_sha256 == lock.sha256 == read_manifest(cache)["model_lock_sha256"]
+    ev = summary(scores({"b": reward_result(0.1, (0.05, 0.15), 0.5)}, {}))
+    ev.lineage.reward_models = lineage
+    tags = _tags(ev, {}, "sha", "run")
     assert tags["marble.model_lock_sha256"] == lock.sha256
 
 
@@ -266,7 +270,7 @@ class FakeHfHub:
 
 
 def test_an_unpinned_hub_repo_stays_at_its_locked_commit(tmp_path, monkeypatch):
-    from marble.rewards.tiny_models import save_tiny_clip
+    from _tiny_reward_models import save_tiny_clip
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("MARBLE_HUB_MIRROR")

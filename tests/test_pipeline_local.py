@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -67,18 +68,21 @@ FAKE_STAGES = textwrap.dedent(
     def evaluate(cfg, prompts_dir, adapter_dir, out_dir, *, reward_cache=None, train_dir=None):
         assert (Path(prompts_dir) / "test.jsonl").is_file(), prompts_dir
         assert (Path(train_dir) / "metrics.jsonl").is_file(), train_dir
+        from _eval_helpers import reward, scores, summary  # the evaluation contract, hand-filled
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        metrics = {"adapter_sha256": _sha(Path(adapter_dir) / "pytorch_lora_weights.safetensors"),
-                   "rewards": {"brightness": {"delta": 0.25, "ci": [0.1, 0.4]}}, "gate": {"passed": True}}
-        (out / "metrics.json").write_text(json.dumps(metrics))
+        sha = _sha(Path(adapter_dir) / "pytorch_lora_weights.safetensors")
+        ev = summary(scores({"brightness": reward(0.25, (0.1, 0.4), 0.75)}, {}), adapter_sha256=sha)
+        ev.write(out / "eval.json")
+        (out / "metrics.json").write_text(json.dumps(ev.flat_metrics()))
         (out / "report.html").write_text("<html><body>report</body></html>")
         (out / "report.md").write_text("# report")
         return out / "metrics.json"
 
 
     def register_adapter(cfg, adapter_dir, eval_dir, out_dir, registry_dir=None):
-        evaluated = json.loads((Path(eval_dir) / "metrics.json").read_text())["adapter_sha256"]
+        evaluated = json.loads((Path(eval_dir) / "eval.json").read_text())["lineage"]["adapter_sha256"]
         record = {"adapter_sha256": _sha(Path(adapter_dir) / "pytorch_lora_weights.safetensors"),
                   "evaluated_sha256": evaluated, "version": 1, "alias": "champion"}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -98,6 +102,7 @@ def fake_stages(tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(FAKE_STAGES)
+    shutil.copy(REPO / "tests" / "_eval_helpers.py", site)  # the fake evaluate writes a real eval.json
     monkeypatch.setenv("PYTHONPATH", str(site))
     return site
 
@@ -116,12 +121,12 @@ def test_local_run_wires_all_five_stages(fake_stages, tmp_path):
     assert (out.reward_cache / "manifest.json").is_file()
     assert out.report_html.read_text().startswith("<html>")
     assert out.report_md.read_text() == "# report"
-    assert json.loads(out.metrics.read_text())["gate"]["passed"] is True
+    assert json.loads(out.metrics.read_text())["gate_preview/passed"] == 1.0
     # The Metrics artifact's values are in the task's executor output (kfp writes no file for it).
     executor_output = json.loads((out.run_dir / "evaluate" / "executor_output.json").read_text())
     logged = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
-    assert logged["rewards/brightness/delta"] == 0.25
-    assert logged["gate/passed"] == 1.0
+    assert logged["delta/brightness"] == 0.25
+    assert logged["gate_preview/passed"] == 1.0
     summary = out.summary()
     for path in (out.adapter, out.report_html, out.metrics, out.registration, out.log):
         assert str(path) in summary

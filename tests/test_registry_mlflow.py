@@ -12,6 +12,7 @@ from _registry_helpers import make_adapter, make_eval
 
 from marble.configio import load_config
 from marble.errors import RegistryError
+from marble.eval.contract import EvalContractError
 from marble.registry.base import adapter_sha256
 from marble.registry.register import fetch_adapter, open_registry, register_adapter
 
@@ -132,7 +133,7 @@ def test_refuses_an_evaluation_of_another_adapter(cfg, tmp_path):
     b = make_adapter(tmp_path, b"b")
     with pytest.raises(RegistryError, match="evaluated adapter sha256"):
         register_adapter(cfg, b, make_eval(tmp_path, a, {"brightness": 0.1}), tmp_path / "reg")
-    with pytest.raises(RegistryError, match="run `marble evaluate`"):
+    with pytest.raises(EvalContractError, match="run `marble evaluate`"):
         register_adapter(cfg, a, tmp_path / "missing", tmp_path / "reg")
     assert not (tmp_path / "reg" / "mlflow.db").exists()
 

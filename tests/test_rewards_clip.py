@@ -6,12 +6,12 @@ import pickle
 
 import pytest
 import torch
+from _tiny_reward_models import save_tiny_aesthetic_head, save_tiny_clip
 
 from marble.config import AestheticReward, ClipScoreReward, PickScoreReward
 from marble.errors import HubError
 from marble.images import to_pil
 from marble.rewards import build_reward
-from marble.rewards.tiny_models import save_tiny_aesthetic_head, save_tiny_clip
 
 PROMPTS = ["a red circle", "a blue square", 'a sign that says "open"', "two rings"]
 

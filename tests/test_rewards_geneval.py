@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _tiny_reward_models import save_tiny_clip, save_tiny_owlv2
 
 from marble.config import GenEvalReward
 from marble.rewards import build_reward
@@ -17,7 +18,6 @@ from marble.rewards.geneval import (
     relative_position,
     select_objects,
 )
-from marble.rewards.tiny_models import save_tiny_clip, save_tiny_owlv2
 
 
 def det(cls, score, x0, y0, x1, y1):

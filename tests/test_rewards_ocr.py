@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from _tiny_reward_models import save_tiny_trocr
 
 from marble.config import OcrReward
 from marble.errors import RewardError
 from marble.rewards import build_reward
 from marble.rewards.ocr import edit_distance, normalize_text, ocr_score, ocr_target
-from marble.rewards.tiny_models import save_tiny_trocr
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,11 @@
-"""Which reward applies to which prompt: the ONE place this rule lives.
+"""Which reward applies to which prompt: the rules, and the one function every stage asks.
 
 Specialist rewards score only some prompts and return NaN elsewhere (MARBLE's per-reward
 advantages are taken over the prompts a reward applies to). The `prepare` stage counts
 applicability per configured reward so that a prompt set in which, say, no prompt carries quoted
 text fails loudly instead of training an OCR reward on nothing. Rewards should answer `applies_to`
 with `spec_applies(self.spec, prompt, metadata)`, so the counts in the manifest are exactly what
-training sees.
+training sees. Which rule a reward kind follows is declared with the kind (`marble.config`).
 
 Pure: (reward kind or spec, prompt, metadata) -> bool. No files, no models.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from marble.config import REWARD_SPEC_BY_KIND
 from marble.data.tiny_world import named_colors, quoted_text
 
 
@@ -50,22 +51,9 @@ RULES: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
 """Applicability rules by name (the names `http` rewards choose from with `applies_when`)."""
 
 KIND_RULES: dict[str, str] = {
-    "brightness": "always",
-    "colorfulness": "always",
-    "jpeg_compressibility": "always",
-    "pickscore": "always",
-    "clipscore": "always",
-    "hpsv21": "always",
-    "aesthetic": "always",
-    "imagereward": "always",
-    "ocr": "quoted_text",
-    "edge_detail": "quoted_text",
-    "color_match": "named_color",
-    "geneval": "geneval_metadata",
+    kind: spec.applicability for kind, spec in REWARD_SPEC_BY_KIND.items() if spec.applicability is not None
 }
-"""The rule of each reward kind whose applicability is fixed by its kind."""
-
-GENERAL_KINDS = frozenset(k for k, rule in KIND_RULES.items() if rule == "always")
+"""The rule of each reward kind whose applicability is fixed by its kind (declared in `marble.config`)."""
 
 
 def rule_applies(rule: str, prompt: str, metadata: Mapping[str, Any] | None = None) -> bool:
@@ -78,13 +66,13 @@ def rule_applies(rule: str, prompt: str, metadata: Mapping[str, Any] | None = No
 def reward_applies(kind: str, prompt: str, metadata: Mapping[str, Any] | None = None) -> bool:
     """Whether a reward of `kind` scores `prompt` (with its `metadata`); False means it returns NaN.
 
-    Raises ValueError for a kind without a fixed rule, so that a new reward must declare one here
-    (kinds whose rule is a config field, like `http`, go through `spec_applies`).
+    Raises ValueError for a kind without a fixed rule (kinds whose rule is a config field, like `http`,
+    go through `spec_applies`).
     """
     rule = KIND_RULES.get(kind)
     if rule is None:
         raise ValueError(
-            f"reward kind {kind!r} has no applicability rule in marble/data/applicability.py"
+            f"reward kind {kind!r} has no fixed applicability rule (its config class declares `applicability`)"
             " (use spec_applies for rewards whose rule is configured)"
         )
     return rule_applies(rule, prompt, metadata)

@@ -1,6 +1,6 @@
 """The evaluate stage: base model vs. adapter on held-out prompts, same seeds, every reward.
 
-How (issue 7, docs/algorithm.md §7):
+How (docs/evaluation.md; the paper's protocol: docs/algorithm.md §7):
 - prompts: `<prompts_dir>/test.jsonl` (the first `eval.num_prompts`, all by default), each with
   `eval.images_per_prompt` fixed seeds `eval.seed + j`;
 - sampling pinned: the stock diffusers SD3 pipeline, Euler flow-matching solver, `eval.num_steps`,
@@ -8,9 +8,11 @@ How (issue 7, docs/algorithm.md §7):
   CPU from its seed and given to both models, so base and adapter differ only by the adapter;
 - one pipeline load: base images first, then `pipe.load_lora_weights(adapter_dir)` (the same stock
   call a user makes) and the adapter images;
-- every reward (trained and held out) scores both image sets; per reward: means with 95% bootstrap
-  CIs, the paired delta with its CI, the win rate; hacking monitors vs. the base; the composite
-  z-score over the two models; a preview of the promotion gate (without the champion);
+- every reward (trained and held out) scores both image sets on the scale its paper reports (GenEval's
+  binary accuracy, PickScore's raw logit scale; the training scale otherwise), with the training scale
+  kept beside it; per reward: means with 95% bootstrap CIs, the paired delta with its CI, the win
+  rate; hacking monitors vs. the base; the composite z-score over the two models; a preview of the
+  promotion gate (without the champion), all in the typed contract `marble.eval.contract.EvalSummary`;
 - outputs are written to a temporary directory and renamed over `out_dir` at the end, so a failed or
   interrupted evaluation never leaves a half-written report next to valid metrics.
 """
@@ -22,6 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,19 @@ import torch
 from marble.config import MarbleConfig
 from marble.errors import CheckpointError, DataError
 from marble.eval import monitors as mon
+from marble.eval.contract import (
+    AdapterEffect,
+    Composite,
+    CompositeScore,
+    EvalScores,
+    EvalSummary,
+    FamilyMeans,
+    MeanPair,
+    MonitorResult,
+    RewardResult,
+    SamplingInfo,
+    ScaleStats,
+)
 from marble.eval.gate import evaluate_gate
 from marble.eval.lineage import collect_lineage
 from marble.eval.stats import bootstrap_mean_ci, composite_zscores, paired_delta_ci, win_rate
@@ -43,7 +59,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "marble"
-SCHEMA_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -144,7 +159,7 @@ def generate_images(
 
 def load_adapter(pipe, adapter_dir: Path) -> None:
     """Stock `pipe.load_lora_weights(adapter_dir)` through the models package, which refuses a load
-    that attached nothing (STACK-NOTES: a PEFT-format directory silently loads no weights)."""
+    that attached nothing (a PEFT-format directory silently loads no weights: docs/library-notes.md)."""
     from marble.models.lora import load_adapter_into_pipeline
 
     if not (adapter_dir / ADAPTER_FILE).is_file():
@@ -206,16 +221,28 @@ SCORE_CHUNK = 256
 """Images converted to float and scored at a time (each reward batches further by its batch_size)."""
 
 
+@dataclass
+class ImageScores:
+    """Every reward's scores of one image set, on both scales: `[N, K]` float64, columns in config
+    order, NaN = does not apply."""
+
+    reported: np.ndarray  # [N, K] the score each reward's paper reports (score_all mode="eval")
+    training: np.ndarray  # [N, K] the training score (mode="train")
+
+
 def score_images(
     cfg: MarbleConfig,
     image_sets: Sequence[torch.Tensor],
     jobs: list[dict],
     device: str,
     hub: Hub | None,
-) -> list[np.ndarray]:
-    """Every reward's scores of each uint8 image set (all for the same `jobs`): one `[N, K]` float64
-    array per set, columns in config order, NaN = does not apply. Reward weights are loaded once."""
-    from marble.rewards.registry import build_rewards, score_all
+) -> tuple[list[ImageScores], list[str]]:
+    """Score each uint8 image set (all for the same `jobs`) with every reward, loaded once.
+
+    Returns one `ImageScores` per set and, per reward, the name of its reported scale ("training", or its
+    `eval_extra`: GenEval's "binary" accuracy, PickScore's "raw" logit scale).
+    """
+    from marble.rewards.registry import build_rewards, score_modes
 
     rewards = build_rewards(cfg.rewards)
     for r in rewards:
@@ -223,16 +250,19 @@ def score_images(
     prompts = [j["prompt"] for j in jobs]
     meta = [j["metadata"] for j in jobs]
 
-    def score(images: torch.Tensor) -> np.ndarray:
-        out = []
-        for a in range(0, len(jobs), SCORE_CHUNK):
-            sl = slice(a, a + SCORE_CHUNK)
-            out.append(
-                score_all(rewards, to_float(images[sl]).to(device), prompts[sl], meta[sl]).cpu()
-            )  # [n, K]
-        return torch.cat(out).numpy()  # [N, K]
+    def score(images: torch.Tensor) -> ImageScores:
+        parts = [
+            score_modes(rewards, to_float(images[a : a + SCORE_CHUNK]).to(device), prompts[a : a + SCORE_CHUNK],
+                        meta[a : a + SCORE_CHUNK])
+            for a in range(0, len(jobs), SCORE_CHUNK)
+        ]  # fmt: skip
+        return ImageScores(
+            reported=torch.cat([p["eval"] for p in parts]).numpy(),  # [N, K]
+            training=torch.cat([p["train"] for p in parts]).numpy(),  # [N, K]
+        )
 
-    return [score(images) for images in image_sets]
+    scales = [getattr(r, "eval_extra", None) or "training" for r in rewards]
+    return [score(images) for images in image_sets], scales
 
 
 def monitor_images(images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -244,101 +274,91 @@ def monitor_images(images: torch.Tensor) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def scale_stats(base: np.ndarray, adapter: np.ndarray, num_samples: int, seed: int) -> ScaleStats:
+    """Base vs. adapter on one scale of one reward: `[N]` scores each, NaN = not scored."""
+    boot = {"num_samples": num_samples, "seed": seed}
+    finite_b = base[np.isfinite(base)]
+    return ScaleStats(
+        base=bootstrap_mean_ci(base, **boot),
+        adapter=bootstrap_mean_ci(adapter, **boot),
+        base_std=float(finite_b.std()) if finite_b.size else float("nan"),
+        delta=paired_delta_ci(base, adapter, **boot),
+        win_rate=win_rate(base, adapter),
+    )
+
+
 def summarize(
     cfg: MarbleConfig,
-    base_scores: np.ndarray,
-    adapter_scores: np.ndarray,
+    base: ImageScores,
+    adapter: ImageScores,
+    scales: list[str],
     base_mon: dict[str, np.ndarray],
     adapter_mon: dict[str, np.ndarray],
     jobs: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Per-reward statistics, monitors, composite and per-family means (the core of eval.json)."""
-    b_boot = {"num_samples": cfg.eval.bootstrap_samples, "seed": cfg.eval.seed}
-    rewards: dict[str, Any] = {}
+) -> EvalScores:
+    """Per-reward statistics on both scales, monitors, composite and per-family means."""
+    n_boot, seed = cfg.eval.bootstrap_samples, cfg.eval.seed
+    rewards: dict[str, RewardResult] = {}
     for k, spec in enumerate(cfg.rewards):
-        b, a = base_scores[:, k], adapter_scores[:, k]  # [N], [N]
-        finite_b = b[np.isfinite(b)]
-        rewards[spec.name] = {
-            "kind": spec.kind,
-            "held_out": spec.held_out,
-            "base": bootstrap_mean_ci(b, **b_boot).to_dict(),
-            "adapter": bootstrap_mean_ci(a, **b_boot).to_dict(),
-            "base_std": float(finite_b.std()) if finite_b.size else float("nan"),
-            "delta": paired_delta_ci(b, a, **b_boot).to_dict(),
-            "win_rate": win_rate(b, a),
-        }
+        reported = scale_stats(base.reported[:, k], adapter.reported[:, k], n_boot, seed)
+        training = None
+        if scales[k] != "training":
+            training = scale_stats(base.training[:, k], adapter.training[:, k], n_boot, seed)
+        rewards[spec.name] = RewardResult(
+            kind=spec.kind, held_out=spec.held_out, scale=scales[k], training=training, **dict(reported)
+        )
     monitors = {}
     for name in base_mon:
-        bi = bootstrap_mean_ci(base_mon[name], **b_boot)
-        ai = bootstrap_mean_ci(adapter_mon[name], **b_boot)
-        monitors[name] = {
-            "base": bi.to_dict(),
-            "adapter": ai.to_dict(),
-            "relative_shift": mon.relative_shift(bi.mean, ai.mean),
-        }
-    return {
-        "rewards": rewards,
-        "monitors": monitors,
-        "composite": composite(rewards),
-        "by_family": by_family(cfg, base_scores, adapter_scores, jobs),
-    }
+        bi = bootstrap_mean_ci(base_mon[name], num_samples=n_boot, seed=seed)
+        ai = bootstrap_mean_ci(adapter_mon[name], num_samples=n_boot, seed=seed)
+        monitors[name] = MonitorResult(
+            base=bi, adapter=ai, relative_shift=mon.relative_shift(bi.mean, ai.mean)
+        )
+    return EvalScores(
+        rewards=rewards,
+        monitors=monitors,
+        composite=composite(rewards),
+        by_family=by_family(cfg, base.reported, adapter.reported, jobs),
+    )
 
 
-def composite(rewards: dict[str, Any]) -> dict[str, Any]:
+def composite(rewards: dict[str, RewardResult]) -> Composite:
     """Mean z-score over rewards of the compared models (base, adapter), population std, as the paper."""
-    out: dict[str, Any] = {"models": ["base", "adapter"]}
+    out: dict[str, CompositeScore] = {}
     for label, names in (
         ("all", list(rewards)),
-        ("trained", [n for n, r in rewards.items() if not r["held_out"]]),
+        ("trained", [n for n, r in rewards.items() if not r.held_out]),
     ):
-        cols = [n for n in names if math.isfinite(rewards[n]["base"]["mean"])]
+        cols = [n for n in names if math.isfinite(rewards[n].base.mean)]
         if not cols:
-            out[label] = {"base": float("nan"), "adapter": float("nan"), "rewards": []}
+            out[label] = CompositeScore(base=float("nan"), adapter=float("nan"), rewards=[])
             continue
-        table = np.array([[rewards[n][m]["mean"] for n in cols] for m in ("base", "adapter")])  # [2, K]
+        table = np.array([[getattr(rewards[n], m).mean for n in cols] for m in ("base", "adapter")])  # [2, K]
         z = composite_zscores(table)  # [2]
-        out[label] = {"base": float(z[0]), "adapter": float(z[1]), "rewards": cols}
-    return out
+        out[label] = CompositeScore(base=float(z[0]), adapter=float(z[1]), rewards=cols)
+    return Composite(**out)
 
 
-def by_family(cfg: MarbleConfig, base: np.ndarray, adapter: np.ndarray, jobs: list[dict]) -> dict[str, Any]:
-    """Reward means per prompt family (a specialist's gain shows on its own family)."""
+def by_family(
+    cfg: MarbleConfig, base: np.ndarray, adapter: np.ndarray, jobs: list[dict]
+) -> dict[str, FamilyMeans]:
+    """Reported-scale reward means per prompt family (a specialist's gain shows on its own family)."""
     fams = np.array([j["family"] for j in jobs])
-    out: dict[str, Any] = {}
+    out: dict[str, FamilyMeans] = {}
     for fam in sorted(set(fams.tolist())):
         m = fams == fam
-        out[fam] = {"n": int(m.sum())}
-        for k, spec in enumerate(cfg.rewards):
-            b, a = base[m, k], adapter[m, k]
-            if np.isfinite(b).any():
-                out[fam][spec.name] = {"base": float(np.nanmean(b)), "adapter": float(np.nanmean(a))}
+        means = {
+            spec.name: MeanPair(base=float(np.nanmean(base[m, k])), adapter=float(np.nanmean(adapter[m, k])))
+            for k, spec in enumerate(cfg.rewards)
+            if np.isfinite(base[m, k]).any()
+        }
+        out[fam] = FamilyMeans(n=int(m.sum()), rewards=means)
     return out
-
-
-def flat_metrics(summary: dict[str, Any]) -> dict[str, float | None]:
-    """The numbers DVC tracks (`metrics.json`): slash-namespaced, NaN as null."""
-    flat: dict[str, float | None] = {}
-    for name, r in summary["rewards"].items():
-        flat[f"base/{name}"] = r["base"]["mean"]
-        flat[f"adapter/{name}"] = r["adapter"]["mean"]
-        flat[f"delta/{name}"] = r["delta"]["mean"]
-        flat[f"delta_ci_lo/{name}"] = r["delta"]["ci_lo"]
-        flat[f"delta_ci_hi/{name}"] = r["delta"]["ci_hi"]
-        flat[f"win_rate/{name}"] = r["win_rate"]
-    for name, m in summary["monitors"].items():
-        flat[f"monitor/base/{name}"] = m["base"]["mean"]
-        flat[f"monitor/adapter/{name}"] = m["adapter"]["mean"]
-        flat[f"monitor/shift/{name}"] = m["relative_shift"]
-    for label in ("all", "trained"):
-        for model in ("base", "adapter"):
-            flat[f"composite/{label}/{model}"] = summary["composite"][label][model]
-    flat["gate_preview/passed"] = float(summary["gate_preview"]["passed"])
-    return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in flat.items()}
 
 
 # ---------------------------------------------------------------------------------------- outputs
-def _json(obj: Any) -> str:
-    """Strict JSON: NaN/inf become null (JSON has no NaN)."""
+def _json_line(obj: Any) -> str:
+    """One line of strict JSON: NaN/inf become null (JSON has no NaN)."""
 
     def clean(x: Any) -> Any:
         if isinstance(x, float):
@@ -349,7 +369,7 @@ def _json(obj: Any) -> str:
             return [clean(v) for v in x]
         return x
 
-    return json.dumps(clean(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    return json.dumps(clean(obj), separators=(",", ":"), allow_nan=False) + "\n"
 
 
 def save_images(images: torch.Tensor, out: Path) -> None:
@@ -362,17 +382,19 @@ def save_images(images: torch.Tensor, out: Path) -> None:
         Image.fromarray(a).save(out / f"{i:04d}.png")
 
 
-def sample_rows(cfg, jobs, base_scores, adapter_scores, base_mon, adapter_mon) -> str:
-    """samples.jsonl: one line per image pair with every score (for drill-down and audits)."""
+def sample_rows(cfg, jobs, base: ImageScores, adapter: ImageScores, base_mon, adapter_mon) -> str:
+    """samples.jsonl: one line per image pair with every score on both scales (for drill-down and audits)."""
     names = [s.name for s in cfg.rewards]
     lines = []
     for i, j in enumerate(jobs):
         row = {k: j[k] for k in ("index", "seed", "prompt_id", "prompt", "family")}
-        row["base"] = dict(zip(names, base_scores[i].tolist(), strict=True))
-        row["adapter"] = dict(zip(names, adapter_scores[i].tolist(), strict=True))
+        row["base"] = dict(zip(names, base.reported[i].tolist(), strict=True))
+        row["adapter"] = dict(zip(names, adapter.reported[i].tolist(), strict=True))
+        row["training_base"] = dict(zip(names, base.training[i].tolist(), strict=True))
+        row["training_adapter"] = dict(zip(names, adapter.training[i].tolist(), strict=True))
         row["monitors_base"] = {m: float(v[i]) for m, v in base_mon.items()}
         row["monitors_adapter"] = {m: float(v[i]) for m, v in adapter_mon.items()}
-        lines.append(_json(row).replace("\n", "").replace("  ", "") + "\n")
+        lines.append(_json_line(row))
     return "".join(lines)
 
 
@@ -385,8 +407,6 @@ def run_evaluation(
     train_dir: Path | None = None,
 ) -> Path:
     """The evaluate stage (see the module docstring). Returns `<out_dir>/metrics.json`."""
-    from marble.eval.report import write_report
-
     prompts_dir, adapter_dir, out_dir = Path(prompts_dir), Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / ADAPTER_FILE).is_file():
         raise CheckpointError(f"{adapter_dir}: no {ADAPTER_FILE}; run `marble train` first or pass --adapter")
@@ -394,41 +414,49 @@ def run_evaluation(
     hub = hub or Hub.create(offline=cfg.model.offline)
     lineage = collect_lineage(cfg, prompts_dir, adapter_dir, hub)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    log.info(
-        "evaluating %d images (%d prompts) on %s", len(jobs), len({j["prompt_id"] for j in jobs}), device
-    )
+    num_prompts = len({j["prompt_id"] for j in jobs})
+    log.info("evaluating %d images (%d prompts) on %s", len(jobs), num_prompts, device)
     base_img, adapter_img, sampling = sample_both(cfg, adapter_dir, jobs, device, hub)
-    base_scores, adapter_scores = score_images(cfg, [base_img, adapter_img], jobs, device, hub)  # [N, K] x 2
+    (base, adapter), scales = score_images(cfg, [base_img, adapter_img], jobs, device, hub)
     base_mon, adapter_mon = monitor_images(base_img), monitor_images(adapter_img)
-
-    summary: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "lineage": lineage,
-        "sampling": {
-            **sampling,
-            "use_ema": cfg.eval.use_ema,
-            "images_per_prompt": cfg.eval.images_per_prompt,
-        },
-        "num_prompts": len({j["prompt_id"] for j in jobs}),
-        "num_images": len(jobs),
-        **summarize(cfg, base_scores, adapter_scores, base_mon, adapter_mon, jobs),
-        "adapter_effect": {
-            "max_abs_pixel_diff": float((adapter_img.int() - base_img.int()).abs().max()) / 255.0
-        },
-    }
-    if summary["adapter_effect"]["max_abs_pixel_diff"] == 0.0:
+    scores = summarize(cfg, base, adapter, scales, base_mon, adapter_mon, jobs)
+    pixel_diff = float((adapter_img.int() - base_img.int()).abs().max()) / 255.0
+    if pixel_diff == 0.0:
         log.warning("the adapter did not change a single pixel: an untrained (zero) adapter?")
-    summary["gate_preview"] = evaluate_gate(summary, cfg.eval.gate).to_dict()
+    summary = EvalSummary(
+        **dict(scores),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        lineage=lineage,
+        sampling=SamplingInfo(**sampling, images_per_prompt=cfg.eval.images_per_prompt),
+        num_prompts=num_prompts,
+        num_images=len(jobs),
+        adapter_effect=AdapterEffect(max_abs_pixel_diff=pixel_diff),
+        gate_preview=evaluate_gate(scores, cfg.eval.gate),
+    )
+    samples = sample_rows(cfg, jobs, base, adapter, base_mon, adapter_mon)
+    write_outputs(out_dir, summary, samples, jobs, base_img, adapter_img, cfg.eval.grid_prompts, train_dir)
+    log.info("evaluation written to %s (gate preview: %s)", out_dir, summary.gate_preview.summary())
+    return out_dir / "metrics.json"
+
+
+def write_outputs(
+    out_dir: Path,
+    summary: EvalSummary,
+    samples: str,
+    jobs: list[dict[str, Any]],
+    base_img: torch.Tensor,
+    adapter_img: torch.Tensor,
+    grid_prompts: int,
+    train_dir: Path | None,
+) -> None:
+    """Write everything into a temporary sibling of `out_dir`, then swap it in whole."""
+    from marble.eval.report import write_report
 
     with staged_dir(out_dir) as tmp:
         save_images(base_img, tmp / "images" / "base")
         save_images(adapter_img, tmp / "images" / "adapter")
-        atomic_write_text(tmp / "eval.json", _json(summary))
-        atomic_write_text(tmp / "metrics.json", _json(flat_metrics(summary)))
-        atomic_write_text(
-            tmp / "samples.jsonl", sample_rows(cfg, jobs, base_scores, adapter_scores, base_mon, adapter_mon)
-        )
-        write_report(tmp, summary, jobs, base_img, adapter_img, cfg.eval.grid_prompts, train_dir)
-    log.info("evaluation written to %s (gate preview: %s)", out_dir, summary["gate_preview"]["summary"])
-    return out_dir / "metrics.json"
+        summary.write(tmp / "eval.json")
+        metrics = json.dumps(summary.flat_metrics(), indent=2, allow_nan=False) + "\n"
+        atomic_write_text(tmp / "metrics.json", metrics)
+        atomic_write_text(tmp / "samples.jsonl", samples)
+        write_report(tmp, summary, jobs, base_img, adapter_img, grid_prompts, train_dir)

@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from marble.config import MarbleConfig
+from marble.eval.contract import (
+    ArtifactRef,
+    CachedArtifact,
+    CacheSummary,
+    Lineage,
+    RewardLineage,
+    RewardModelsLineage,
+)
 from marble.hub import Hub
 from marble.io import file_sha256
 from marble.registry.base import adapter_sha256
@@ -61,51 +69,51 @@ def data_lineage(prompts_dir: Path) -> dict[str, str | None]:
     }
 
 
-def reward_lineage(cfg: MarbleConfig, hub: Hub | None) -> dict[str, Any]:
-    """Reward model ids and revisions from the config, the model lock's hash, and the reward cache
-    manifest (hash + entries)."""
-    reward_cache = hub.cache_dir if hub is not None else None
-    models = {}
-    for spec in cfg.rewards:
-        entry = {"kind": spec.kind, "held_out": spec.held_out}
-        for key in (
-            "model", "revision", "processor", "processor_revision", "head", "head_revision", "clip_model", "clip_revision",
-        ):  # fmt: skip
-            if hasattr(spec, key):
-                entry[key] = getattr(spec, key)
-        models[spec.name] = entry
-    lock = hub.lock.sha256 if hub is not None and hub.lock is not None else None
-    out: dict[str, Any] = {
-        "rewards": models,
-        "model_lock_sha256": lock,
-        "manifest_sha256": None,
-        "manifest": None,
+def reward_lineage(cfg: MarbleConfig, hub: Hub | None) -> RewardModelsLineage:
+    """Every reward's model repos and pinned revisions (the artifacts its class declares, the same list
+    `marble cache-rewards` snapshots), the model lock's hash, and the reward cache manifest (hash and
+    resolved revisions)."""
+    from marble.rewards.registry import reward_class
+
+    rewards = {
+        spec.name: RewardLineage(
+            kind=spec.kind,
+            held_out=spec.held_out,
+            artifacts=[
+                ArtifactRef(id=a.id, revision=a.revision) for a in reward_class(spec.kind).artifacts(spec)
+            ],
+        )
+        for spec in cfg.rewards
     }
-    if reward_cache is not None:
-        path = Path(reward_cache) / "manifest.json"
-        if path.is_file():
-            out["manifest_sha256"] = file_sha256(path)
-            try:
-                out["manifest"] = _manifest_summary(json.loads(path.read_text(encoding="utf-8")))
-            except (ValueError, AttributeError, TypeError):
-                log.warning("%s is not a reward cache manifest; only its hash is recorded", path)
-        else:
-            log.warning("reward cache %s has no manifest.json; reward hashes not recorded", reward_cache)
+    lock = hub.lock.sha256 if hub is not None and hub.lock is not None else None
+    out = RewardModelsLineage(rewards=rewards, model_lock_sha256=lock)
+    reward_cache = hub.cache_dir if hub is not None else None
+    if reward_cache is None:
+        return out
+    path = Path(reward_cache) / "manifest.json"
+    if not path.is_file():
+        log.warning("reward cache %s has no manifest.json; reward hashes not recorded", reward_cache)
+        return out
+    out.manifest_sha256 = file_sha256(path)
+    try:
+        out.manifest = _manifest_summary(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, AttributeError, TypeError):
+        log.warning("%s is not a reward cache manifest; only its hash is recorded", path)
     return out
 
 
-def _manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+def _manifest_summary(manifest: dict[str, Any]) -> CacheSummary:
     """The reward cache manifest without its per-file lists: each snapshot's id, the revision it
     resolved to (an unpinned config is pinned there), who uses it, and its size."""
     keep = ("id", "requested_revision", "revision", "source", "used_by", "total_bytes")
-    return {
-        "format": manifest.get("format"),
-        "created_utc": manifest.get("created_utc"),
-        "artifacts": [
-            {**{k: a.get(k) for k in keep}, "num_files": len(a.get("files", []))}
+    return CacheSummary(
+        format=manifest.get("format"),
+        created_utc=manifest.get("created_utc"),
+        artifacts=[
+            CachedArtifact(**{k: a[k] for k in keep if k in a}, num_files=len(a.get("files", [])))
             for a in manifest.get("artifacts", [])
         ],
-    }
+    )
 
 
 def eval_protocol_hash(cfg: MarbleConfig, data: dict[str, Any]) -> str:
@@ -129,20 +137,18 @@ def eval_protocol_hash(cfg: MarbleConfig, data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def collect_lineage(
-    cfg: MarbleConfig, prompts_dir: Path, adapter_dir: Path, hub: Hub | None
-) -> dict[str, Any]:
+def collect_lineage(cfg: MarbleConfig, prompts_dir: Path, adapter_dir: Path, hub: Hub | None) -> Lineage:
     """Everything `eval.json["lineage"]` records."""
     data = data_lineage(prompts_dir)
-    return {
-        "eval_protocol": eval_protocol_hash(cfg, data),
-        "run_name": cfg.run_name,
-        "git_commit": git_commit(),
-        "config_hash": cfg.config_hash(),
-        "base_model": cfg.model.pretrained,
-        "base_model_revision": cfg.model.revision,
-        "adapter_dir": str(adapter_dir),
-        "adapter_sha256": adapter_sha256(adapter_dir),
+    return Lineage(
+        eval_protocol=eval_protocol_hash(cfg, data),
+        run_name=cfg.run_name,
+        git_commit=git_commit(),
+        config_hash=cfg.config_hash(),
+        base_model=cfg.model.pretrained,
+        base_model_revision=cfg.model.revision,
+        adapter_dir=str(adapter_dir),
+        adapter_sha256=adapter_sha256(adapter_dir),
         **data,
-        "reward_models": reward_lineage(cfg, hub),
-    }
+        reward_models=reward_lineage(cfg, hub),
+    )

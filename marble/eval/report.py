@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from marble.eval.contract import EvalSummary, Interval, ScaleStats  # noqa: E402
 from marble.io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _err(iv: dict[str, float]) -> list[float]:
-    """Asymmetric error bar lengths [below, above] of an interval dict (0 where unknown)."""
-    lo, hi, m = iv.get("ci_lo"), iv.get("ci_hi"), iv.get("mean")
-    if m is None or lo is None or hi is None or not all(map(math.isfinite, (lo, hi, m))):
+def _err(iv: Interval) -> list[float]:
+    """Asymmetric error bar lengths [below, above] of an interval (0 where unknown)."""
+    lo, hi, m = iv.ci_lo, iv.ci_hi, iv.mean
+    if not all(map(math.isfinite, (lo, hi, m))):
         return [0.0, 0.0]
     return [max(m - lo, 0.0), max(hi - m, 0.0)]
 
@@ -58,30 +59,28 @@ def _finite(x: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ plots
-def plot_rewards(summary: dict[str, Any], path: Path) -> Path:
+def plot_rewards(summary: EvalSummary, path: Path) -> Path:
     """Small multiples: each reward on its own axis (scales differ), base vs. adapter with CIs."""
-    names = list(summary["rewards"])
+    names = list(summary.rewards)
     cols = min(len(names), 4)
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.8 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
-        r = summary["rewards"][name]
-        means = [r["base"]["mean"], r["adapter"]["mean"]]
+        r = summary.rewards[name]
+        means = [r.base.mean, r.adapter.mean]
         if not all(_finite(m) for m in means):
             ax.text(
                 0.5, 0.5, "not applicable\nto any prompt", ha="center", va="center", transform=ax.transAxes
             )
         else:
             # points with intervals, not bars: reward scales need not include 0 (JPEG size is negative)
-            for x, model, color in ((0, "base", BASE_COLOR), (1, "adapter", ADAPTER_COLOR)):
-                err = np.array(_err(r[model])).reshape(2, 1)  # [2, 1]
-                ax.errorbar([x], [r[model]["mean"]], yerr=err, fmt="o", ms=9, capsize=8, color=color, lw=2)
+            for x, iv, color in ((0, r.base, BASE_COLOR), (1, r.adapter, ADAPTER_COLOR)):
+                err = np.array(_err(iv)).reshape(2, 1)  # [2, 1]
+                ax.errorbar([x], [iv.mean], yerr=err, fmt="o", ms=9, capsize=8, color=color, lw=2)
             ax.set_xlim(-0.6, 1.6)
         ax.set_xticks([0, 1], ["base", "adapter"])
-        tag = " (held out)" if r["held_out"] else ""
-        ax.set_title(
-            f"{name}{tag}\nn={r['delta']['n']}, win {r['win_rate']:.0%}" if _finite(r["win_rate"]) else name
-        )
+        tag = (" (held out)" if r.held_out else "") + ("" if r.scale == "training" else f" [{r.scale}]")
+        ax.set_title(f"{name}{tag}\nn={r.delta.n}, win {r.win_rate:.0%}" if _finite(r.win_rate) else name)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
@@ -90,26 +89,24 @@ def plot_rewards(summary: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_deltas(summary: dict[str, Any], path: Path) -> Path:
+def plot_deltas(summary: EvalSummary, path: Path) -> Path:
     """Paired delta per reward in units of the base std (comparable across rewards), with CIs."""
-    names = list(summary["rewards"])
+    names = list(summary.rewards)
     fig, ax = plt.subplots(figsize=(7.0, 0.55 * len(names) + 1.4))
     for i, name in enumerate(names):
-        r = summary["rewards"][name]
-        d, sd = r["delta"], r["base_std"]
-        if not (_finite(d["mean"]) and _finite(sd)) or sd <= 0:
+        r = summary.rewards[name]
+        d, sd = r.delta, r.base_std
+        if not (_finite(d.mean) and _finite(sd)) or sd <= 0:
             continue
-        m, lo, hi = d["mean"] / sd, d["ci_lo"] / sd, d["ci_hi"] / sd
+        m, lo, hi = d.mean / sd, d.ci_lo / sd, d.ci_hi / sd
         color = "#2ca02c" if lo > 0 else "#d62728" if hi < 0 else BASE_COLOR
         ax.barh(i, m, color=color, alpha=0.85, height=0.6)
         ax.errorbar(m, i, xerr=[[m - lo], [hi - m]], fmt="none", ecolor="black", capsize=4)
         ax.annotate(
-            f"win {r['win_rate']:.0%}", (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=8
+            f"win {r.win_rate:.0%}", (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=8
         )
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(
-        range(len(names)), [f"{n} (held out)" if summary["rewards"][n]["held_out"] else n for n in names]
-    )
+    ax.set_yticks(range(len(names)), [f"{n} (held out)" if summary.rewards[n].held_out else n for n in names])
     ax.invert_yaxis()
     ax.set_xlabel("adapter - base, in base std units (95% CI; green = significant gain)")
     ax.grid(axis="x", alpha=0.3)
@@ -117,16 +114,17 @@ def plot_deltas(summary: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_monitors(summary: dict[str, Any], path: Path) -> Path:
+def plot_monitors(summary: EvalSummary, path: Path) -> Path:
     """Hacking monitors, base vs. adapter, with intervals and the relative shift."""
-    names = list(summary["monitors"])
+    monitors = summary.monitors
+    names = list(monitors)
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2.0, 3.2))
     x = np.arange(len(names))
     for off, model, color in ((-0.2, "base", BASE_COLOR), (0.2, "adapter", ADAPTER_COLOR)):
-        means = [summary["monitors"][n][model]["mean"] for n in names]
-        errs = np.array([_err(summary["monitors"][n][model]) for n in names]).T  # [2, M]
+        means = [getattr(monitors[n], model).mean for n in names]
+        errs = np.array([_err(getattr(monitors[n], model)) for n in names]).T  # [2, M]
         ax.bar(x + off, means, width=0.4, yerr=errs, capsize=4, color=color, label=model)
-    ax.set_xticks(x, [f"{n}\nshift {summary['monitors'][n]['relative_shift']:.2f}" for n in names])
+    ax.set_xticks(x, [f"{n}\nshift {monitors[n].relative_shift:.2f}" for n in names])
     ax.set_ylabel("value (all on [0, 1])")
     ax.set_title("Reward-hacking monitors")
     ax.legend(loc="upper left", fontsize=8)
@@ -263,52 +261,67 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if _finite(x) else "–"
 
 
-def _iv(iv: dict[str, Any]) -> str:
-    return f"{_fmt(iv['mean'])} [{_fmt(iv['ci_lo'])}, {_fmt(iv['ci_hi'])}]"
+def _iv(iv: Interval) -> str:
+    return f"{_fmt(iv.mean)} [{_fmt(iv.ci_lo)}, {_fmt(iv.ci_hi)}]"
 
 
-def reward_rows(summary: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for name, r in summary["rewards"].items():
-        rows.append(
-            [
-                name + (" (held out)" if r["held_out"] else ""),
-                str(r["delta"]["n"]),
-                _iv(r["base"]),
-                _iv(r["adapter"]),
-                ("+" if _finite(r["delta"]["mean"]) and r["delta"]["mean"] > 0 else "") + _iv(r["delta"]),
-                f"{r['win_rate']:.0%}" if _finite(r["win_rate"]) else "–",
-            ]
-        )
-    return rows
+def _scale_cells(s: ScaleStats) -> list[str]:
+    sign = "+" if _finite(s.delta.mean) and s.delta.mean > 0 else ""
+    return [
+        str(s.delta.n),
+        _iv(s.base),
+        _iv(s.adapter),
+        sign + _iv(s.delta),
+        f"{s.win_rate:.0%}" if _finite(s.win_rate) else "–",
+    ]
 
 
-def family_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def reward_rows(summary: EvalSummary) -> list[list[str]]:
+    """Each reward on the scale its paper reports."""
+    return [
+        [name + (" (held out)" if r.held_out else ""), r.scale, *_scale_cells(r)]
+        for name, r in summary.rewards.items()
+    ]
+
+
+def training_scale_rows(summary: EvalSummary) -> list[list[str]]:
+    """The training scale of the rewards whose reported score is another one (empty if none)."""
+    return [
+        [name, "training", *_scale_cells(r.training)] for name, r in summary.rewards.items() if r.training
+    ]
+
+
+def family_table(summary: EvalSummary) -> tuple[list[str], list[list[str]]]:
     """Reward means per prompt family, 'base -> adapter' (a specialist's gain shows on its family)."""
-    names = list(summary["rewards"])
+    names = list(summary.rewards)
     rows = []
-    for fam, entry in summary.get("by_family", {}).items():
-        cells = [f"{fam} (n={entry['n']})"]
+    for fam, entry in summary.by_family.items():
+        cells = [f"{fam} (n={entry.n})"]
         for n in names:
-            e = entry.get(n)
-            cells.append(f"{_fmt(e['base'], 3)} -> {_fmt(e['adapter'], 3)}" if e else "n/a")
+            e = entry.rewards.get(n)
+            cells.append(f"{_fmt(e.base, 3)} -> {_fmt(e.adapter, 3)}" if e else "n/a")
         rows.append(cells)
     return ["family", *names], rows
 
 
-REWARD_HEADER = ["reward", "n", "base mean [95% CI]", "adapter mean [95% CI]", "delta [95% CI]", "win rate"]
+REWARD_HEADER = [
+    "reward",
+    "scale",
+    "n",
+    "base mean [95% CI]",
+    "adapter mean [95% CI]",
+    "delta [95% CI]",
+    "win rate",
+]
 MONITOR_HEADER = ["monitor", "base", "adapter", "relative shift"]
 
 
-def monitor_rows(summary: dict[str, Any]) -> list[list[str]]:
-    return [
-        [n, _iv(m["base"]), _iv(m["adapter"]), _fmt(m["relative_shift"], 3)]
-        for n, m in summary["monitors"].items()
-    ]
+def monitor_rows(summary: EvalSummary) -> list[list[str]]:
+    return [[n, _iv(m.base), _iv(m.adapter), _fmt(m.relative_shift, 3)] for n, m in summary.monitors.items()]
 
 
-def lineage_rows(summary: dict[str, Any]) -> list[list[str]]:
-    lin = summary.get("lineage", {})
+def lineage_rows(summary: EvalSummary) -> list[list[str]]:
+    lin = summary.lineage
     keys = [
         "run_name",
         "git_commit",
@@ -318,20 +331,15 @@ def lineage_rows(summary: dict[str, Any]) -> list[list[str]]:
         "base_model",
         "base_model_revision",
     ]
-    rows = [[k, str(lin.get(k))] for k in keys]
-    rm = lin.get("reward_models", {})
-    rows.append(["reward_manifest_sha256", str(rm.get("manifest_sha256"))])
-    for name, e in rm.get("rewards", {}).items():
-        model = e.get("model")
-        rows.append(
-            [
-                f"reward {name}",
-                f"{e['kind']}" + (f" {model}@{e.get('revision') or 'unpinned'}" if model else ""),
-            ]
-        )
-    s = summary.get("sampling", {})
-    rows.append(["sampling", ", ".join(f"{k}={s.get(k)}" for k in ("solver", "shift", "num_steps", "guidance_scale",
-                                                                    "resolution", "device"))])  # fmt: skip
+    rows = [[k, str(getattr(lin, k))] for k in keys]
+    rm = lin.reward_models
+    rows.append(["reward_manifest_sha256", str(rm.manifest_sha256)])
+    for name, e in rm.rewards.items():
+        repos = " ".join(f"{a.id}@{a.revision or 'unpinned'}" for a in e.artifacts)
+        rows.append([f"reward {name}", f"{e.kind} {repos}".strip()])
+    s = summary.sampling
+    shown = ("solver", "shift", "num_steps", "guidance_scale", "resolution", "device")
+    rows.append(["sampling", ", ".join(f"{k}={getattr(s, k)}" for k in shown)])
     return rows
 
 
@@ -347,13 +355,12 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _headline(summary: dict[str, Any]) -> str:
-    gate = summary["gate_preview"]
-    comp = summary["composite"]["all"]
+def _headline(summary: EvalSummary) -> str:
+    comp = summary.composite.all
     return (
-        f"{summary['num_images']} image pairs ({summary['num_prompts']} held-out prompts, same seeds). "
-        f"Composite z-score (all rewards, base vs. adapter): {_fmt(comp['base'], 3)} vs. {_fmt(comp['adapter'], 3)}. "
-        f"Gate preview (without the champion): {'PASS' if gate['passed'] else 'FAIL'}."
+        f"{summary.num_images} image pairs ({summary.num_prompts} held-out prompts, same seeds). "
+        f"Composite z-score (all rewards, base vs. adapter): {_fmt(comp.base, 3)} vs. {_fmt(comp.adapter, 3)}. "
+        f"Gate preview (without the champion): {'PASS' if summary.gate_preview.passed else 'FAIL'}."
     )
 
 
@@ -368,16 +375,39 @@ text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}.
 """
 
 
-def _gate_rows(summary: dict[str, Any]) -> list[list[str]]:
-    return [
-        [c["rule"], c["subject"], "ok" if c["passed"] else "FAIL", c["detail"]]
-        for c in summary["gate_preview"]["checks"]
+def _gate_rows(summary: EvalSummary) -> list[list[str]]:
+    return [[c.rule, c.subject, "ok" if c.passed else "FAIL", c.detail] for c in summary.gate_preview.checks]
+
+
+PLOT_TITLES = {
+    "rewards": "Per-reward means",
+    "deltas": "Deltas and win rates",
+    "monitors": "Hacking monitors",
+    "grid": "Same prompt and seed: base (top) vs. adapter (bottom)",
+    "training": "Training curves",
+}
+
+Table = tuple[str, list[str], list[list[str]]]
+"""(title, header, rows) of one report table."""
+
+
+def report_tables(summary: EvalSummary, train_dir: Path | None) -> list[Table]:
+    """Every table of the report, in order (empty ones left out)."""
+    fam_header, fam_rows = family_table(summary)
+    tables: list[Table] = [
+        ("Rewards (the scale each paper reports)", REWARD_HEADER, reward_rows(summary)),
+        ("Rewards on the training scale", REWARD_HEADER, training_scale_rows(summary)),
+        ("Per prompt family", fam_header, fam_rows),
+        ("Monitors", MONITOR_HEADER, monitor_rows(summary)),
+        ("Gate preview", ["rule", "subject", "result", "detail"], _gate_rows(summary)),
+        ("Training run", ["what", "value"], read_train_summary(train_dir)),
     ]
+    return [t for t in tables if t[2]]
 
 
 def write_report(
     out_dir: Path,
-    summary: dict[str, Any],
+    summary: EvalSummary,
     jobs: list[dict[str, Any]],
     base: torch.Tensor,
     adapter: torch.Tensor,
@@ -394,61 +424,41 @@ def write_report(
         "training": plot_training(read_training_metrics(train_dir), plots_dir / "training.png"),
     }
     made = {k: p for k, p in plots.items() if p is not None}
-    titles = {
-        "rewards": "Per-reward means",
-        "deltas": "Deltas and win rates",
-        "monitors": "Hacking monitors",
-        "grid": "Same prompt and seed: base (top) vs. adapter (bottom)",
-        "training": "Training curves",
-    }
-    gate_hdr = ["rule", "subject", "result", "detail"]
-    tables = [
-        ("Rewards", _md_table(REWARD_HEADER, reward_rows(summary)), _html_table(REWARD_HEADER, reward_rows(summary))),
-        ("Monitors", _md_table(MONITOR_HEADER, monitor_rows(summary)), _html_table(MONITOR_HEADER, monitor_rows(summary))),
-        ("Gate preview", _md_table(gate_hdr, _gate_rows(summary)), _html_table(gate_hdr, _gate_rows(summary))),
-    ]  # fmt: skip
-    fam_header, fam_rows = family_table(summary)
-    if fam_rows:
-        tables.insert(
-            1, ("Per prompt family", _md_table(fam_header, fam_rows), _html_table(fam_header, fam_rows))
-        )
-    train_rows = read_train_summary(train_dir)
-    if train_rows:
-        tables.append(
-            (
-                "Training run",
-                _md_table(["what", "value"], train_rows),
-                _html_table(["what", "value"], train_rows),
-            )
-        )
-    lin_md = _md_table(["what", "value"], lineage_rows(summary))
-    lin_html = _html_table(["what", "value"], lineage_rows(summary))
+    tables = report_tables(summary, train_dir)
+    atomic_write_text(Path(out_dir) / "report.md", markdown_report(summary, tables, made))
+    atomic_write_text(Path(out_dir) / "report.html", html_report(summary, tables, made))
+    return made
 
-    md = [f"# marble evaluation: {summary['lineage'].get('run_name')}", "", _headline(summary), ""]
-    for title, t_md, _ in tables:
-        md += [f"## {title}", "", t_md, ""]
-    for key, p in made.items():
-        md += [f"## {titles[key]}", "", f"![{key}](plots/{p.name})", ""]
-    md += ["## Lineage", "", lin_md, ""]
-    atomic_write_text(Path(out_dir) / "report.md", "\n".join(md))
 
-    passed = summary["gate_preview"]["passed"]
+def markdown_report(summary: EvalSummary, tables: list[Table], plots: dict[str, Path]) -> str:
+    md = [f"# marble evaluation: {summary.lineage.run_name}", "", _headline(summary), ""]
+    for title, header, rows in tables:
+        md += [f"## {title}", "", _md_table(header, rows), ""]
+    for key, p in plots.items():
+        md += [f"## {PLOT_TITLES[key]}", "", f"![{key}](plots/{p.name})", ""]
+    md += ["## Lineage", "", _md_table(["what", "value"], lineage_rows(summary)), ""]
+    return "\n".join(md)
+
+
+def html_report(summary: EvalSummary, tables: list[Table], plots: dict[str, Path]) -> str:
+    """Self-contained HTML: the plots embedded as base64 data URIs, its own CSS."""
+    passed = summary.gate_preview.passed
+    run = html.escape(summary.lineage.run_name)
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>marble evaluation: {html.escape(str(summary['lineage'].get('run_name')))}</title>",
+        f"<title>marble evaluation: {run}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>marble evaluation: {html.escape(str(summary['lineage'].get('run_name')))}</h1>",
+        f"<h1>marble evaluation: {run}</h1>",
         f"<p>{html.escape(_headline(summary))} <span class='{'pass' if passed else 'fail'}'>"
         f"{'PASS' if passed else 'FAIL'}</span></p>",
     ]
-    for title, _, t_html in tables:
-        parts += [f"<h2>{html.escape(title)}</h2>", t_html]
-    for key, p in made.items():
+    for title, header, rows in tables:
+        parts += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
+    for key, p in plots.items():
         data = base64.b64encode(p.read_bytes()).decode("ascii")
         parts += [
-            f"<h2>{html.escape(titles[key])}</h2>",
+            f"<h2>{html.escape(PLOT_TITLES[key])}</h2>",
             f"<img alt='{key}' src='data:image/png;base64,{data}'>",
         ]
-    parts += ["<h2>Lineage</h2>", lin_html, "</body></html>"]
-    atomic_write_text(Path(out_dir) / "report.html", "\n".join(parts) + "\n")
-    return made
+    parts += ["<h2>Lineage</h2>", _html_table(["what", "value"], lineage_rows(summary)), "</body></html>"]
+    return "\n".join(parts) + "\n"

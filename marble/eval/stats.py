@@ -1,28 +1,16 @@
-"""Evaluation statistics: bootstrap intervals, paired deltas, win rates, composite z-scores, Pareto.
+"""Evaluation statistics: bootstrap intervals, paired deltas, win rates, composite z-scores, Pareto dominance.
 
-Pure numpy; no models, no files. Every function is NaN-aware in the same way as the rewards: a NaN
-score means "this reward does not apply to this prompt" (a specialist reward), so it is dropped, and
-paired statistics use only the samples where both models were scored.
+Pure numpy (intervals come back as the evaluation contract's `Interval`); no models, no files. Every
+function is NaN-aware in the same way as the rewards: a NaN score means "this reward does not apply to
+this prompt" (a specialist reward), so it is dropped, and paired statistics use only the samples where
+both models were scored.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with a percentile-bootstrap confidence interval."""
-
-    mean: float
-    ci_lo: float
-    ci_hi: float
-    n: int
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+from marble.eval.contract import Interval
 
 
 def _finite(x: np.ndarray) -> np.ndarray:
@@ -42,13 +30,13 @@ def bootstrap_mean_ci(
     v = _finite(x)  # [n]
     n = v.size
     if n == 0:
-        return Interval(float("nan"), float("nan"), float("nan"), 0)
+        return Interval(mean=float("nan"), ci_lo=float("nan"), ci_hi=float("nan"), n=0)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(num_samples, n))  # [B, n]
     means = v[idx].mean(axis=1)  # [B]
     tail = (1.0 - confidence) / 2.0
     lo, hi = np.quantile(means, [tail, 1.0 - tail])
-    return Interval(float(v.mean()), float(lo), float(hi), n)
+    return Interval(mean=float(v.mean()), ci_lo=float(lo), ci_hi=float(hi), n=int(n))
 
 
 def paired_mask(base: np.ndarray, adapter: np.ndarray) -> np.ndarray:
@@ -110,12 +98,3 @@ def dominates(a: np.ndarray, b: np.ndarray) -> bool:
     if not m.any():
         return False
     return bool(np.all(x[m] >= y[m]) and np.any(x[m] > y[m]))
-
-
-def pareto_front(table: np.ndarray) -> np.ndarray:
-    """Rows of an [M, K] table (maximise every column) that no other row dominates: [M] bool."""
-    t = np.asarray(table, dtype=np.float64)  # [M, K]
-    m = t.shape[0]
-    return np.array(
-        [not any(dominates(t[j], t[i]) for j in range(m) if j != i) for i in range(m)], dtype=bool
-    )

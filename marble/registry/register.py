@@ -1,7 +1,8 @@
 """The register stage, and fetching a registered adapter back by alias.
 
 `register_adapter` (called by `marble.stages.register_adapter`):
-1. reads the evaluation (`eval.json`, `metrics.json`) and checks it evaluated THIS adapter (sha256);
+1. reads the evaluation (`eval.json`, the typed `marble.eval.contract.EvalSummary`) and checks it
+   evaluated THIS adapter (sha256);
 2. under the registry's lock, looks the idempotency key '<adapter sha256>:<run id>' up: a version
    whose alias decision was already applied is returned as is (a repeated or concurrent call);
 3. otherwise applies the promotion gate against the current champion's metrics, creates the version
@@ -26,6 +27,7 @@ import numpy as np
 
 from marble.config import KubeflowRegistry, MarbleConfig
 from marble.errors import RegistryError
+from marble.eval.contract import EvalSummary, GateResult
 from marble.eval.gate import evaluate_gate
 from marble.eval.stats import composite_zscores
 from marble.io import atomic_write_text
@@ -68,41 +70,30 @@ def run_id(cfg: MarbleConfig) -> str:
     return os.environ.get(RUN_ID_ENV) or f"{cfg.run_name}-{cfg.config_hash()}"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RegistryError(f"{path}: not found; run `marble evaluate` before `marble register`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise RegistryError(f"{path}: not valid JSON ({exc})") from None
-
-
 def _check_adapter(adapter_dir: Path) -> None:
     if not (adapter_dir / ADAPTER_FILE).is_file():
         raise RegistryError(f"{adapter_dir}: no {ADAPTER_FILE}; expected an exported adapter directory")
 
 
-def _tags(summary: dict[str, Any], metrics: dict[str, Any], sha: str, rid: str) -> dict[str, str]:
-    lin = summary.get("lineage", {})
-    rewards = lin.get("reward_models", {})
+def _tags(summary: EvalSummary, metrics: dict[str, float], sha: str, rid: str) -> dict[str, str]:
+    lin = summary.lineage
+    rewards = lin.reward_models.model_dump(mode="json")["rewards"]
     tags = {
         TAG_SHA: sha,
         TAG_RUN: rid,
-        "marble.run_name": str(lin.get("run_name")),
-        "marble.git_commit": str(lin.get("git_commit")),
-        "marble.config_hash": str(lin.get("config_hash")),
-        TAG_PROTOCOL: str(lin.get("eval_protocol")),
-        "marble.data_hash": str(lin.get("data_hash")),
-        "marble.test_jsonl_sha256": str(lin.get("test_jsonl_sha256")),
-        "marble.base_model": str(lin.get("base_model")),
-        "marble.base_model_revision": str(lin.get("base_model_revision")),
-        "marble.reward_manifest_sha256": str(rewards.get("manifest_sha256")),
-        "marble.model_lock_sha256": str(rewards.get("model_lock_sha256")),
-        "marble.reward_models": json.dumps(rewards.get("rewards", {}), sort_keys=True, separators=(",", ":")),
+        "marble.run_name": lin.run_name,
+        "marble.git_commit": lin.git_commit,
+        "marble.config_hash": lin.config_hash,
+        TAG_PROTOCOL: lin.eval_protocol,
+        "marble.data_hash": str(lin.data_hash),
+        "marble.test_jsonl_sha256": str(lin.test_jsonl_sha256),
+        "marble.base_model": lin.base_model,
+        "marble.base_model_revision": str(lin.base_model_revision),
+        "marble.reward_manifest_sha256": str(lin.reward_models.manifest_sha256),
+        "marble.model_lock_sha256": str(lin.reward_models.model_lock_sha256),
+        "marble.reward_models": json.dumps(rewards, sort_keys=True, separators=(",", ":")),
     }
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            tags[METRIC_PREFIX + k] = repr(float(v))
+    tags.update({METRIC_PREFIX + k: repr(v) for k, v in metrics.items()})
     return tags
 
 
@@ -113,10 +104,10 @@ def register_adapter(
     store lives in `registry_dir` (default `out_dir`)."""
     adapter_dir, eval_dir, out_dir = Path(adapter_dir), Path(eval_dir), Path(out_dir)
     _check_adapter(adapter_dir)
-    summary = _read_json(eval_dir / "eval.json")
-    metrics = _read_json(eval_dir / "metrics.json")
+    summary = EvalSummary.load(eval_dir / "eval.json")
+    metrics = {k: v for k, v in summary.flat_metrics().items() if v is not None}
     sha = adapter_sha256(adapter_dir)
-    evaluated = summary.get("lineage", {}).get("adapter_sha256")
+    evaluated = summary.lineage.adapter_sha256
     if evaluated != sha:
         raise RegistryError(
             f"{eval_dir / 'eval.json'}: evaluated adapter sha256 {evaluated} but {adapter_dir} has {sha}; "
@@ -137,8 +128,8 @@ def _register_locked(
     registry: Registry,
     adapter_dir: Path,
     eval_dir: Path,
-    summary: dict[str, Any],
-    metrics: dict[str, Any],
+    summary: EvalSummary,
+    metrics: dict[str, float],
     sha: str,
     rid: str,
     key: str,
@@ -161,11 +152,8 @@ def _register_locked(
             version.version, {TAG_GATE: tags[TAG_GATE], TAG_GATE_SUMMARY: tags[TAG_GATE_SUMMARY]}
         )
     else:
-        numeric = {
-            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
         extra = [eval_dir / f for f in EVAL_FILES if (eval_dir / f).is_file()]
-        version = registry.create_version(adapter_dir, key=key, tags=tags, metrics=numeric, extra_files=extra)
+        version = registry.create_version(adapter_dir, key=key, tags=tags, metrics=metrics, extra_files=extra)
         # A racing writer on a shared server may have registered the same key: the oldest version wins.
         same = registry.find_versions(key)
         if same and same[0].version != version.version:
@@ -189,27 +177,26 @@ def _register_locked(
 
 
 def composite_with_champion(
-    summary: dict[str, Any], champion: RegisteredVersion | None
+    summary: EvalSummary, champion: RegisteredVersion | None
 ) -> dict[str, Any] | None:
     """The paper's composite (mean z-score, population std) over base, champion and this adapter, on
     the rewards all three were measured on; None without a champion."""
     if champion is None:
         return None
     theirs = champion.reward_means()
-    rewards = summary["rewards"]
+    rewards = summary.rewards
     names = [
         n
         for n, r in rewards.items()
-        if n in theirs
-        and all(math.isfinite(float(x)) for x in (r["base"]["mean"], r["adapter"]["mean"], theirs[n]))
+        if n in theirs and all(math.isfinite(float(x)) for x in (r.base.mean, r.adapter.mean, theirs[n]))
     ]
     if not names:
         return None
     table = np.array(
         [
-            [rewards[n]["base"]["mean"] for n in names],
+            [rewards[n].base.mean for n in names],
             [theirs[n] for n in names],
-            [rewards[n]["adapter"]["mean"] for n in names],
+            [rewards[n].adapter.mean for n in names],
         ]
     )  # [3, K]
     z = composite_zscores(table)  # [3]
@@ -217,13 +204,13 @@ def composite_with_champion(
     return {"rewards": names, "scores": dict(zip(labels, z.tolist(), strict=True))}
 
 
-def _champion_for_gate(summary: dict[str, Any], champion: RegisteredVersion | None) -> dict[str, Any]:
+def _champion_for_gate(summary: EvalSummary, champion: RegisteredVersion | None) -> dict[str, Any]:
     """The champion's per-reward means, only if it was measured the same way (same eval protocol:
     data, sampling, seeds, rewards). Numbers from another protocol are not comparable; the Pareto
     check is then skipped and says why (re-evaluate the champion under the new protocol to compare)."""
     if champion is None:
         return {"champion": None, "champion_label": ""}
-    mine = summary.get("lineage", {}).get("eval_protocol")
+    mine = summary.lineage.eval_protocol
     theirs = champion.tags.get(TAG_PROTOCOL)
     if mine != theirs:
         note = (
@@ -242,7 +229,7 @@ def _record(
     *,
     created: bool,
     champion_before: str | None,
-    gate: Any,
+    gate: GateResult | None,
 ) -> dict[str, Any]:
     champion = registry.get_alias(CHAMPION)
     candidate = registry.get_alias(CANDIDATE)
@@ -256,7 +243,7 @@ def _record(
         "created": created,
         "gate_passed": version.tags.get(TAG_GATE) == "passed" if gate is None else gate.passed,
         "gate_summary": version.tags.get(TAG_GATE_SUMMARY) if gate is None else gate.summary(),
-        "gate": gate.to_dict() if gate is not None else None,
+        "gate": gate.to_json_dict() if gate is not None else None,
         "champion_before": champion_before,
         "champion": champion.version if champion else None,
         "candidate": candidate.version if candidate else None,

@@ -2,7 +2,7 @@
 
 The registry maps a `kind` to "module:Class" and imports lazily, so building the tiny world's offline
 rewards never imports transformers or open_clip. `score_all` keeps the K rewards separate (`[N, K]`):
-only the balancer combines them (STYLE.md).
+only the balancer combines them (docs/algorithm.md).
 """
 
 from __future__ import annotations
@@ -16,27 +16,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from marble.config import REWARD_SPEC_BY_KIND
 from marble.errors import RewardError
 from marble.rewards.base import Reward
 
 log = logging.getLogger(__name__)
 
-REWARD_KINDS: dict[str, str] = {
-    "brightness": "marble.rewards.offline:BrightnessScorer",
-    "colorfulness": "marble.rewards.offline:ColorfulnessScorer",
-    "jpeg_compressibility": "marble.rewards.offline:JpegCompressibilityScorer",
-    "color_match": "marble.rewards.offline:ColorMatchScorer",
-    "edge_detail": "marble.rewards.offline:EdgeDetailScorer",
-    "pickscore": "marble.rewards.clip:PickScoreScorer",
-    "clipscore": "marble.rewards.clip:ClipScoreScorer",
-    "aesthetic": "marble.rewards.clip:AestheticScorer",
-    "hpsv21": "marble.rewards.hps:HPSv21Scorer",
-    "imagereward": "marble.rewards.imagereward:ImageRewardScorer",
-    "ocr": "marble.rewards.ocr:OcrScorer",
-    "geneval": "marble.rewards.geneval:GenEvalScorer",
-    "http": "marble.rewards.http:HttpScorer",
-}
-"""`kind` -> implementing class ("module:Class"); the config's `RewardSpec` union lists the same kinds."""
+REWARD_KINDS: dict[str, str] = {kind: spec.implementation for kind, spec in REWARD_SPEC_BY_KIND.items()}
+"""`kind` -> implementing class ("module:Class"), from each kind's declaration in `marble.config`."""
 
 
 def reward_class(kind: str) -> type:
@@ -61,6 +48,9 @@ def build_rewards(specs: Sequence[Any]) -> list[Reward]:
     return [build_reward(s) for s in specs]
 
 
+ScoreMode = Literal["train", "eval"]
+
+
 def score_all(
     rewards: Sequence[Reward],
     images: Tensor,
@@ -68,35 +58,50 @@ def score_all(
     metadata: list[dict] | None = None,
     *,
     nonfinite_counts: dict[str, int] | None = None,
-    mode: Literal["train", "eval"] = "train",
+    mode: ScoreMode = "train",
 ) -> Tensor:
     """Score `images` `[N, 3, H, W]` with every reward: returns `[N, K]` float64, columns in reward order.
 
     mode="train" gives each reward's training score; mode="eval" the score its paper reports where that
     differs (a reward's `eval_extra`: GenEval's binary accuracy, PickScore's raw logit scale).
+    See `score_modes` for the NaN conventions.
+    """
+    return score_modes(rewards, images, prompts, metadata, nonfinite_counts=nonfinite_counts, modes=(mode,))[
+        mode
+    ]
+
+
+def score_modes(
+    rewards: Sequence[Reward],
+    images: Tensor,
+    prompts: list[str],
+    metadata: list[dict] | None = None,
+    *,
+    nonfinite_counts: dict[str, int] | None = None,
+    modes: Sequence[ScoreMode] = ("train", "eval"),
+) -> dict[str, Tensor]:
+    """`score_all` in several modes from ONE call of each reward: mode -> `[N, K]` float64.
 
     NaN where a reward does not apply (a value, not an error). An UNEXPECTED non-finite score (inf, or
     NaN for a prompt the reward claims to apply to) is set to NaN so it is excluded like "not
-    applicable", counted per reward in `nonfinite_counts` (if given) and logged as a warning.
+    applicable", counted per reward in `nonfinite_counts` (if given; once per image, whatever the
+    modes) and logged as a warning.
     """
     metadata = metadata if metadata is not None else [{} for _ in prompts]
-    columns = []
+    columns: dict[str, list[Tensor]] = {m: [] for m in modes}
     for reward in rewards:
         out = reward(images, prompts, metadata)
-        key = getattr(reward, "eval_extra", None) if mode == "eval" else None
-        scores = out.extras.get(key, out.scores).to("cpu", torch.float64).reshape(-1)  # [N]
-        if scores.shape[0] != len(prompts):
-            raise RewardError(
-                f"reward {reward.name!r} returned {scores.shape[0]} scores for {len(prompts)} images"
-            )
         applies = torch.tensor(
             [reward.applies_to(p, m) for p, m in zip(prompts, metadata, strict=True)], dtype=torch.bool
-        )
-        scores = scores.masked_fill(~applies, math.nan)  # "does not apply" is always NaN
-        bad = torch.isinf(scores) | (torch.isnan(scores) & applies)  # [N]
-        num_bad = int(bad.sum())
+        )  # [N]
+        bad_any = torch.zeros(len(prompts), dtype=torch.bool)  # [N]
+        for mode in modes:
+            key = getattr(reward, "eval_extra", None) if mode == "eval" else None
+            scores, bad = _clean_column(reward.name, out.extras.get(key, out.scores), applies)  # [N], [N]
+            columns[mode].append(scores)
+            bad_any |= bad
+        num_bad = int(bad_any.sum())
         if num_bad:
-            scores = scores.masked_fill(bad, math.nan)
             if nonfinite_counts is not None:
                 nonfinite_counts[reward.name] = nonfinite_counts.get(reward.name, 0) + num_bad
             log.warning(
@@ -105,7 +110,16 @@ def score_all(
                 num_bad,
                 len(prompts),
             )
-        columns.append(scores)
-    return (
-        torch.stack(columns, dim=1) if columns else torch.empty(len(prompts), 0, dtype=torch.float64)
-    )  # [N, K]
+    empty = torch.empty(len(prompts), 0, dtype=torch.float64)
+    return {m: torch.stack(cols, dim=1) if cols else empty for m, cols in columns.items()}  # [N, K]
+
+
+def _clean_column(name: str, values: Tensor, applies: Tensor) -> tuple[Tensor, Tensor]:
+    """One reward's scores `[N]` as float64 with NaN where it does not apply, and the mask of
+    unexpected non-finite scores (set to NaN)."""
+    scores = values.to("cpu", torch.float64).reshape(-1)  # [N]
+    if scores.shape[0] != applies.shape[0]:
+        raise RewardError(f"reward {name!r} returned {scores.shape[0]} scores for {applies.shape[0]} images")
+    scores = scores.masked_fill(~applies, math.nan)  # "does not apply" is always NaN
+    bad = torch.isinf(scores) | (torch.isnan(scores) & applies)  # [N]
+    return scores.masked_fill(bad, math.nan), bad

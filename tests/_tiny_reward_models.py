@@ -1,7 +1,7 @@
 """Tiny random reward models of the REAL architecture classes, saved like hub checkpoints.
 
-Used by the tests (and usable for smoke runs): each builder writes a directory that the reward's normal
-loading code reads exactly as it reads the published checkpoint, so the tests exercise the real path.
+Test fixtures: each builder writes a directory that the reward's normal loading code reads exactly as
+it reads the published checkpoint, so the tests exercise the real path.
 Nothing here downloads anything; tokenizers are built from a byte-level alphabet with no merges.
 """
 
@@ -142,9 +142,10 @@ def save_tiny_owlv2(out_dir: Path, seed: int = 0, image_size: int = 32) -> Path:
 
     torch.manual_seed(seed)
     tok = tiny_clip_tokenizer()
+    tok.model_max_length = 16  # as the published OWLv2 tokenizer: the processor pads queries to it
     text = dict(
         vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        max_position_embeddings=tok.model_max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )  # fmt: skip
     vision = dict(
         image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
