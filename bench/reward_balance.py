@@ -344,7 +344,7 @@ def run(
             "eval_images_per_prompt": images_per_prompt,
             "eval_num_steps": eval_cfg.eval.num_steps,
             "eval_seeds": [j["seed"] for j in evaluator.jobs],
-            "eval_weights": "ema" if eval_cfg.eval.use_ema else "trainable",
+            "eval_weights": "ema" if eval_cfg.train.export_ema else "trainable",
             "rewards_trained": eval_cfg.trained_reward_names,
             "rewards_held_out": [r.name for r in eval_cfg.rewards if r.held_out],
             "extra_overrides": extra,

@@ -8,6 +8,7 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -76,10 +77,19 @@ def _lock(args: argparse.Namespace):
     return load_lock_for(_config_path(args))
 
 
-def _model_args(args: argparse.Namespace, default_cache: Path) -> dict:
-    """reward_cache / lock / reward_cache_sha256 for a stage that loads models."""
-    cache = args.reward_cache or (default_cache if default_cache.exists() else None)
+def _model_args(args: argparse.Namespace, default_cache: Callable[[], Path]) -> dict:
+    """reward_cache / lock / reward_cache_sha256 for a stage that loads models (the default cache is
+    looked up only when --reward-cache is not given)."""
+    cache = _existing(args.reward_cache, default_cache)
     return {"reward_cache": cache, "lock": _lock(args), "reward_cache_sha256": args.reward_cache_sha256}
+
+
+def _existing(path: str | None, default: Callable[[], Path]) -> Path | None:
+    """`path` if given, else the default when it exists (optional inputs such as the reward cache)."""
+    if path:
+        return Path(path)
+    fallback = default()
+    return fallback if fallback.exists() else None
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -114,17 +124,24 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ stages
 def _dirs(args: argparse.Namespace):
+    """The config, and a function giving the default output directories of each stage
+    (`<output_dir>/<run_name>/<stage>`).
+
+    The defaults are looked up only for a path the command line leaves out: `dvc.yaml` passes every
+    path, so its stages read neither `output_dir` nor `run_name` (each stage reads only the params its
+    DVC stage lists).
+    """
     from marble.paths import stage_dirs
 
     cfg = _cfg(args)
-    return cfg, stage_dirs(cfg)
+    return cfg, functools.partial(stage_dirs, cfg)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from marble import stages
 
     cfg, d = _dirs(args)
-    manifest = stages.prepare_prompts(cfg, args.out or d.prompts)
+    manifest = stages.prepare_prompts(cfg, args.out or d().prompts)
     print(f"prompts written; manifest: {manifest}")
     return 0
 
@@ -138,7 +155,7 @@ def cmd_cache_rewards(args: argparse.Namespace) -> int:
     config = _config_path(args)
     lock_file = lock_path_for(config)
     write = {"write_lock": lock_file, "config_name": config.name} if args.write_lock else {}
-    manifest = stages.cache_reward_models(cfg, args.out or d.reward_cache, lock=_lock(args), **write)
+    manifest = stages.cache_reward_models(cfg, args.out or d().reward_cache, lock=_lock(args), **write)
     print(f"reward cache ready; manifest: {manifest}")
     if args.write_lock:
         print(f"model lock: {lock_file}")
@@ -149,7 +166,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
     from marble import model_cache
 
     cfg, d = _dirs(args)
-    cache = Path(args.reward_cache or d.reward_cache)
+    cache = Path(args.reward_cache or d().reward_cache)
     if args.check:
         print(model_cache.check_lock(cfg, _config_path(args), cache))
         return 0
@@ -169,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, d = _dirs(args)
     adapter = stages.train(
-        cfg, args.prompts or d.prompts, args.out or d.train, **_model_args(args, d.reward_cache)
+        cfg, args.prompts or d().prompts, args.out or d().train, **_model_args(args, lambda: d().reward_cache)
     )
     print(f"adapter: {adapter}")
     return 0
@@ -179,14 +196,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from marble import stages
 
     cfg, d = _dirs(args)
-    train_dir = Path(args.train_dir) if args.train_dir else d.train
+    train_dir = Path(args.train_dir) if args.train_dir else d().train
     adapter = args.adapter or train_dir / "adapter"
     metrics = stages.evaluate(
         cfg,
-        args.prompts or d.prompts,
+        args.prompts or d().prompts,
         adapter,
-        args.out or d.eval,
-        **_model_args(args, d.reward_cache),
+        args.out or d().eval,
+        **_model_args(args, lambda: d().reward_cache),
         train_dir=train_dir if train_dir.exists() else None,
     )
     print(f"metrics: {metrics}\nreport:  {Path(metrics).parent / 'report.html'}")
@@ -198,7 +215,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     cfg, d = _dirs(args)
     record = stages.register_adapter(
-        cfg, args.adapter or d.train / "adapter", args.eval_dir or d.eval, args.out or d.registry
+        cfg, args.adapter or d().train / "adapter", args.eval_dir or d().eval, args.out or d().registry
     )
     print(json.dumps(record, indent=2, default=str))
     return 0
@@ -208,7 +225,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from marble.registry.register import fetch_adapter
 
     cfg, d = _dirs(args)
-    path, version = fetch_adapter(cfg, Path(args.registry_dir or d.registry), args.alias, args.out)
+    path, version = fetch_adapter(cfg, Path(args.registry_dir or d().registry), args.alias, args.out)
     print(f"{cfg.registry.model_name} version {version.version} ({args.alias}): {path}")
     print(f"load it with: pipe.load_lora_weights({str(path)!r})")
     return 0

@@ -192,7 +192,11 @@ class SamplingConfig(StrictModel):
 
     resolution: int = Field(512, ge=16, description="Image side, px [NFT: 512].")
     num_steps: int = Field(25, ge=2, description="Solver steps of a rollout [MARBLE: 25 for multi-reward].")
-    guidance_scale: float = Field(1.0, ge=1.0, description="CFG scale; 1.0 = CFG-free [NFT].")
+    guidance_scale: float = Field(
+        1.0,
+        description="CFG scale of the rollouts: 1.0 only. DiffusionNFT trains the guidance-free policy, so its "
+        "rollouts are CFG-free [NFT, MARBLE]; guide evaluation with eval.guidance_scale.",
+    )
     group_size: int = Field(24, description="Images per prompt G [MARBLE: 24].")
     prompts_per_epoch: int = Field(48, ge=1, description="Prompts sampled per epoch [MARBLE: 48].")
     batch_size: int = Field(8, ge=1, description="Images generated per forward pass of a rollout.")
@@ -201,6 +205,18 @@ class SamplingConfig(StrictModel):
     @property
     def samples_per_epoch(self) -> int:
         return self.group_size * self.prompts_per_epoch
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _cfg_free(cls, value: float) -> float:
+        # Refused rather than implemented: NFT's loss contrasts the trained velocity with the OLD policy's
+        # conditional velocity; guided rollouts would come from another policy than the one in the loss.
+        if value != 1.0:
+            raise ValueError(
+                f"{value} is not supported: training rollouts are CFG-free (1.0), as DiffusionNFT and MARBLE "
+                "train the guidance-free policy; use eval.guidance_scale for classifier-free guidance at evaluation"
+            )
+        return value
 
 
 class NFTConfig(StrictModel):
@@ -512,6 +528,11 @@ class TrainConfig(StrictModel):
     ema_decay: float = Field(
         0.9, gt=0, lt=1, description="Decay of the evaluation EMA of the weights [NFT: 0.9]."
     )
+    export_ema: bool = Field(
+        True,
+        description="Export the evaluation EMA of the weights as the adapter (what evaluate scores and register "
+        "ships), as DiffusionNFT and MARBLE evaluate the EMA [NFT]; false: the trainable weights.",
+    )
     checkpoint_every: int = Field(10, ge=1, description="Epochs between checkpoints.")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept (older ones are deleted).")
     resume: str = Field("latest", description="'latest', 'none', or a checkpoint directory.")
@@ -553,9 +574,18 @@ class EvalConfig(StrictModel):
     images_per_prompt: int = Field(1, ge=1, description="Seeds per prompt.")
     seed: int = Field(1234, description="Base seed; the same seeds are used for base and adapter.")
     bootstrap_samples: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
-    use_ema: bool = Field(True, description="Evaluate the EMA weights [NFT].")
     grid_prompts: int = Field(4, ge=0, description="Prompts shown in the report's image grid.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weights_are_chosen_by_train(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "use_ema" in data:
+            raise ValueError(
+                "eval.use_ema: evaluation scores the adapter the train stage exports; choose its weights "
+                "with train.export_ema"
+            )
+        return data
 
 
 # ----------------------------------------------------------------------------------------- registry

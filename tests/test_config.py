@@ -143,6 +143,15 @@ def test_resolution_divisible_by_vae_factor(tiny_dict):
     _refused(paper, "sampling.resolution=520")
 
 
+def test_guided_rollouts_are_refused_at_validation(tiny_dict):
+    bad = copy.deepcopy(tiny_dict)
+    bad["sampling"]["guidance_scale"] = 4.5
+    _refused(bad, "sampling.guidance_scale", "CFG-free", "eval.guidance_scale")
+    ok = copy.deepcopy(tiny_dict)
+    ok["eval"]["guidance_scale"] = 4.5  # guided evaluation runs the stock pipeline's CFG
+    validate_config(ok)
+
+
 def test_tiny_resolution_must_match(tiny_dict):
     bad = copy.deepcopy(tiny_dict)
     bad["sampling"]["resolution"] = 128

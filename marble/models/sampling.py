@@ -45,15 +45,13 @@ def sample_latents(
     *,
     num_steps: int,
     shift: float,
-    guidance_scale: float = 1.0,
     latent_shape: tuple[int, ...],
     generator,
-    negative: PromptEmbeddings | None = None,
 ) -> Tensor:
-    """Clean latents x0 [N, C, h, w] from a deterministic Euler solve of the flow ODE, t = 1 -> 0.
+    """Clean latents x0 [N, C, h, w] from a deterministic, CFG-free Euler solve of the flow ODE, t = 1 -> 0.
 
-    `generator` is one generator per sample (or a single one when N == 1). CFG-free when
-    guidance_scale == 1.0; otherwise `negative` embeddings are required.
+    `generator` is one generator per sample (or a single one when N == 1). CFG-free because the policy
+    DiffusionNFT trains is the guidance-free one (docs/algorithm.md §2; `sampling.guidance_scale`).
     """
     n = len(emb)
     gens = generator if isinstance(generator, (list, tuple)) else [generator] * 1
@@ -68,17 +66,11 @@ def sample_latents(
     x = x.to(dtype)
     grid = sigma_grid(num_steps, shift).to(device)  # [S]
     emb = emb.to(device)
-    use_cfg = guidance_scale != 1.0
-    if use_cfg and negative is None:
-        raise ValueError("guidance_scale != 1.0 needs negative prompt embeddings")
     for i in range(num_steps):
         t = grid[i]
         t_next = grid[i + 1] if i + 1 < num_steps else torch.zeros((), device=device)
         tt = t.expand(n)
         v = predict_velocity(transformer, x, tt, emb)
-        if use_cfg:
-            v_neg = predict_velocity(transformer, x, tt, negative.to(device))
-            v = v_neg + guidance_scale * (v - v_neg)
         x = x + (t_next - t).to(x.dtype) * v  # Euler step; dt < 0
     return x
 

@@ -135,7 +135,6 @@ class RolloutWorker:
                         emb,
                         num_steps=self.cfg.num_steps,
                         shift=self.cfg.shift,
-                        guidance_scale=self.cfg.guidance_scale,
                         latent_shape=self.latent_shape,
                         generator=gens[s : s + self.cfg.batch_size],
                     ).float()

@@ -4,7 +4,7 @@ Per epoch: rollouts of the old adapter -> trained rewards `[N, K]` -> per-reward
 optimizer step, `gradient_accumulation_steps` micro-batches x `num_train_timesteps` micro-steps of the
 balanced NFT update (one backward each) -> clip, AdamW, evaluation EMA -> old-policy blend -> checkpoint.
 
-Outputs in `out_dir`: `adapter/` (the weights evaluation uses: the EMA when `eval.use_ema`),
+Outputs in `out_dir`: `adapter/` (the weights evaluation uses: the EMA when `train.export_ema`),
 `adapter-raw/` (the trainable weights), `checkpoints/`, `metrics.jsonl`, `curves.csv`, `alpha.csv`,
 `tensorboard/`, `train_summary.json`. Multi-process (accelerate launch): gradients and Grams are averaged
 over ranks by hand (the model is not DDP-wrapped, because the trainer switches peft adapters between
@@ -384,12 +384,12 @@ class Trainer:
         adapter = self.out_dir / "adapter"
         if self.is_main:
             ema_sd = self.ema.state_dict()
-            use = ema_sd if self.cfg.eval.use_ema else None
+            use = ema_sd if self.cfg.train.export_ema else None
             self.lora.export_adapter(self.model, adapter, "default", state_dict=use)
             self.lora.export_adapter(self.model, self.out_dir / "adapter-raw", "default")
             summary = stepping.summary(self.logger.records, self.reward_names, self.balancer.objective_names)
             summary.update({"steps": self.step, "epochs": self.epoch, "train_seconds": seconds,
-                            "adapter": str(adapter), "adapter_weights": "ema" if self.cfg.eval.use_ema else "trainable",
+                            "adapter": str(adapter), "adapter_weights": "ema" if self.cfg.train.export_ema else "trainable",
                             "config_hash": self.cfg.config_hash(), **self.counters,
                             "model_lock_sha256": self.hub.lock.sha256 if self.hub.lock else None,
                             "reward_cache_manifest_sha256": self.hub.manifest_sha256})  # fmt: skip
