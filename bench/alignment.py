@@ -1,4 +1,4 @@
-"""Gradient alignment of every balancer preset on the same batches (issue 9, study 2).
+"""Gradient alignment of every balancer preset on the same batches.
 
 Along a real training trajectory on the tiny world (the trainer's own epochs, driven by one preset,
 `marble` by default), every micro-batch of every epoch is a diagnostic batch. On each one, ONCE:
@@ -153,7 +153,7 @@ def run(
         batches: list[dict[str, Any]] = []
         epochs_done = 0
         for epoch in range(epochs):
-            buf = world.buffer if epoch == 0 else tr._rollout(epoch)  # trainer's rollouts + rewards
+            buf = world.buffer if epoch == 0 else tr.rollout(epoch)  # trainer's rollouts + rewards
             plans = {
                 p: EpochPlan(world.cfg, common.buffer_for(world, balancers[p], buf), 1, 0, tr.grid)
                 for p in presets
@@ -168,9 +168,8 @@ def run(
                     batches.append(rec)
             # then the epoch's real training steps (driver preset) and the old-policy blend, as train()
             tr.batch_pos = 0
-            tr._train_epoch(common.buffer_for(world, driver_bal, buf))
-            eta = min(world.cfg.nft.old_decay_rate * tr.step, world.cfg.nft.old_decay_cap)
-            tr.lora.blend_old_adapter(tr.model, eta)
+            tr.train_epoch(common.buffer_for(world, driver_bal, buf))
+            tr.blend_old_policy()
             log.info("alignment epoch %d/%d: %d batches so far", epoch + 1, epochs, len(batches))
             epochs_done = epoch + 1
             if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:

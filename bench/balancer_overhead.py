@@ -1,4 +1,4 @@
-"""Micro-benchmark of the MARBLE balancer's own cost (issue 3): K = 5 rewards on a small MLP.
+"""Micro-benchmark of the MARBLE balancer's own cost: K = 5 rewards on a small MLP.
 
 Measures, as medians over interleaved repeats after a warm-up (wall clock, CPU, `--threads` torch threads):
 - `train_step_ms`: forward + NFT terms + ONE backward of the (ω, ρ) loss (what every preset pays);

@@ -1,11 +1,11 @@
-"""Shared pieces of the tiny-world benchmarks (issue 9): the environment record, the config, the
+"""Shared pieces of the tiny-world benchmarks: the environment record, the config, the
 trainer world the studies measure, interleaved timing, and JSON output.
 
 Every study builds the SAME objects the product runs: `configs/tiny.yaml` validated by
 `marble.configio`, the training recipe `marble.train.trainer.Trainer` (`setup()` loads the tiny SD3
 pipeline, adds the LoRA adapters, builds the rewards and the balancer) and its own rollouts. The
-studies only swap the balancer object (`Trainer.balancer` and `Trainer.update.balancer`) and observe;
-they never re-implement the update.
+studies only swap the balancer (`Trainer.set_balancer`) and observe through the trainer's public
+steps (`rollout`, `train_epoch`, `optimizer_step`, `blend_old_policy`); they never re-implement the update.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def build_world(cfg: MarbleConfig, work: Path, name: str = "world") -> World:
     prompts = prepare_prompts(cfg, work)
     trainer = Trainer(cfg, prompts, work / name)
     trainer.setup()
-    buf = trainer._rollout(0)
+    buf = trainer.rollout(0)
     return World(trainer, buf, cfg)
 
 
@@ -212,9 +212,8 @@ def buffer_for(world: World, balancer: Any, buf: Any | None = None) -> Any:
 
 
 def install_balancer(world: World, balancer: Any) -> None:
-    """Swap the balancer the trainer and its update use (the recipe never branches on its kind)."""
-    world.trainer.balancer = balancer
-    world.trainer.update.balancer = balancer
+    """Swap the balancer the trainer uses (the recipe never branches on its kind)."""
+    world.trainer.set_balancer(balancer)
 
 
 def make_balancer(world: World, preset: str) -> Any:
@@ -228,15 +227,17 @@ class TrainState:
     preset starts from the same weights (timing must not depend on where another preset moved them)."""
 
     def __init__(self, trainer: Any):
+        from marble.models import lora
+
         self.trainer = trainer
-        self.adapter = {
-            k: v.clone() for k, v in trainer.lora.adapter_state_dict(trainer.model, "default").items()
-        }
+        self.adapter = {k: v.clone() for k, v in lora.adapter_state_dict(trainer.model, "default").items()}
         self.optim = copy.deepcopy(trainer.optimizer.state_dict())
 
     def restore(self) -> None:
+        from marble.models import lora
+
         t = self.trainer
-        t.lora.load_adapter_state_dict(t.model, "default", self.adapter)
+        lora.load_adapter_state_dict(t.model, "default", self.adapter)
         t.optimizer.load_state_dict(copy.deepcopy(self.optim))
         t.optimizer.zero_grad(set_to_none=True)
 

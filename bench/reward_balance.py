@@ -1,4 +1,4 @@
-"""Does every reward improve? Each balancer preset trained on the tiny world, three seeds (issue 9, study 3).
+"""Does every reward improve? Each balancer preset trained on the tiny world, three seeds.
 
 Training is the real `marble train` command (`python -m marble.cli train --config configs/tiny.yaml
 --set ...`), one subprocess per (preset, seed), `--workers` at a time with one torch thread each

@@ -1,7 +1,7 @@
-"""`make bench`: every benchmark study on the tiny world, then the README table (issue 9).
+"""`make bench`: every benchmark study on the tiny world, then the README table.
 
 Studies, in this order (each writes bench/results/<name>.json and .png):
-1. `balancer_overhead` (issue 3's micro-benchmark, its own defaults);
+1. `balancer_overhead` (the balancer's own micro-benchmark, its own defaults);
 2. `alignment` (gradient cosines of every preset on the same batches);
 3. `throughput` (interleaved step timing of every preset, one process, nothing else running);
 4. `reward_balance` (every preset trained with `marble train`, three seeds, evaluated on held-out prompts).

@@ -1,8 +1,8 @@
-"""Throughput of every balancer preset on the tiny world (issue 9, study 1).
+"""Throughput of every balancer preset on the tiny world.
 
 One process, one trainer (`Trainer.setup()` on configs/tiny.yaml: model, adapters, rewards, optimizer)
 and one epoch of rollouts; the presets differ only by the balancer object swapped into the trainer.
-Each measured optimizer step is the trainer's own `_optimizer_step` (micro-steps, backward passes,
+Each measured optimizer step is the trainer's own `optimizer_step` (micro-steps, backward passes,
 accelerate accumulation, clip, AdamW, evaluation EMA): nothing of the update is re-implemented here.
 
 Protocol: torch threads pinned; one warm-up step per preset; then `repeats` rounds, each running one
@@ -118,7 +118,7 @@ def _one_step(world: common.World, run: PresetRun, probe: MicroStepProbe) -> dic
     before = getattr(run.balancer, "num_refreshes", 0)
     probe.reset()
     rss0 = _reset_peak_rss()
-    ms, metrics = common.timed(lambda: tr._optimizer_step(run.plan, range(first, first + accum)))
+    ms, metrics = common.timed(lambda: tr.optimizer_step(run.plan, range(first, first + accum)))
     rss_mb = None if rss0 is None else (_proc_status_bytes("VmHWM") - rss0) / 1e6
     run.step += 1
     refreshes = getattr(run.balancer, "num_refreshes", 0) - before

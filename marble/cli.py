@@ -2,7 +2,8 @@
 
 User errors (bad config, bad data, missing files, weights that differ from the model lock) print one
 clear message and exit 2; a storage failure (disk full, quota, read-only volume) exits 74 (EX_IOERR);
-no traceback.
+no traceback. A broken internal invariant (`marble.errors.InternalError`, a bug) prints its traceback
+and exits 70.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import functools
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from marble.configio import ConfigError, config_to_yaml, load_config, read_config_dict, validate_config
-from marble.errors import MarbleError, StorageError
+from marble.errors import InternalError, MarbleError, StorageError
 
 EXIT_USER_ERROR = 2
 EXIT_IO_ERROR = 74  # sysexits.h EX_IOERR: retrying after freeing space can succeed
+EXIT_INTERNAL_ERROR = 70
+"""sysexits' EX_SOFTWARE: marble itself is at fault."""
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -298,7 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marble", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_config_commands(sub)
+    _add_stage_commands(sub)
+    _add_registry_and_reward_commands(sub)
+    _add_pipeline_commands(sub)
+    p = sub.add_parser("bench", help="run a benchmark module from bench/")
+    p.add_argument("name", help="benchmark module, e.g. balancer_overhead")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
 
+
+def _add_config_commands(sub) -> None:
     cfg_p = sub.add_parser("config", help="show, validate or export the config schema")
     cfg_sub = cfg_p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     p = cfg_sub.add_parser("show", help="print the resolved config (file + --set overrides)")
@@ -311,14 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_config_schema)
 
-    stage_defs: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
-        ("prepare", "stage 1: validate, mix and split prompt sources", cmd_prepare),
-        ("cache-rewards", "stage 2: snapshot reward models into a verified cache", cmd_cache_rewards),
-        ("train", "stage 3: MARBLE training of a LoRA adapter", cmd_train),
-        ("evaluate", "stage 4: multi-reward evaluation, base vs. adapter, report", cmd_evaluate),
-        ("register", "stage 5: register the adapter; promote it if the gate passes", cmd_register),
-    ]
-    for name, help_text, func in stage_defs:
+
+STAGE_COMMANDS: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+    ("prepare", "stage 1: validate, mix and split prompt sources", cmd_prepare),
+    ("cache-rewards", "stage 2: snapshot reward models into a verified cache", cmd_cache_rewards),
+    ("train", "stage 3: MARBLE training of a LoRA adapter", cmd_train),
+    ("evaluate", "stage 4: multi-reward evaluation, base vs. adapter, report", cmd_evaluate),
+    ("register", "stage 5: register the adapter; promote it if the gate passes", cmd_register),
+]
+
+
+def _add_stage_commands(sub) -> None:
+    for name, help_text, func in STAGE_COMMANDS:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p)
         p.add_argument("--out", help="output directory (default: <output_dir>/<run_name>/<stage>)")
@@ -339,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--eval-dir", help="directory written by `marble evaluate`")
         p.set_defaults(func=func)
 
+
+def _add_registry_and_reward_commands(sub) -> None:
     p = sub.add_parser("fetch", help="download the registered adapter an alias points to (sha256 verified)")
     _add_config_args(p)
     p.add_argument("--alias", default="champion", help="registry alias (champion or candidate)")
@@ -368,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_lock)
 
+
+def _add_pipeline_commands(sub) -> None:
     pl = sub.add_parser("pipeline", help="run, compile, upload or schedule the Kubeflow pipeline")
     pl_sub = pl.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
     p = pl_sub.add_parser("run", help="run the pipeline (--local: kfp SubprocessRunner, no cluster)")
@@ -403,12 +426,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_param_arg(p)
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("bench", help="run a benchmark module from bench/")
-    p.add_argument("name", help="benchmark module, e.g. balancer_overhead")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
-    return parser
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -426,6 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, MarbleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except InternalError as exc:
+        traceback.print_exc()
+        print(
+            f"internal error (a bug in marble, not in your input; please report it): {exc}", file=sys.stderr
+        )
+        return EXIT_INTERNAL_ERROR
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith(("marble.", "pipelines", "bench")):
             print(

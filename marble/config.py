@@ -112,7 +112,7 @@ class DataConfig(StrictModel):
 
 # -------------------------------------------------------------------------------------------- model
 class TinyModelConfig(StrictModel):
-    """The CPU world: a tiny SD3-architecture pipeline built from configs (STACK-NOTES sizes)."""
+    """The CPU world: a tiny SD3-architecture pipeline built from configs (sizes: docs/library-notes.md)."""
 
     num_layers: int = Field(2, ge=1, description="Transformer blocks.")
     attention_head_dim: int = Field(8, ge=1, description="Per-head width of the transformer.")
@@ -124,7 +124,9 @@ class TinyModelConfig(StrictModel):
         400, ge=0, description="AdamW steps training the tiny VAE on synthetic shapes."
     )
     vae_batch_size: int = Field(32, ge=1, description="Batch size of the VAE training.")
-    vae_lr: float = Field(2e-3, gt=0, description="Learning rate of the VAE training (STACK-NOTES).")
+    vae_lr: float = Field(
+        2e-3, gt=0, description="Learning rate of the VAE training (docs/library-notes.md)."
+    )
     pretrain_steps: int = Field(
         0, ge=0, description="Flow-matching pretraining steps of the transformer (0: none)."
     )

@@ -1,6 +1,13 @@
-"""User-facing errors: the CLI prints their message (no traceback) and exits non-zero."""
+"""Errors. `MarbleError`s are caused by the user's input: the CLI prints their message (no traceback)
+and exits 2. An `InternalError` is a broken invariant of marble itself (a bug, whatever the input): the
+CLI prints the traceback and exits 70.
+"""
 
 from __future__ import annotations
+
+
+class InternalError(RuntimeError):
+    """A broken internal invariant (a bug in marble, not in the user's input)."""
 
 
 class MarbleError(Exception):

@@ -1,5 +1,5 @@
 """The benchmark studies run end to end on a minimal setting and produce the keys the README table
-and bench/README.md read. No speed, cosine or reward value is asserted (issue 9: never time in tests)."""
+and bench/README.md read. No speed, cosine or reward value is asserted."""
 
 from __future__ import annotations
 

@@ -216,3 +216,23 @@ def test_config_hash_changes_with_content():
     a = load_config(TINY)
     b = load_config(TINY, ["train.lr=1e-4"])
     assert a.config_hash() == load_config(TINY).config_hash() != b.config_hash()
+
+
+def test_cli_exit_codes_separate_user_errors_from_internal_ones(monkeypatch, capsys):
+    from marble import cli
+    from marble.errors import DataError, InternalError
+
+    def fails_with(exc):
+        def command(args):
+            raise exc
+
+        return command
+
+    monkeypatch.setattr(cli, "cmd_config_show", fails_with(DataError("prompts.txt:3: blank line")))
+    assert cli.main(["config", "show", "-c", str(TINY)]) == 2
+    err = capsys.readouterr().err
+    assert "prompts.txt:3: blank line" in err and "Traceback" not in err
+    monkeypatch.setattr(cli, "cmd_config_show", fails_with(InternalError("plan and accumulation disagree")))
+    assert cli.main(["config", "show", "-c", str(TINY)]) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "a bug in marble" in err and "plan and accumulation disagree" in err

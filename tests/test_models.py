@@ -33,7 +33,7 @@ def test_tiny_model_is_saved_then_loaded_from_its_cache(tiny_config, tiny_pipeli
     path, kwargs = resolve_pretrained(tiny_config.model)
     info = json.loads(Path(path, BUILD_INFO).read_text())
     assert kwargs == {} and (tiny_config.model.cache_dir in path)
-    # the trained VAE's reconstructions follow their inputs; a random decoder's barely move (STACK-NOTES)
+    # the trained VAE's reconstructions follow their inputs; a random decoder's barely move (docs/library-notes.md)
     # Measured live (build stats of caches built by older code used another definition of this number):
     # std across synthetic images of the mean brightness of their reconstructions. Images vary (~0.11);
     # the trained VAE gives ~0.06, random initialisations 0.002-0.005 (their max is the bar, x10).

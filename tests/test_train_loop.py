@@ -11,6 +11,7 @@ from _train_helpers import read_metrics, train_config
 
 from marble.data.prepare import prepare_prompts
 from marble.errors import TrainingError
+from marble.models import lora
 from marble.train.stepping import EpochPlan
 from marble.train.trainer import Trainer, run_training
 
@@ -29,7 +30,7 @@ def _trainer(cfg, prompts_dir, out_dir) -> Trainer:
 
 
 def _adapter(tr: Trainer, name: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in tr.lora.adapter_state_dict(tr.model, name).items()}
+    return {k: v.detach().clone() for k, v in lora.adapter_state_dict(tr.model, name).items()}
 
 
 def _base(tr: Trainer) -> dict[str, torch.Tensor]:
@@ -37,7 +38,7 @@ def _base(tr: Trainer) -> dict[str, torch.Tensor]:
 
 
 def _step(tr: Trainer, plan: EpochPlan, b: int) -> dict:
-    return tr._optimizer_step(plan, range(b, b + tr.cfg.train.gradient_accumulation_steps))
+    return tr.optimizer_step(plan, range(b, b + tr.cfg.train.gradient_accumulation_steps))
 
 
 def _dead_lora_keys(tr: Trainer, keys) -> set[str]:
@@ -57,7 +58,7 @@ def test_step_changes_every_lora_param_and_nothing_else(tiny_config, prompts_dir
         default0, old0, base0 = _adapter(tr, "default"), _adapter(tr, "old"), _base(tr)
         assert default0 and old0 and base0
         live = [k for k in default0 if k not in _dead_lora_keys(tr, default0)]
-        plan = EpochPlan(cfg, tr._rollout(0), 1, 0, tr.grid)
+        plan = EpochPlan(cfg, tr.rollout(0), 1, 0, tr.grid)
         _step(tr, plan, 0)
         default1 = _adapter(tr, "default")
         # gaussian LoRA init: B = 0, so at the first step only the B matrices get a gradient
@@ -89,7 +90,7 @@ def test_nan_rewards_never_reach_advantages_or_loss(tiny_config, prompts_dir, tm
 
     tr.worker.score_all = broken_scores
     try:
-        buf = tr._rollout(0)
+        buf = tr.rollout(0)
         assert not buf.mask[:, -1].any() and not buf.mask[::3, 0].any()
         assert torch.isfinite(buf.r).all() and torch.isfinite(buf.r_raw).all()
         plan = EpochPlan(cfg, buf, 1, 0, tr.grid)
@@ -107,7 +108,7 @@ def test_nonfinite_step_is_skipped_then_aborts(tiny_config, prompts_dir, tmp_pat
     cfg = train_config(tiny_config, train={"max_consecutive_skips": 2})
     tr = _trainer(cfg, prompts_dir, tmp_path / "run")
     try:
-        plan = EpochPlan(cfg, tr._rollout(0), 1, 0, tr.grid)
+        plan = EpochPlan(cfg, tr.rollout(0), 1, 0, tr.grid)
         _step(tr, plan, 0)  # a good step, so the optimizer has state to protect
         params0 = _adapter(tr, "default")
         opt0 = {k: v.clone() for k, v in tr.optimizer.state_dict()["state"][0].items()}

@@ -7,7 +7,6 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from marble.config import DataConfig
 from marble.data.records import PromptRecord
@@ -16,11 +15,6 @@ from marble.data.tokens import estimate_tokens, token_limit, truncate_to_tokens
 from marble.data.validation import data_error
 
 log = logging.getLogger(__name__)
-
-
-class MixStats(NamedTuple):
-    duplicates_dropped: int
-    truncated: int
 
 
 def apply_token_limit(

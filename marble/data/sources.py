@@ -9,6 +9,7 @@ strict UTF-8 line by line so an invalid byte is reported at its line.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -135,15 +136,7 @@ def _json_object(line: str, where: Location) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ readers
 def read_text(src: TextSource, cfg: DataConfig, config_field: str) -> SourcePrompts:
     """Plain text, one prompt per line; blank lines are refused (they are usually a broken export)."""
-    path, data = load_source(src.path, cfg, config_field)
-    out: list[RawPrompt] = []
-    for lineno, text in _decoded_lines(path, data):
-        if _limited(out, src.limit):
-            break
-        where = Location(str(path), lineno)
-        rec = validate_prompt(text, {}, where, cfg.max_prompt_chars)
-        out.append(RawPrompt(rec.prompt, _family(src), {}, where))
-    return SourcePrompts(out, _info(src, data, len(out)))
+    return _read_lines(src, cfg, config_field, lambda line, where: (line, {}))
 
 
 def read_jsonl(src: JsonlSource, cfg: DataConfig, config_field: str) -> SourcePrompts:
@@ -152,39 +145,48 @@ def read_jsonl(src: JsonlSource, cfg: DataConfig, config_field: str) -> SourcePr
     Metadata carrying GenEval's `include` is validated with the GenEval schema too, so the GenEval
     reward never meets malformed metadata.
     """
-    path, data = load_source(src.path, cfg, config_field)
-    out: list[RawPrompt] = []
-    for lineno, line in _decoded_lines(path, data):
-        if _limited(out, src.limit):
-            break
-        where = Location(str(path), lineno)
-        obj = _json_object(line, where)
-        if src.prompt_field not in obj:
-            raise data_error(where, src.prompt_field, "required field is missing")
-        prompt = obj.pop(src.prompt_field)
-        if "include" in obj:
-            obj = {
-                **obj,
-                **validate_geneval({k: obj[k] for k in ("tag", "include", "exclude") if k in obj}, where),
-            }
-        rec = validate_prompt(prompt, obj, where, cfg.max_prompt_chars)
-        out.append(RawPrompt(rec.prompt, _family(src), rec.metadata, where))
-    return SourcePrompts(out, _info(src, data, len(out)))
+    return _read_lines(
+        src, cfg, config_field, functools.partial(_json_prompt, src.prompt_field, _jsonl_metadata)
+    )
 
 
 def read_geneval(src: GenEvalSource, cfg: DataConfig, config_field: str) -> SourcePrompts:
     """GenEval metadata JSONL: {"tag", "include": [...], "exclude"?: [...], "prompt"} per line."""
+    return _read_lines(src, cfg, config_field, functools.partial(_json_prompt, "prompt", validate_geneval))
+
+
+def _jsonl_metadata(obj: dict[str, Any], where: Location) -> dict[str, Any]:
+    if "include" not in obj:
+        return obj
+    return {**obj, **validate_geneval({k: obj[k] for k in ("tag", "include", "exclude") if k in obj}, where)}
+
+
+def _json_prompt(
+    prompt_field: str,
+    to_metadata: Callable[[dict[str, Any], Location], dict[str, Any]],
+    line: str,
+    where: Location,
+) -> tuple[Any, dict[str, Any]]:
+    """(prompt, metadata) of one JSON-object line: the prompt under `prompt_field`, the rest through
+    `to_metadata`."""
+    obj = _json_object(line, where)
+    if prompt_field not in obj:
+        raise data_error(where, prompt_field, "required field is missing")
+    prompt = obj.pop(prompt_field)
+    return prompt, to_metadata(obj, where)
+
+
+def _read_lines(
+    src: Any, cfg: DataConfig, config_field: str, parse: Callable[[str, Location], tuple[Any, dict[str, Any]]]
+) -> SourcePrompts:
+    """One prompt per line of a text file: `parse` gives each line's (prompt, metadata)."""
     path, data = load_source(src.path, cfg, config_field)
     out: list[RawPrompt] = []
     for lineno, line in _decoded_lines(path, data):
         if _limited(out, src.limit):
             break
         where = Location(str(path), lineno)
-        obj = _json_object(line, where)
-        if "prompt" not in obj:
-            raise data_error(where, "prompt", "required field is missing")
-        prompt = obj.pop("prompt")
-        metadata = validate_geneval(obj, where)
+        prompt, metadata = parse(line, where)
         rec = validate_prompt(prompt, metadata, where, cfg.max_prompt_chars)
         out.append(RawPrompt(rec.prompt, _family(src), rec.metadata, where))
     return SourcePrompts(out, _info(src, data, len(out)))

@@ -3,7 +3,7 @@
 - "default": the policy being trained.
 - "old": the sampling policy of DiffusionNFT, a slow EMA of "default" (docs/algorithm.md §5).
 - the reference: the base model, `with model.disable_adapter():`.
-Export follows the traps measured in STACK-NOTES: the state dict is taken in the BASE model's naming and
+Export follows the traps in docs/library-notes.md (peft): the state dict is taken in the BASE model's naming and
 saved with `save_lora_weights` together with the adapter metadata, or stock diffusers either loads
 nothing or silently loses the lora_alpha scale.
 """

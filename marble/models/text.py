@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from marble.errors import InternalError
+
 
 @dataclass
 class PromptEmbeddings:
@@ -35,7 +37,7 @@ class PromptEmbeddings:
         )
 
 
-@torch.no_grad()  # STACK-NOTES: without no_grad a later second backward fails through the encoders' graph
+@torch.no_grad()  # without it a later second backward fails through the encoders' graph (docs/library-notes.md)
 def encode_prompts(pipe, prompts: list[str], max_sequence_length: int) -> PromptEmbeddings:
     """CFG-free SD3 prompt embeddings for `prompts` (the pipeline's own `encode_prompt`)."""
     device = pipe.text_encoder.device if pipe.text_encoder is not None else pipe.transformer.device
@@ -68,7 +70,7 @@ class TextEmbeddingCache:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._store))
         if missing:
             if self.pipe.text_encoder is None:
-                raise RuntimeError(
+                raise InternalError(
                     f"{len(missing)} prompt(s) not in the embedding cache after the text encoders were dropped, "
                     f"e.g. {missing[0]!r}"
                 )

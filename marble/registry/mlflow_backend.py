@@ -5,7 +5,7 @@ tracking/registry store and local artifact storage are all in the skinny package
 MLflow 3.17). Each registration is an MLflow run that logs the adapter files as artifacts
 (`adapter/`), the evaluation files (`eval/`) and every metric; the model version is created with
 `MlflowClient.create_model_version(source=<run artifact URI>/adapter)`, because MLflow 3 refuses
-`register_model("runs:/<id>/<plain dir>")` (STACK-NOTES).
+`register_model("runs:/<id>/<plain dir>")` (docs/library-notes.md).
 """
 
 from __future__ import annotations
@@ -168,10 +168,6 @@ class MlflowRegistry:
 
     def delete_version(self, version: str) -> None:
         self._call(f"delete version {version}", self.client.delete_model_version, self.model_name, version)
-
-    def get_version(self, version: str) -> RegisteredVersion:
-        mv = self._call(f"read version {version}", self.client.get_model_version, self.model_name, version)
-        return self._to_record(mv)
 
     def get_alias(self, alias: str) -> RegisteredVersion | None:
         _, mlflow_exc = _import_mlflow()

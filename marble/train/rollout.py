@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from marble.data.records import PromptRecord
+from marble.models.sampling import decode_latents, sample_latents
 from marble.rl.advantages import AdvantageStats, group_advantages, optimality_probability
 from marble.train.sampler import generator
 from marble.train.update import use_adapter
@@ -45,9 +46,6 @@ class EpochBuffer:
     @property
     def num_samples(self) -> int:
         return self.latents.shape[0]
-
-    def group_of(self, idx: Tensor) -> list[int]:
-        return [int(i) // self.group_size for i in idx.tolist()]
 
     def state_dict(self) -> dict[str, Any]:
         out = {
@@ -90,7 +88,6 @@ class RolloutWorker:
     def __init__(
         self,
         *,
-        models: Any,  # namespace with sample_latents, decode_latents, sigma_grid
         transformer: Any,
         vae: Any,
         text_cache: Any,
@@ -102,7 +99,6 @@ class RolloutWorker:
         device: torch.device,
         autocast: Callable[[], Any],
     ) -> None:
-        self.m = models
         self.transformer = transformer
         self.vae = vae
         self.text_cache = text_cache
@@ -130,7 +126,7 @@ class RolloutWorker:
             for s in range(0, len(texts), self.cfg.batch_size):
                 emb = self.text_cache.get(texts[s : s + self.cfg.batch_size])
                 out.append(
-                    self.m.sample_latents(
+                    sample_latents(
                         self.transformer,
                         emb,
                         num_steps=self.cfg.num_steps,
@@ -150,7 +146,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         scores = []
         for s in range(0, latents.shape[0], self.cfg.batch_size):
-            images = self.m.decode_latents(self.vae, latents[s : s + self.cfg.batch_size].to(self.device))
+            images = decode_latents(self.vae, latents[s : s + self.cfg.batch_size].to(self.device))
             sl = slice(s, s + self.cfg.batch_size)
             scores.append(
                 self.score_all(

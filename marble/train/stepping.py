@@ -22,7 +22,7 @@ from marble.train.rollout import EpochBuffer
 from marble.train.sampler import generator
 from marble.train.update import MicroBatch, MicroStepResult
 
-DIAG_DIRECTIONS = ("applied", "fresh", "weighted_sum")
+DIAG_DIRECTIONS = ("applied", "fresh", "equal_sum")
 
 
 # ---------------------------------------------------------------------------------------- layout
@@ -135,6 +135,11 @@ class EpochPlan:
             x0=x0.to(device), emb=emb, t=t.to(device), noise=noise.to(device, x0.dtype),
             r=buf.r[idx].to(device), c=c.to(device), r_raw=buf.r_raw[idx].to(device), c_raw=c_raw.to(device),
         )  # fmt: skip
+
+
+def old_policy_eta(nft: Any, step: int) -> float:
+    """η of the old-policy blend after `step` optimizer steps: min(rate · step, cap) [NFT; docs/algorithm.md §5]."""
+    return min(nft.old_decay_rate * step, nft.old_decay_cap)
 
 
 def diagnostics_due(cfg: MarbleConfig, step: int) -> bool:

@@ -24,9 +24,11 @@ from typing import Any
 import torch
 
 from marble.config import MarbleConfig
-from marble.errors import TrainingError
+from marble.errors import InternalError, TrainingError
 from marble.hub import Hub
 from marble.io import atomic_write_text
+from marble.models import loading, lora, text
+from marble.models.sampling import predict_velocity, sigma_grid
 from marble.train import stepping
 from marble.train.checkpoint import Checkpoint, CheckpointManager, restore_rng
 from marble.train.ema import EvalEMA
@@ -120,12 +122,8 @@ class Trainer:
             raise TrainingError(f"{path}: no training prompts")
 
     def _setup_model(self) -> None:
-        from marble.models import loading, lora, sampling, text
-
         m = self.cfg.model
         pipe = loading.load_pipeline(m, device=self.device, hub=self.hub)
-        self.models = sampling
-        self.lora = lora
         self.text_cache = text.TextEmbeddingCache(pipe, m.max_sequence_length)
         unique = sorted({r.prompt for r in self.records})
         for i in range(0, len(unique), self.cfg.sampling.batch_size):  # encode every prompt once ...
@@ -137,8 +135,8 @@ class Trainer:
         res = self.cfg.sampling.resolution
         factor = pipe.vae_scale_factor
         self.latent_shape = (pipe.transformer.config.in_channels, res // factor, res // factor)
-        self.grid = sampling.sigma_grid(self.cfg.sampling.num_steps, self.cfg.sampling.shift)  # [S]
-        self.ema = EvalEMA(self.lora.adapter_state_dict(self.model, "default"), self.cfg.train.ema_decay)
+        self.grid = sigma_grid(self.cfg.sampling.num_steps, self.cfg.sampling.shift)  # [S]
+        self.ema = EvalEMA(lora.adapter_state_dict(self.model, "default"), self.cfg.train.ema_decay)
 
     def _setup_rewards(self) -> None:
         from marble.rewards import build_rewards, score_all
@@ -151,14 +149,14 @@ class Trainer:
             r.setup(self.device, self.hub)
         self.balancer = build_balancer(self.cfg.balancer, self.reward_names)
         self.worker = RolloutWorker(
-            models=self.models, transformer=self.model, vae=self.vae, text_cache=self.text_cache,
+            transformer=self.model, vae=self.vae, text_cache=self.text_cache,
             rewards=self.rewards, score_all=score_all, sampling=self.cfg.sampling,
             latent_shape=self.latent_shape, seed=self.cfg.train.seed, device=self.device,
             autocast=self.accelerator.autocast,
         )  # fmt: skip
         n = self.cfg.nft
         self.update = NFTUpdate(
-            self.model, self.params, self.balancer, predict_velocity=self.models.predict_velocity,
+            self.model, self.params, self.balancer, predict_velocity=predict_velocity,
             beta=n.beta, weight_floor=n.weight_floor, kl_weight=n.kl_weight, world_size=self.world,
             reduce_mean=self.reduce_mean, reduce_sum=self.reduce_sum, autocast=self.accelerator.autocast,
         )  # fmt: skip
@@ -222,8 +220,8 @@ class Trainer:
         if self.batch_pos > 0 and self.buffer is not None:  # mid-epoch (SIGTERM): keep the rollouts
             objects["buffer"] = self.buffer.state_dict()
         adapters = {
-            "trainable": self.lora.adapter_state_dict(self.model, "default"),
-            "old": self.lora.adapter_state_dict(self.model, "old"),
+            "trainable": lora.adapter_state_dict(self.model, "default"),
+            "old": lora.adapter_state_dict(self.model, "old"),
             "ema": self.ema.state_dict(),
         }
         # Each rank also records its own balancer state: the multi-process test checks they agree.
@@ -232,8 +230,8 @@ class Trainer:
         )
 
     def _restore(self, ck: Checkpoint) -> None:
-        self.lora.load_adapter_state_dict(self.model, "default", ck.adapters["trainable"])
-        self.lora.load_adapter_state_dict(self.model, "old", ck.adapters["old"])
+        lora.load_adapter_state_dict(self.model, "default", ck.adapters["trainable"])
+        lora.load_adapter_state_dict(self.model, "old", ck.adapters["old"])
         self.ema.load_state_dict(ck.adapters["ema"], int(ck.state["ema_updates"]))
         self.optimizer.load_state_dict(ck.objects["optimizer"])
         self.scheduler.load_state_dict(ck.objects["scheduler"])
@@ -262,12 +260,10 @@ class Trainer:
         t0 = time.perf_counter()
         while self.epoch < t.epochs:
             if self.batch_pos == 0:
-                self.buffer = self._rollout(self.epoch)
-            if not self._train_epoch(self.buffer):
+                self.buffer = self.rollout(self.epoch)
+            if not self.train_epoch(self.buffer):
                 self._interrupted(self._save())
-            # §5: θ_old ← η θ_old + (1 - η) θ with η = min(rate · step, cap), after each epoch.
-            eta = min(self.cfg.nft.old_decay_rate * self.step, self.cfg.nft.old_decay_cap)
-            self.lora.blend_old_adapter(self.model, eta)
+            self.blend_old_policy()
             self.epoch, self.batch_pos, self.buffer = self.epoch + 1, 0, None
             last = self.epoch == t.epochs
             stop = self._stop_requested()
@@ -292,7 +288,8 @@ class Trainer:
             "run the same command again to resume"
         )
 
-    def _rollout(self, epoch: int) -> EpochBuffer:
+    # ---- the public steps of one epoch (`train` runs them in order; the benchmarks call them one by one)
+    def rollout(self, epoch: int) -> EpochBuffer:
         """Sample this rank's prompt groups, score them, gather, compute advantages (all ranks)."""
         s = self.cfg.sampling
         prompts = stratified_prompts(self.records, s.prompts_per_epoch, self.cfg.train.seed, epoch)
@@ -317,19 +314,22 @@ class Trainer:
         stats.update({"time/rollout_s": rollout_s, "time/reward_s": reward_s, "epoch": epoch})
         return EpochBuffer(epoch, prompts, s.group_size, latents, rewards, r, mask, r_raw, mask_raw, stats)
 
-    def _train_epoch(self, buf: EpochBuffer) -> bool:
+    def train_epoch(self, buf: EpochBuffer) -> bool:
         """Optimizer steps over the epoch buffer from `batch_pos`; False if a stop was requested."""
         plan = stepping.EpochPlan(self.cfg, buf, self.world, self.rank, self.grid)
         accum = self.cfg.train.gradient_accumulation_steps
         while self.batch_pos < plan.num_batches:
             if self._stop_requested():
                 return False
-            metrics = self._optimizer_step(plan, range(self.batch_pos, self.batch_pos + accum))
+            metrics = self.optimizer_step(plan, range(self.batch_pos, self.batch_pos + accum))
             self.batch_pos += accum
             self._log(metrics, buf, end_of_epoch=self.batch_pos >= plan.num_batches)
         return True
 
-    def _optimizer_step(self, plan: stepping.EpochPlan, batches: range) -> dict[str, float]:
+    def optimizer_step(self, plan: stepping.EpochPlan, batches: range) -> dict[str, float]:
+        """One optimizer step over the global micro-batches `batches` of `plan`, each over every trained
+        timestep: balanced NFT micro-steps, gradient sync and clip, AdamW, evaluation EMA. A step with a
+        non-finite loss or gradient is skipped (the balancer state restored). Returns the step's metrics."""
         t0 = time.perf_counter()
         snapshot = copy.deepcopy(self.balancer.state_dict())  # restored if the step is skipped
         acc = stepping.StepAccumulator()
@@ -344,7 +344,7 @@ class Trainer:
                     self.accelerator.backward(res.loss)
                 acc.add(res)
         if not self.accelerator.sync_gradients:
-            raise TrainingError("internal: accelerate's accumulation boundary does not match the step plan")
+            raise InternalError("accelerate's gradient-accumulation boundary does not match the step plan")
         grad_norm = stepping.sync_and_clip(
             self.accelerator, self.params, self.cfg.train.max_grad_norm, self.world
         )
@@ -352,7 +352,7 @@ class Trainer:
         if finite:
             self.optimizer.step()
             self.scheduler.step()
-            self.ema.update(self.lora.adapter_state_dict(self.model, "default"))
+            self.ema.update(lora.adapter_state_dict(self.model, "default"))
             self.counters["consecutive_skips"] = 0
         else:
             self.balancer.load_state_dict(snapshot)
@@ -371,9 +371,20 @@ class Trainer:
             )
         return metrics
 
+    def blend_old_policy(self) -> float:
+        """After an epoch, θ_old ← η θ_old + (1 - η) θ (docs/algorithm.md §5); returns η."""
+        eta = stepping.old_policy_eta(self.cfg.nft, self.step)
+        lora.blend_old_adapter(self.model, eta)
+        return eta
+
+    def set_balancer(self, balancer: Any) -> None:
+        """Use another balancer from the next micro-step on (the recipe never branches on its kind)."""
+        self.balancer = balancer
+        self.update.balancer = balancer
+
     def _log(self, metrics: dict[str, float], buf: EpochBuffer, end_of_epoch: bool = False) -> None:
         metrics = {**buf.stats, **metrics, **stepping.peak_memory(self.device)}
-        metrics["train/old_eta"] = min(self.cfg.nft.old_decay_rate * self.step, self.cfg.nft.old_decay_cap)
+        metrics["train/old_eta"] = stepping.old_policy_eta(self.cfg.nft, self.step)
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         if self.step % self.cfg.train.log_every == 0 or end_of_epoch:
             self.logger.log(self.step, metrics)
@@ -385,8 +396,8 @@ class Trainer:
         if self.is_main:
             ema_sd = self.ema.state_dict()
             use = ema_sd if self.cfg.train.export_ema else None
-            self.lora.export_adapter(self.model, adapter, "default", state_dict=use)
-            self.lora.export_adapter(self.model, self.out_dir / "adapter-raw", "default")
+            lora.export_adapter(self.model, adapter, "default", state_dict=use)
+            lora.export_adapter(self.model, self.out_dir / "adapter-raw", "default")
             summary = stepping.summary(self.logger.records, self.reward_names, self.balancer.objective_names)
             summary.update({"steps": self.step, "epochs": self.epoch, "train_seconds": seconds,
                             "adapter": str(adapter), "adapter_weights": "ema" if self.cfg.train.export_ema else "trainable",

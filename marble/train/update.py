@@ -169,7 +169,7 @@ class NFTUpdate:
         fresh = fresh_gamma.to(grads.dtype).to(grads.device) @ grads  # [P]
         equal = grads.mean(0)  # [P]
         out: dict[str, float] = {}
-        for name, d in (("applied", applied), ("fresh", fresh), ("weighted_sum", equal)):
+        for name, d in (("applied", applied), ("fresh", fresh), ("equal_sum", equal)):
             cs = direction_cosines(d, grads)
             out[f"diag/cos_{name}/min"] = float(cs.min)
             out[f"diag/cos_{name}/mean"] = float(cs.mean)
