@@ -62,8 +62,9 @@ def _mgda_alpha(G: torch.Tensor, solver: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def measure_batch(
     world: common.World, mbs: dict[str, Any], balancers: dict[str, Any], step: int, micro: int, solver: Any
-) -> dict[str, Any]:
-    """Everything of one diagnostic batch. `mbs[p]`: the batch with preset p's objectives."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything of one diagnostic batch. `mbs[p]`: the batch with preset p's objectives. Returns the
+    record and the vectors the per-step figures add up (`grads [K, P]`, each direction `[P]`)."""
     from marble.rl.diagnostics import direction_cosines
     from marble.rl.gram import flat_grads, gram_from_output, gram_from_params
     from marble.rl.nft import combine_coefficients, combined_loss, per_reward_losses
@@ -77,19 +78,22 @@ def measure_batch(
     grads = pg.grads.to(torch.float64)  # [K, P]
     H = gram_from_output(terms, mb.c_raw, mb.r_raw, beta)  # [K, K]
     out: dict[str, Any] = {"step": step, "micro_step": micro, "directions": {}}
+    dirs: dict[str, torch.Tensor] = {}
     for name, bal in balancers.items():
         if bal.objective_names != tr.reward_names:  # weighted_sum, gdpo: one objective of their own
             ws = mbs[name]
             omega, rho = combine_coefficients(bal.gamma, ws.c, ws.r)  # one objective, γ = [1]
             d = flat_grads(combined_loss(terms, omega, rho, beta), tr.params, retain_graph=True)
-            d = torch.where(torch.isfinite(d), d, torch.zeros_like(d)).to(torch.float64)
-            out["directions"][name] = _cos_record(direction_cosines(d, grads), refreshed=False)
+            dirs[name] = torch.where(torch.isfinite(d), d, torch.zeros_like(d)).to(torch.float64)
+            out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=False)
             continue
+        # the trainer's protocol (NFTUpdate.micro_step): observe the Gram if asked, then γ for this batch
         refreshed = bool(bal.needs_gram(step, micro)) and bal.gram_source is not None
         if refreshed:
-            bal.update(pg.gram if bal.gram_source == "params" else H, step=step)
-        d = bal.gamma.to(torch.float64) @ grads  # [P] = the applied direction (affine identity)
-        out["directions"][name] = _cos_record(direction_cosines(d, grads), refreshed=refreshed)
+            bal.observe(pg.gram if bal.gram_source == "params" else H, step, micro)
+        gamma = bal.batch_gamma(H if bal.needs_batch_gram else None).gamma
+        dirs[name] = gamma.to(torch.float64) @ grads  # [P] = the applied direction (affine identity)
+        out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=refreshed)
     alpha_p, gamma_p = _mgda_alpha(pg.gram, solver)
     alpha_o, gamma_o = _mgda_alpha(H, solver)
     d_p = torch.as_tensor(gamma_p) @ grads  # [P]
@@ -104,8 +108,61 @@ def measure_batch(
         "direction_cos": float(d_p @ d_o) / denom if denom > 0 else float("nan"),
         "grad_norms_params": pg.norms.tolist(),
         "grad_norms_output": torch.diagonal(H).clamp_min(0).sqrt().tolist(),
+        "gram_params": pg.gram.tolist(),
+        "gram_output": H.tolist(),
     }
-    return out
+    return out, {"grads": grads, "dirs": dirs}
+
+
+class StepTotals:
+    """Per optimizer step: the per-reward gradients and each preset's applied direction summed over
+    the step's micro-batches (the update actually applied, up to the optimizer), and their cosines."""
+
+    def __init__(self) -> None:
+        self.grads: torch.Tensor | None = None  # [K, P]
+        self.dirs: dict[str, torch.Tensor] = {}
+        self.refreshed: dict[str, bool] = {}
+        self.micro_grads: list[torch.Tensor] = []  # each micro-step's [K, P] (the replay's block Gram)
+        self.output_grams: list[list[list[float]]] = []  # each micro-step's output-space Gram [K, K]
+
+    def add(self, rec: dict[str, Any], vecs: dict[str, Any]) -> None:
+        g = vecs["grads"]
+        self.micro_grads.append(g)
+        self.output_grams.append(rec["gram_sources"]["gram_output"])
+        self.grads = g.clone() if self.grads is None else self.grads + g
+        for name, d in vecs["dirs"].items():
+            self.dirs[name] = d.clone() if name not in self.dirs else self.dirs[name] + d
+            self.refreshed[name] = self.refreshed.get(name, False) or bool(
+                rec["directions"][name].get("refreshed_here")
+            )
+
+    def record(self, step: int, solver: Any) -> dict[str, Any]:
+        from marble.rl.diagnostics import direction_cosines
+        from marble.rl.gram import stacked_gram
+
+        out: dict[str, Any] = {"step": step, "directions": {}}
+        for name, d in self.dirs.items():
+            out["directions"][name] = _cos_record(direction_cosines(d, self.grads), self.refreshed[name])
+        _, gamma = _mgda_alpha(stacked_gram(self.grads), solver)
+        fresh = torch.as_tensor(gamma) @ self.grads  # [P] the fresh MGDA direction of the step
+        out["directions"]["fresh_mgda"] = _cos_record(direction_cosines(fresh, self.grads))
+        return out
+
+    def block_gram(self) -> np.ndarray:
+        """`[M·K, M·K]` Gram of every micro-step's per-reward gradients, micro-step-major: every inner
+        product the replay needs (`bench/alignment_replay.py`)."""
+        X = torch.cat(self.micro_grads, 0)  # [M*K, P]
+        return (X @ X.T).numpy()
+
+
+def save_grams(path: Path, blocks: list[np.ndarray], output: list[Any], names: list[str], T: int) -> Path:
+    """The Grams `bench/alignment_replay.py` replays balancer settings on, written atomically:
+    `blocks [S, M·K, M·K]`, `H [S, M, K, K]` (output-space Gram per micro-step), reward `names`, `T`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, blocks=np.stack(blocks), H=np.asarray(output, dtype=np.float64), names=np.array(names), T=T)
+    tmp.replace(path)
+    return path
 
 
 def summarize_direction(records: list[dict[str, Any]], only_later: bool = False) -> dict[str, Any]:
@@ -134,8 +191,10 @@ def run(
     driver: str = "marble",
     threads: int = 2,
     time_budget_s: float | None = None,
+    grams_out: Path | None = None,
 ) -> dict[str, Any]:
-    """Measure every batch of `epochs` training epochs (fewer if `time_budget_s` runs out first)."""
+    """Measure every batch of `epochs` training epochs (fewer if `time_budget_s` runs out first);
+    with `grams_out`, also save every step's Grams for `bench/alignment_replay.py`."""
     from marble.rl.qp import MinNormSolver
     from marble.train.stepping import EpochPlan
 
@@ -151,6 +210,9 @@ def run(
         solver = MinNormSolver()
         T, accum = world.cfg.num_train_timesteps, world.cfg.train.gradient_accumulation_steps
         batches: list[dict[str, Any]] = []
+        steps: list[dict[str, Any]] = []
+        blocks: list[np.ndarray] = []
+        output_grams: list[Any] = []
         epochs_done = 0
         for epoch in range(epochs):
             buf = world.buffer if epoch == 0 else tr.rollout(epoch)  # trainer's rollouts + rewards
@@ -159,18 +221,30 @@ def run(
                 for p in presets
             }
             step0 = tr.step
+            totals = StepTotals()
             for b in range(plans["equal"].num_batches):
                 step, bi = step0 + b // accum, b % accum
                 for j in range(T):
                     mbs = {p: plans[p].micro_batch(b, j, tr.text_cache, tr.device) for p in presets}
-                    rec = measure_batch(world, mbs, balancers, step, bi * T + j, solver)
+                    rec, vecs = measure_batch(world, mbs, balancers, step, bi * T + j, solver)
                     rec["epoch"] = epoch
                     batches.append(rec)
+                    totals.add(rec, vecs)
+                if bi == accum - 1:  # the step's last micro-batch: every preset ends its step
+                    for bal in balancers.values():
+                        bal.end_step(step)
+                    steps.append({**totals.record(step, solver), "epoch": epoch})
+                    if grams_out is not None:
+                        blocks.append(totals.block_gram())
+                        output_grams.append(totals.output_grams)
+                    totals = StepTotals()
             # then the epoch's real training steps (driver preset) and the old-policy blend, as train()
             tr.batch_pos = 0
             tr.train_epoch(common.buffer_for(world, driver_bal, buf))
             tr.blend_old_policy()
             log.info("alignment epoch %d/%d: %d batches so far", epoch + 1, epochs, len(batches))
+            if grams_out is not None:  # after every epoch: a stopped run still leaves its Grams
+                save_grams(grams_out, blocks, output_grams, tr.reward_names, T)
             epochs_done = epoch + 1
             if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
                 log.warning("alignment: time budget reached after %d epochs", epochs_done)
@@ -180,10 +254,13 @@ def run(
     summary: dict[str, Any] = {}
     for name in names:
         recs = [b["directions"][name] for b in batches]
-        summary[name] = {"all_batches": summarize_direction(recs)}
+        srecs = [s["directions"][name] for s in steps]
+        summary[name] = {"all_batches": summarize_direction(recs), "all_steps": summarize_direction(srecs)}
         if name in balancers and balancers[name].gram_source is not None:
             summary[name]["later_batches"] = summarize_direction(recs, only_later=True)
             summary[name]["refreshes"] = sum(bool(r.get("refreshed_here")) for r in recs)
+            summary[name]["later_steps"] = summarize_direction(srecs, only_later=True)
+            summary[name]["refresh_steps"] = sum(bool(r.get("refreshed_here")) for r in srecs)
     gs = [b["gram_sources"] for b in batches]
     l1 = np.array([g["alpha_l1"] for g in gs])
     dcos = np.array([g["direction_cos"] for g in gs])
@@ -212,12 +289,14 @@ def run(
             "torch_threads": threads,
             "rewards_trained": tr.reward_names,
             "batch": "one micro-batch at one timestep slot (train.micro_batch_size samples)",
+            "step": "one optimizer step: gradients and directions summed over its micro-batches and slots",
             "balancers": {p: balancers[p].cfg.model_dump(mode="json") for p in presets},
         },
         "wall_seconds": time.perf_counter() - t_start,
         "directions": summary,
         "gram_sources": gram_cmp,
         "raw_batches": batches,
+        "raw_steps": steps,
     }
 
 
@@ -267,6 +346,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--work", type=Path, default=common.WORK_DIR)
     ap.add_argument("--out", type=Path, default=OUT_JSON)
+    ap.add_argument(
+        "--save-grams", type=Path, help="also save every step's Grams here (.npz) for alignment_replay"
+    )
     args = ap.parse_args(argv)
     cfg = common.bench_config(args.driver, args.overrides)
     result = run(
@@ -276,17 +358,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         driver=args.driver,
         threads=args.threads,
         time_budget_s=args.time_budget,
+        grams_out=args.save_grams,
     )
     result["settings"]["overrides"] = args.overrides
     common.write_json(args.out, result)
     plot(result, args.out.with_suffix(".png"))
     print(f"alignment over {result['directions']['marble']['all_batches']['batches']} batches")
-    print(f"  {'direction':13s} {'frac min<0':>10s} {'worst':>8s} {'var':>8s} {'later frac':>10s}")
+    print(
+        f"  {'direction':13s} {'frac min<0':>10s} {'worst':>8s} {'var':>8s} {'later frac':>10s} | per step: all, later"
+    )
+    nan = float("nan")
     for name, s in result["directions"].items():
         a, lt = s["all_batches"], s.get("later_batches", {})
+        sa, sl = s["all_steps"], s.get("later_steps", {})
         print(
             f"  {name:13s} {a['frac_min_negative']:10.2f} {a['worst_min_cos']:8.3f} {a['mean_var_cos']:8.4f} "
-            f"{lt.get('frac_min_negative', float('nan')):10.2f}"
+            f"{lt.get('frac_min_negative', nan):10.2f} | {sa.get('frac_min_negative', nan):5.2f} "
+            f"{sl.get('frac_min_negative', nan):5.2f} ({sl.get('batches', 0)} later steps)"
         )
     g = result["gram_sources"]
     print(

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 
 from bench import common
-from marble.config import MarbleBalancer
+from marble.config import MarblePaperBalancer
 from marble.rl.advantages import group_advantages, optimality_probability
 from marble.rl.balancers import build_balancer
 from marble.rl.gram import gram_from_output, gram_from_params, stacked_gram
@@ -126,7 +126,7 @@ def bench_step(
     r, mask = optimality_probability(group_advantages(R, torch.arange(batch) // 4).adv, 5.0)
     c = reward_weights(mask, 5.0)
     beta = 0.1
-    balancer = build_balancer(MarbleBalancer(refresh_every=refresh_every), [f"r{k}" for k in range(K)])
+    balancer = build_balancer(MarblePaperBalancer(refresh_every=refresh_every), [f"r{k}" for k in range(K)])
     with torch.no_grad():
         v_old = old(inp)
 

@@ -38,7 +38,17 @@ RESULTS = Path(__file__).parent / "results"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 WORK_DIR = REPO / "outputs" / "bench"  # git-ignored scratch (prepared prompts, training runs)
 
-PRESETS = ("weighted_sum", "equal", "gdpo", "marble", "marble_full", "marble_ub", "pcgrad", "cagrad")
+PRESETS = (
+    "weighted_sum",
+    "equal",
+    "gdpo",
+    "marble",
+    "marble_paper",
+    "marble_full",
+    "marble_ub",
+    "pcgrad",
+    "cagrad",
+)
 
 # Settings every study applies on top of configs/tiny.yaml: no TensorBoard, no progress bar, no
 # resume from an earlier bench run, no mid-run checkpoints.
@@ -219,7 +229,8 @@ def install_balancer(world: World, balancer: Any) -> None:
 def make_balancer(world: World, preset: str) -> Any:
     from marble.rl.balancers import build_balancer
 
-    return build_balancer(balancer_config(world.cfg, preset), world.trainer.reward_names)
+    cfg = world.cfg
+    return build_balancer(balancer_config(cfg, preset), world.trainer.reward_names, cfg.num_train_timesteps)
 
 
 class TrainState:

@@ -76,16 +76,18 @@ class MicroStepProbe:
 
     def watch(self, balancer: Any) -> None:
         if not hasattr(balancer, "num_refreshes"):
-            return  # weighted_sum / equal: update() is never called
-        update = balancer.update
+            return  # weighted_sum / equal / gdpo: the balancer never solves
+        for method in ("observe", "end_step"):  # the trainer's refresh calls (solve, EMA, rescale)
+            setattr(balancer, method, self._timed(getattr(balancer, method)))
 
-        def update_probe(gram, step=None):
+    def _timed(self, fn: Any) -> Any:
+        def probe(*args, **kwargs):
             t0 = time.perf_counter()
-            out = update(gram, step=step)
+            out = fn(*args, **kwargs)
             self.update_ms += (time.perf_counter() - t0) * 1e3
             return out
 
-        balancer.update = update_probe
+        return probe
 
     def reset(self) -> None:
         self.micro, self.update_ms = [], 0.0

@@ -440,8 +440,32 @@ class _GramBalancer(StrictModel):
     ema_decay: float | None = Field(
         0.7, ge=0, lt=1, description="EMA ρ of the coefficients; null disables [MARBLE: 0.7]."
     )
+    refresh: Literal["micro_batch", "step"] = Field(
+        "micro_batch",
+        description="micro_batch: every observed micro-step is a refresh of its own [MARBLE]; step: the "
+        "refresh step's observed Grams are summed into one solve (docs/algorithm.md §4.6).",
+    )
+    refresh_micro_steps: Literal["first", "first_slot", "all"] = Field(
+        "first",
+        description="Micro-steps of a refresh step that feed the Gram: the first [MARBLE], the first "
+        "timestep slot of every micro-batch (every sample once), or all. The first refresh step: all.",
+    )
     qp_eps: float = Field(1e-9, gt=0, description="osqp absolute and relative tolerance.")
     qp_max_iter: int = Field(20000, ge=10, description="osqp iteration cap.")
+
+
+class _MGDABalancer(_GramBalancer):
+    normalize: Literal["refresh", "batch"] = Field(
+        "refresh",
+        description="Per-reward norms of γ = α mean|g| / |g_k|: cached at the refresh [MARBLE], or from the "
+        "batch being applied (its output-space Gram, free).",
+    )
+    gamma_cap: float | None = Field(
+        None,
+        gt=1,
+        description="Bound on mean|g| / |g_k| (γ_k <= cap α_k): a reward with a tiny gradient on a batch "
+        "cannot take the update; null = unbounded [MARBLE].",
+    )
 
 
 class WeightedSumBalancer(StrictModel):
@@ -464,25 +488,44 @@ class GDPOBalancer(StrictModel):
     )
 
 
-class MarbleBalancer(_GramBalancer):
+class MarbleBalancer(_MGDABalancer):
+    """marble's default (docs/algorithm.md §4.6): the free output-space Gram summed over every micro-step
+    of every optimizer step (one solve per step, EMA over steps), γ normalised by the batch being
+    applied and bounded. Chosen by the alignment study (bench/README.md); for the parameter Gram use
+    `gram_source: params, refresh_every: 10, refresh_micro_steps: first_slot`."""
+
     kind: Literal["marble"] = "marble"
+    gram_source: Literal["params", "output"] = Field(
+        "output", description="Gram of output gradients (free, every micro-step) or of parameters [ours]."
+    )
+    refresh_every: int = Field(1, ge=1, description="Optimizer steps between Gram refreshes [ours: 1].")
+    ema_decay: float | None = Field(0.3, ge=0, lt=1, description="EMA ρ of α over refreshes [ours: 0.3].")
+    refresh: Literal["micro_batch", "step"] = "step"
+    refresh_micro_steps: Literal["first", "first_slot", "all"] = "all"
+    normalize: Literal["refresh", "batch"] = "batch"
+    gamma_cap: float | None = Field(50.0, gt=1, description="Bound on mean|g| / |g_k| [ours: 50].")
 
 
-class MarbleFullBalancer(_GramBalancer):
+class MarblePaperBalancer(_MGDABalancer):
+    """The paper's schedule as published: α* of the first micro-batch of every N-th step (all micro-steps
+    of the first), EMA, cached α and cached norms [MARBLE]."""
+
+    kind: Literal["marble_paper"] = "marble_paper"
+
+
+class MarbleFullBalancer(_MGDABalancer):
     kind: Literal["marble_full"] = "marble_full"
     refresh_every: int = Field(1, ge=1, description="Exact MGDA every micro-step [MARBLE w/o amortization].")
     ema_decay: float | None = Field(None, ge=0, lt=1, description="EMA ρ; null = exact fresh weights.")
-    per_micro_step: bool = Field(
-        True, description="Refresh on every micro-step, not only the first of a step."
-    )
+    refresh_micro_steps: Literal["first", "first_slot", "all"] = "all"
 
 
-class MarbleUBBalancer(_GramBalancer):
+class MarbleUBBalancer(_MGDABalancer):
     kind: Literal["marble_ub"] = "marble_ub"
     gram_source: Literal["params", "output"] = "output"
     refresh_every: int = 1
     ema_decay: float | None = None
-    per_micro_step: bool = Field(True, description="Refresh on every micro-step (free with the output Gram).")
+    refresh_micro_steps: Literal["first", "first_slot", "all"] = "all"
 
 
 class PCGradBalancer(_GramBalancer):
@@ -502,6 +545,7 @@ BalancerConfig = Annotated[
     | EqualBalancer
     | GDPOBalancer
     | MarbleBalancer
+    | MarblePaperBalancer
     | MarbleFullBalancer
     | MarbleUBBalancer
     | PCGradBalancer

@@ -25,7 +25,13 @@ TRAIN_OVERRIDES = {
         "tensorboard": False,
         "progress_bar": False,
     },
-    "balancer": {"kind": "marble", "gram_source": "params", "refresh_every": 3, "ema_decay": 0.7},
+    "balancer": {
+        "kind": "marble",
+        "gram_source": "params",
+        "refresh_every": 3,
+        "ema_decay": 0.7,
+        "refresh_micro_steps": "first_slot",
+    },
     "data": {"sources": [{"kind": "tiny_world", "num_prompts": 24, "seed": 0}], "test_fraction": 0.25},
 }
 

@@ -45,9 +45,13 @@ def test_paper_config_carries_the_papers_numbers():
     assert cfg.sampling.samples_per_epoch == 1152
     assert cfg.nft.beta == 0.1 and cfg.nft.old_decay_cap == 0.95
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.train.lr) == (32, 64, 3e-4)
+    # the shipped balancer is marble's default (docs/algorithm.md §4.6); the paper's schedule is a preset
     assert (
-        cfg.balancer.kind == "marble" and cfg.balancer.ema_decay == 0.7 and cfg.balancer.refresh_every == 10
+        cfg.balancer.kind == "marble" and cfg.balancer.refresh == "step" and cfg.balancer.normalize == "batch"
     )
+    paper = load_config(PAPER, ['balancer={"kind": "marble_paper"}']).balancer
+    assert (paper.gram_source, paper.ema_decay, paper.refresh_every) == ("params", 0.7, 10)
+    assert (paper.refresh, paper.refresh_micro_steps, paper.normalize) == ("micro_batch", "first", "refresh")
     assert len(cfg.trained_rewards) == 5
     # 25 steps, first 99% of a permutation trained [NFT]
     assert cfg.num_train_timesteps == 24

@@ -95,7 +95,7 @@ def test_the_compiled_kubernetes_section_wins_over_the_overrides(tiny):
 
 def test_a_new_balancer_kind_starts_from_its_preset_with_the_knobs_applied(tiny):
     cfg, notes = resolve(tiny, balancer_kind="marble_full", balancer_ema_decay=0.0, balancer_refresh_every=1)
-    assert cfg.balancer.kind == "marble_full" and cfg.balancer.per_micro_step is True
+    assert cfg.balancer.kind == "marble_full" and cfg.balancer.refresh_micro_steps == "all"
     # 0 is the parameter form of the preset's null: nothing to change, the preset stays null.
     assert cfg.balancer.ema_decay is None and cfg.balancer.refresh_every == 1
     cfg, notes = resolve(tiny, balancer_kind="equal")

@@ -149,6 +149,23 @@ def test_short_run_writes_adapter_checkpoints_metrics(tiny_config, prompts_dir, 
         assert all(key in r for r in recs), key
     assert sum(r[f"balance/alpha/{n}"] for n in names for r in recs[-1:]) == pytest.approx(1.0)
     assert "diag/cos_applied/min" in recs[0] and "balance/alpha_fresh/" + names[0] in recs[0]
+    # balancer figures every step; the default refreshes all micro-steps of its first step (§4.6), then
+    # the first timestep slot of every micro-batch of every refresh_every-th step (here: step 3)
+    every = [
+        "balance/refreshed",
+        "balance/cos_output_min",
+        "balance/cos_output_negative_frac",
+        *(
+            f"balance/{m}/{n}"
+            for m in ("alpha_fresh", "gamma", "batch_grad_norm", "cos_output")
+            for n in names
+        ),
+    ]
+    for key in every:
+        assert all(key in r for r in recs), key
+    T, accum = cfg.num_train_timesteps, cfg.train.gradient_accumulation_steps
+    assert [r["balance/refresh_micro_steps"] for r in recs] == [T * accum, 0, 0, accum]
+    assert [r["balance/refreshed"] for r in recs] == [1.0, 0.0, 0.0, 1.0]
     assert (out / "curves.csv").read_text().splitlines()[0].startswith("step,train/reward/")
     assert len((out / "alpha.csv").read_text().splitlines()) == 5
     assert list((out / "tensorboard").iterdir())

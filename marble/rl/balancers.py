@@ -1,36 +1,33 @@
 """Balancers: how K per-reward gradients become one update (docs/algorithm.md §4). A registry keyed by
 the config's `kind`; the trainer uses this one interface and never branches on the name.
 
-Trainer usage, per micro-step (b = index of the micro-batch rows)::
+Trainer usage (b = index of the micro-batch rows; T = timesteps trained per sample)::
 
-    balancer = build_balancer(cfg.balancer, cfg.trained_reward_names)
-    adv = balancer.objective_advantages(R_raw, group_ids, cfg.nft.std_mode)  # [N, K'] (weighted_sum, gdpo: 1)
+    balancer = build_balancer(cfg.balancer, cfg.trained_reward_names, micro_steps_per_batch=T)
+    adv = balancer.objective_advantages(R_raw, group_ids, std_mode)   # [N, K'] (weighted_sum, gdpo: K' = 1)
     r, mask = optimality_probability(adv, C)                # [N, K'] each
-    terms = nft_terms(v, v_old, x_t, x0, t, beta, floor)
-    c = reward_weights(mask[b], C)                          # [B, K']
-    if balancer.needs_gram(step, micro_step):               # False for weighted_sum / equal
-        if balancer.gram_source == "params":
-            G = gram_from_params(per_reward_losses(terms, c, r[b], beta), params, all_reduce=...).gram
-        else:                                               # "output": free
-            G = gram_from_output(terms, c, r[b], beta)
-        stats = balancer.update(G, step=step)               # refreshed=True
-    else:
-        stats = balancer.current_stats()                    # refreshed=False (cached α)
-    omega, rho = combine_coefficients(balancer.gamma, c, r[b])
-    loss = combined_loss(terms, omega, rho, beta) + kl_weight * kl_loss(v, v_ref)   # ONE backward
-    metrics.update(stats.to_metrics(balancer.objective_names))
+    for micro_step in range(accumulation * T):              # one optimizer step
+        terms = nft_terms(v, v_old, x_t, x0, t, beta, floor)
+        c = reward_weights(mask[b], C)                      # [B, K']
+        H = gram_from_output(terms, c, r[b], beta)          # free; needed if balancer.needs_batch_gram
+        if balancer.needs_gram(step, micro_step):           # never for weighted_sum / equal / gdpo
+            G = gram_from_params(per_reward_losses(terms, c, r[b], beta), params).gram  # or H ("output")
+            stats = balancer.observe(G, step, micro_step)   # a refresh (or its accumulation)
+        gamma = balancer.batch_gamma(H).gamma               # γ for THIS batch, pure
+        omega, rho = combine_coefficients(gamma, c, r[b])
+        loss = combined_loss(terms, omega, rho, beta) + kl_weight * kl_loss(v, v_ref)   # ONE backward
+    balancer.end_step(step)                                 # commits a step-accumulated refresh
 
-Interface notes (refinements of the contract, all additive):
-- `update(G, step=None)`: optional `step` records the optimizer step of the refresh (state_dict).
-- `current_stats()` returns the cached α/γ without solving; `BalanceStats.to_metrics(names)` gives the
-  §6 metric names (`balance/alpha/<k>` every step; `alpha_fresh`, `grad_norm`, `min_norm` at refresh).
+Interface notes:
+- `update(G, step)` is one whole refresh from one Gram (`observe` + `end_step`).
+- `current_stats()` returns α without solving; `BalanceStats.to_metrics(names)` gives the §6 names.
 - `gram.gram_from_params` returns a `ParamGram` NamedTuple (`.gram`, `.norms`, `.grads`, `.nonfinite`);
   its `all_reduce` hook is applied to the stacked gradients `[K, P]` (exact for DDP), not to the Gram.
 - `state_dict()` is plain JSON-serialisable Python (floats round-trip exactly); `load_state_dict`
   refuses a state of another kind or reward list with a `CheckpointError` naming the field.
-- Refresh schedule of the Gram presets: optimizer steps 0, n, 2n, ... (n = `refresh_every`), on the
-  first micro-step only, or on every micro-step of those steps when `per_micro_step`; always when no
-  refresh has happened yet.
+- Refresh schedule of the Gram presets: the first refresh step observes every micro-step; then
+  optimizer steps n, 2n, ... (n = `refresh_every`) observe the micro-steps `refresh_micro_steps`
+  selects (the first; the first timestep slot of every micro-batch; all).
 """
 
 from __future__ import annotations
@@ -39,7 +36,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -60,8 +57,8 @@ class BalanceStats:
     alpha: Tensor  # applied weights on the simplex (EMA α; γ/Σγ for PCGrad/CAGrad)
     gamma: Tensor  # coefficients applied through (ω, ρ)
     refreshed: bool  # a Gram was consumed at this call
-    alpha_fresh: Tensor | None = None  # this refresh's solution before the EMA (normalised to Σ = 1)
-    grad_norms: Tensor | None = None  # |g_k| of this refresh's Gram (NaN if not finite)
+    alpha_fresh: Tensor | None = None  # the latest solution before the EMA (normalised to Σ = 1)
+    grad_norms: Tensor | None = None  # |g_k| of the latest refresh's Gram (NaN if not finite)
     min_norm: float | None = None  # MGDA: |Σ α* ĝ|; PCGrad/CAGrad: |Σ γ g|
     qp_fallbacks: int = 0  # cumulative count of fallbacks
     fallback_reason: str | None = None  # reason of this refresh's fallback, if any
@@ -74,22 +71,27 @@ class BalanceStats:
             f"balance/alpha/{n}": float(a) for n, a in zip(names, self.alpha, strict=True)
         }
         out["balance/qp_fallbacks"] = float(self.qp_fallbacks)
+        if self.alpha_fresh is not None:
+            out.update(
+                {f"balance/alpha_fresh/{n}": float(a) for n, a in zip(names, self.alpha_fresh, strict=True)}
+            )
+        if self.grad_norms is not None:
+            out.update(
+                {f"balance/grad_norm/{n}": float(g) for n, g in zip(names, self.grad_norms, strict=True)}
+            )
         if self.refreshed:
-            if self.alpha_fresh is not None:
-                out.update(
-                    {
-                        f"balance/alpha_fresh/{n}": float(a)
-                        for n, a in zip(names, self.alpha_fresh, strict=True)
-                    }
-                )
-            if self.grad_norms is not None:
-                out.update(
-                    {f"balance/grad_norm/{n}": float(g) for n, g in zip(names, self.grad_norms, strict=True)}
-                )
             if self.min_norm is not None:
                 out["balance/min_norm"] = float(self.min_norm)
             out["balance/qp_ms"] = float(self.qp_ms)
         return out
+
+
+class BatchGamma(NamedTuple):
+    """The coefficients applied to one batch through (ω, ρ), with what they came from."""
+
+    gamma: Tensor  # [K'] float64
+    norms: Tensor | None = None  # [K'] per-reward gradient norms of this batch (normalize="batch")
+    capped: Tensor | None = None  # [K'] bool: γ_k was bounded by gamma_cap on this batch
 
 
 def _t(x: np.ndarray | list[float]) -> Tensor:
@@ -126,14 +128,18 @@ def register_balancer(*kinds: str):
     return wrap
 
 
-def build_balancer(cfg: Any, reward_names: list[str]) -> Balancer:
-    """Build the balancer selected by `cfg.kind` (a `marble.config` balancer node)."""
+def build_balancer(cfg: Any, reward_names: list[str], micro_steps_per_batch: int = 1) -> Balancer:
+    """Build the balancer selected by `cfg.kind` (a `marble.config` balancer node). The trainer's
+    micro-steps are micro-batch-major: `micro_steps_per_batch` (= timesteps trained per sample) tells
+    a Gram balancer where each micro-batch starts (`refresh_micro_steps="first_slot"`)."""
     try:
         cls = BALANCERS[cfg.kind]
     except KeyError:
         raise ValueError(f"balancer.kind={cfg.kind!r} is not one of {sorted(BALANCERS)}") from None
     if not reward_names:
         raise ValueError("build_balancer: at least one trained reward is needed")
+    if issubclass(cls, GramBalancer):
+        return cls(cfg, list(reward_names), micro_steps_per_batch)
     return cls(cfg, list(reward_names))
 
 
@@ -168,16 +174,30 @@ class Balancer:
         return group_advantages(self.prepare_rewards(rewards), group_ids, std_mode).adv
 
     def needs_gram(self, step: int, micro_step: int) -> bool:
-        """Whether `update` wants a Gram at this (optimizer step, micro-step)."""
+        """Whether `observe` wants a Gram at this (optimizer step, micro-step)."""
         return False
+
+    needs_batch_gram = False
+    """Whether `batch_gamma` needs the output-space Gram of every batch it is applied to."""
+
+    def observe(self, gram: Tensor, step: int, micro_step: int = 0) -> BalanceStats:
+        raise RuntimeError(f"balancer {self.kind!r} uses no Gram; needs_gram() is always False")
 
     def update(self, gram: Tensor, step: int | None = None) -> BalanceStats:
         raise RuntimeError(f"balancer {self.kind!r} uses no Gram; needs_gram() is always False")
 
+    def end_step(self, step: int) -> BalanceStats | None:
+        """Called after the last micro-step of every optimizer step; a refresh it commits, if any."""
+        return None
+
+    def batch_gamma(self, batch_gram: Tensor | None = None) -> BatchGamma:
+        """Coefficients `[K']` (float64) to apply through (ω, ρ) to one batch (pure: no state change)."""
+        return BatchGamma(gamma=_t(self._gamma))
+
     @property
     def gamma(self) -> Tensor:
-        """Coefficients `[K']` (float64) to apply through (ω, ρ) now."""
-        return _t(self._gamma)
+        """The coefficients without a batch (raises for `normalize="batch"`, which needs one)."""
+        return self.batch_gamma().gamma
 
     def current_stats(self) -> BalanceStats:
         g = self._gamma
@@ -257,70 +277,145 @@ class EqualBalancer(Balancer):
         self._gamma = np.full(len(reward_names), 1.0 / len(reward_names))
 
 
+def ema_on_valid(
+    prev: np.ndarray | None, fresh: np.ndarray, valid: np.ndarray, decay: float | None
+) -> np.ndarray:
+    """EMA of simplex weights over the rewards valid in this refresh (§4.4, ours for invalid rewards).
+
+    `α_V ← ρ α_V + (1 - ρ) m_V α*_V` with `m_V = Σ_{k∈V} α_k`: the valid rewards share the mass they
+    had, a reward with no valid sample in the refresh keeps its smoothed α (a refresh that did not see
+    a specialist says nothing about it). No EMA (`decay` None) or no earlier α: start from uniform 1/K
+    with ρ = 0, so the first refresh gives `α*` scaled to the valid rewards' uniform share; no EMA
+    (`decay` None): `α*` as it is.
+    """
+    if decay is None:
+        return fresh.copy()
+    if prev is None:
+        prev, decay = np.full(fresh.shape, 1.0 / fresh.size), 0.0
+    out = prev.copy()
+    mass = float(prev[valid].sum())
+    out[valid] = decay * prev[valid] + (1.0 - decay) * mass * fresh[valid]
+    return out
+
+
 class GramBalancer(Balancer):
-    """Shared machinery of the Gram-based presets: refresh schedule, EMA, fallbacks, cached state.
+    """Shared machinery of the Gram-based presets: refresh schedule, accumulation, EMA, fallbacks.
 
-    Subclasses implement `_fresh(ng, G) -> (coefficients, reason, qp_ms, min_norm)` and
-    `_coefficients_to_gamma(coeffs, ng)`."""
+    Per micro-step the trainer asks `needs_gram` and, if so, passes the Gram to `observe`; then it asks
+    `batch_gamma(batch_gram)` for the γ of the batch it applies; after the step's last micro-step it
+    calls `end_step`. `refresh` (docs/algorithm.md §4.6):
+    - "micro_batch" (the paper): every observed micro-step is a refresh of its own (solve, EMA).
+    - "step": the observed micro-steps of a refresh step are summed into one Gram; each observation
+      re-solves on the sum so far (the rest of the step uses that α, EMA'd with the committed one),
+      and `end_step` commits the EMA of the whole step's solution.
+    Subclasses implement `_fresh(ng, G) -> (coefficients, reason, qp_ms, min_norm)`, `_blend` and
+    `_coefficients_to_gamma(coeffs, ng)`.
+    """
 
-    def __init__(self, cfg: Any, reward_names: list[str]):
+    def __init__(self, cfg: Any, reward_names: list[str], micro_steps_per_batch: int = 1):
         super().__init__(cfg, reward_names)
         self.gram_source = cfg.gram_source
         self.refresh_every: int = cfg.refresh_every
         self.ema_decay: float | None = cfg.ema_decay
-        self.per_micro_step: bool = bool(getattr(cfg, "per_micro_step", False))
+        self.refresh: str = cfg.refresh
+        self.refresh_micro_steps: str = cfg.refresh_micro_steps
+        self.micro_steps_per_batch = max(1, int(micro_steps_per_batch))
         K = len(reward_names)
-        self._coeffs: np.ndarray | None = None  # EMA'd α (MGDA) or γ (PCGrad/CAGrad)
+        self._coeffs: np.ndarray | None = None  # committed EMA'd α (MGDA) or γ (PCGrad/CAGrad)
+        self._pending: np.ndarray | None = None  # "step": coefficients of the refresh in progress
+        self._acc: np.ndarray | None = None  # "step": Gram summed over the refresh step so far
+        self._acc_count = 0
         self._last_good: np.ndarray | None = None  # last non-fallback fresh solution
-        self._norms: np.ndarray | None = None  # cached |g_k| of the last usable refresh
-        self._gamma = np.full(K, 1.0 / K)  # before any refresh: equal weights
+        self._fresh_last: np.ndarray | None = None  # α* of the latest solve (logging)
+        self._norms: np.ndarray | None = None  # |g_k| of the latest solve
+        self._gamma = np.full(K, 1.0 / K)  # coefficients from the cached norms (before any refresh: 1/K)
         self._num_refreshes = 0
         self._fallbacks = 0
+        self._first_refresh_step: int | None = None
         self._last_refresh_step: int | None = None
 
+    # ------------------------------------------------------------------------------ schedule
     def needs_gram(self, step: int, micro_step: int) -> bool:
-        if self._num_refreshes == 0:
+        """Refresh steps: the first one observed (every micro-step, §4.6) and every `refresh_every`-th."""
+        if self._first_refresh_step is None or step == self._first_refresh_step:
             return True
         if step % self.refresh_every:
             return False
-        return self.per_micro_step or micro_step == 0
+        which = self.refresh_micro_steps
+        if which == "all":
+            return True
+        if which == "first_slot":  # the first timestep slot of every micro-batch: each sample once
+            return micro_step % self.micro_steps_per_batch == 0
+        return micro_step == 0
 
     def _fresh(self, ng: NormalizedGram, G: np.ndarray) -> tuple[np.ndarray, str | None, float, float]:
+        raise NotImplementedError
+
+    def _blend(self, prev: np.ndarray | None, fresh: np.ndarray, valid: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def _coefficients_to_gamma(self, coeffs: np.ndarray, ng: NormalizedGram) -> np.ndarray:
         raise NotImplementedError
 
-    def update(self, gram: Tensor, step: int | None = None) -> BalanceStats:
-        """Consume a fresh Gram `[K', K']`: solve, EMA, cache α and norms, recompute γ."""
+    # ------------------------------------------------------------------------------ refreshes
+    def observe(self, gram: Tensor, step: int, micro_step: int = 0) -> BalanceStats:
+        """Consume the Gram `[K', K']` of one observed micro-step (see the class docstring)."""
         G = np.array(torch.as_tensor(gram).detach().cpu().to(torch.float64), dtype=np.float64)  # [K, K]
         if G.shape != (len(self.objective_names),) * 2:
             raise ValueError(f"Gram must be [{len(self.objective_names)}]*2, got {G.shape}")
-        ng = normalize_gram(G)
-        self._num_refreshes += 1
+        if self._first_refresh_step is None:
+            self._first_refresh_step = step
         self._last_refresh_step = step
+        if self.refresh == "micro_batch":
+            return self._solve(G, step, commit=True)
+        self._acc = G if self._acc is None else self._acc + G
+        self._acc_count += 1
+        return self._solve(self._acc, step, commit=False)
+
+    def end_step(self, step: int) -> BalanceStats | None:
+        """End of an optimizer step: commit the step's accumulated refresh ("step"), else nothing."""
+        if self._acc is None:
+            return None
+        stats = self._solve(self._acc, step, commit=True)
+        self._acc, self._acc_count, self._pending = None, 0, None
+        return stats
+
+    def update(self, gram: Tensor, step: int | None = None) -> BalanceStats:
+        """One whole refresh from one Gram (`observe` then `end_step`)."""
+        stats = self.observe(gram, step if step is not None else 0)
+        committed = self.end_step(step if step is not None else 0)
+        return committed if committed is not None else stats
+
+    def _solve(self, G: np.ndarray, step: int, commit: bool) -> BalanceStats:
+        ng = normalize_gram(G)
         if not ng.valid.any():
             # Nothing to learn from (every gradient zero or not finite): keep the cached α and γ.
-            self._fallbacks += 1
-            log.warning(
-                "balancer %s: no valid reward gradient at step %s; keeping cached weights", self.kind, step
-            )
+            if commit:
+                self._num_refreshes += 1
+                self._fallbacks += 1
+                log.warning(
+                    "balancer %s: no valid reward gradient at step %s; keeping weights", self.kind, step
+                )
             return self._stats(None, ng.norms, None, "no_valid_reward", 0.0)
         fresh, reason, qp_ms, min_norm = self._fresh(ng, G)
-        if reason is None:
-            self._last_good = fresh
+        blended = self._blend(self._coeffs, fresh, ng.valid)
+        self._fresh_last, self._norms = fresh, ng.norms
+        if commit:
+            self._num_refreshes += 1
+            if reason is None:
+                self._last_good = fresh
+            else:
+                self._fallbacks += 1
+            self._coeffs = blended
         else:
-            self._fallbacks += 1
-        if self._coeffs is None or self.ema_decay is None:
-            self._coeffs = fresh.copy()
-        else:  # §4.4: α ← ρ α + (1 - ρ) α*, a convex combination (stays on the simplex)
-            self._coeffs = self.ema_decay * self._coeffs + (1.0 - self.ema_decay) * fresh
-        self._norms = ng.norms
-        self._gamma = self._coefficients_to_gamma(self._coeffs, ng)
+            self._pending = blended
+        self._gamma = self._coefficients_to_gamma(blended, ng)
         return self._stats(fresh, ng.norms, min_norm, reason, qp_ms)
 
+    # ------------------------------------------------------------------------------ applied γ
     def _alpha(self) -> np.ndarray:
-        return _on_simplex(self._coeffs if self._coeffs is not None else self._gamma)
+        coeffs = self._pending if self._pending is not None else self._coeffs
+        return _on_simplex(coeffs if coeffs is not None else self._gamma)
 
     def _stats(self, fresh, norms, min_norm, reason, qp_ms) -> BalanceStats:
         return BalanceStats(
@@ -337,10 +432,13 @@ class GramBalancer(Balancer):
         )
 
     def current_stats(self) -> BalanceStats:
+        """α now (with a refresh in progress: its pending α), the latest α* and its Gram's norms."""
         return BalanceStats(
             alpha=_t(self._alpha()),
             gamma=_t(self._gamma),
             refreshed=False,
+            alpha_fresh=None if self._fresh_last is None else _t(_on_simplex(self._fresh_last)),
+            grad_norms=None if self._norms is None else _t(self._norms),
             qp_fallbacks=self._fallbacks,
             num_refreshes=self._num_refreshes,
         )
@@ -349,54 +447,97 @@ class GramBalancer(Balancer):
     def num_refreshes(self) -> int:
         return self._num_refreshes
 
+    # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "coeffs": _floats(self._coeffs),
+            "pending": _floats(self._pending),
+            "acc": None if self._acc is None else [_floats(row) for row in self._acc],
+            "acc_count": self._acc_count,
             "last_good": _floats(self._last_good),
+            "fresh_last": _floats(self._fresh_last),
             "norms": _floats(self._norms),
             "gamma": _floats(self._gamma),
             "num_refreshes": self._num_refreshes,
             "fallbacks": self._fallbacks,
+            "first_refresh_step": self._first_refresh_step,
             "last_refresh_step": self._last_refresh_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._coeffs = _array(state["coeffs"])
+        self._pending = _array(state["pending"])
+        self._acc = None if state["acc"] is None else np.asarray(state["acc"], dtype=np.float64)
+        self._acc_count = int(state["acc_count"])
         self._last_good = _array(state["last_good"])
+        self._fresh_last = _array(state["fresh_last"])
         self._norms = _array(state["norms"])
         self._gamma = _array(state["gamma"])
         self._num_refreshes = int(state["num_refreshes"])
         self._fallbacks = int(state["fallbacks"])
+        self._first_refresh_step = state["first_refresh_step"]
         self._last_refresh_step = state["last_refresh_step"]
 
 
-def rescale_to_gamma(alpha: np.ndarray, norms: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Normalize-and-rescale (§4.5): `γ_k = α_k · mean_valid |g_j| / |g_k|`, 0 for invalid rewards, so
-    the update `Σ γ_k g_k = (Σ α_k ĝ_k) · mean |g|` keeps the scale of the raw gradients."""
+def rescale_to_gamma(
+    alpha: np.ndarray, norms: np.ndarray, valid: np.ndarray, cap: float | None = None
+) -> np.ndarray:
+    """Normalize-and-rescale (§4.5): `γ_k = α_k · s / |g_k|` with `s = mean_valid |g_j|`, 0 for invalid
+    rewards, so the update `Σ γ_k g_k = (Σ α_k ĝ_k) · s` keeps the scale of the raw gradients.
+
+    `cap` (ours) bounds the boost of a weak gradient: `γ_k = α_k · s / max(|g_k|, s / cap)`, so
+    `γ_k <= cap · α_k` and a reward whose gradient is tiny on this batch adds less than its α share
+    instead of its normalised noise at full weight."""
     if not valid.any():
         return np.zeros_like(alpha)
     scale = float(norms[valid].mean())
     safe = np.where(valid, norms, 1.0)
+    if cap is not None:
+        safe = np.maximum(safe, scale / cap)
     return np.where(valid, alpha * scale / safe, 0.0)
 
 
-@register_balancer("marble", "marble_full", "marble_ub")
+@register_balancer("marble", "marble_paper", "marble_full", "marble_ub")
 class MGDABalancer(GramBalancer):
-    """MARBLE: normalised MGDA min-norm weights, EMA, normalize-and-rescale (§4). The three presets
-    differ only in their config (Gram source, refresh schedule, EMA)."""
+    """MARBLE: normalised MGDA min-norm weights, EMA, normalize-and-rescale (§4). The presets differ
+    only in their config (Gram source, refresh schedule, EMA, where the per-reward norms of γ come
+    from: `normalize="refresh"` caches them with α, `"batch"` takes them from the batch being applied)."""
 
-    def __init__(self, cfg: Any, reward_names: list[str]):
-        super().__init__(cfg, reward_names)
+    def __init__(self, cfg: Any, reward_names: list[str], micro_steps_per_batch: int = 1):
+        super().__init__(cfg, reward_names, micro_steps_per_batch)
         self.solver = MinNormSolver(eps=cfg.qp_eps, max_iter=cfg.qp_max_iter)
+        self.normalize: str = cfg.normalize
+        self.gamma_cap: float | None = cfg.gamma_cap
 
     def _fresh(self, ng, G):
         res = self.solver.solve(ng.gram_hat, ng.valid, fallback=self._last_good)
         return res.alpha, res.fallback_reason, res.solve_ms, res.min_norm
 
+    def _blend(self, prev, fresh, valid):
+        return ema_on_valid(prev, fresh, valid, self.ema_decay)
+
     def _coefficients_to_gamma(self, coeffs, ng):
         return rescale_to_gamma(coeffs, ng.norms, ng.valid)
+
+    @property
+    def needs_batch_gram(self) -> bool:
+        return self.normalize == "batch"
+
+    def batch_gamma(self, batch_gram: Tensor | None = None) -> BatchGamma:
+        """γ for one batch: the current α with the batch's own norms (`normalize="batch"`), read from
+        the diagonal of its output-space Gram `[K', K']` (free), bounded by `gamma_cap`."""
+        if self.normalize == "refresh":
+            return super().batch_gamma(batch_gram)
+        if batch_gram is None:
+            raise ValueError(f"balancer {self.kind!r} (normalize=batch) needs the batch's output-space Gram")
+        ng = normalize_gram(batch_gram)
+        gamma = rescale_to_gamma(self._alpha(), ng.norms, ng.valid, self.gamma_cap)
+        capped = np.zeros(len(gamma), dtype=bool)
+        if self.gamma_cap is not None and ng.valid.any():
+            capped = ng.valid & (ng.norms < ng.norms[ng.valid].mean() / self.gamma_cap)
+        return BatchGamma(gamma=_t(gamma), norms=_t(ng.norms), capped=torch.as_tensor(capped))
 
 
 def mgda_gamma(gram: Tensor | np.ndarray, solver: MinNormSolver | None = None) -> Tensor:
@@ -496,14 +637,19 @@ class _SurgeryBalancer(GramBalancer):
         norm = float(np.sqrt(max(gamma[idx] @ sub @ gamma[idx], 0.0))) if reason is None else float("nan")
         return gamma, reason, ms, norm
 
+    def _blend(self, prev, fresh, valid):
+        if self.ema_decay is None or prev is None:
+            return fresh.copy()
+        return np.where(valid, self.ema_decay * prev + (1.0 - self.ema_decay) * fresh, prev)
+
     def _coefficients_to_gamma(self, coeffs, ng):
         return np.where(ng.valid, coeffs, 0.0)
 
 
 @register_balancer("pcgrad")
 class PCGradBalancer(_SurgeryBalancer):
-    def __init__(self, cfg: Any, reward_names: list[str]):
-        super().__init__(cfg, reward_names)
+    def __init__(self, cfg: Any, reward_names: list[str], micro_steps_per_batch: int = 1):
+        super().__init__(cfg, reward_names, micro_steps_per_batch)
         self.rng = np.random.default_rng(cfg.seed)
 
     def _gram_coefficients(self, G):

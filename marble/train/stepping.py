@@ -163,7 +163,10 @@ class StepAccumulator:
         self.n = 0
         self.finite = True
         self.refresh: Any | None = None
+        self.observed = 0
         self.balance_s = 0.0
+        self.applied: list[Any] = []
+        self.cos_output: list[Tensor] = []
         self.diag: dict[str, float] = {}
 
     def add(self, res: MicroStepResult) -> None:
@@ -174,14 +177,32 @@ class StepAccumulator:
         self.balance_s += res.balance_s
         if res.balance is not None:
             self.refresh = res.balance
+            self.observed += 1
+        if res.applied is not None:
+            self.applied.append(res.applied)
+        if res.cos_output is not None:
+            self.cos_output.append(res.cos_output)
+
+    def add_step_end(self, stats: Any | None) -> None:
+        """The refresh the balancer committed at the end of the step (step-accumulated), if any."""
+        if stats is not None:
+            self.refresh = stats
 
     def add_diagnostics(self, diag: dict[str, float]) -> None:
         self.diag = diag
 
     def metrics(self, balancer: Any, counters: dict[str, int]) -> dict[str, float]:
         out = {"loss/policy": self.policy / max(self.n, 1), "loss/kl": self.kl / max(self.n, 1)}
-        stats = self.refresh if self.refresh is not None else balancer.current_stats()
-        out.update(stats.to_metrics(balancer.objective_names))
+        names = balancer.objective_names
+        out.update(balancer.current_stats().to_metrics(names))  # α after the step, latest α*, norms
+        out["balance/refreshed"] = float(self.refresh is not None)
+        out["balance/refresh_micro_steps"] = float(self.observed)
+        if self.refresh is not None:
+            for key in ("min_norm", "qp_ms"):
+                if getattr(self.refresh, key) is not None:
+                    out[f"balance/{key}"] = float(getattr(self.refresh, key))
+        out.update(applied_metrics(self.applied, names))
+        out.update(output_cosine_metrics(self.cos_output, names))
         out["time/balance_s"] = self.balance_s
         out["train/skipped_steps"] = counters["skipped_steps"]
         if self.diag:
@@ -191,6 +212,40 @@ class StepAccumulator:
                 counters[f"diag_min_neg_{d}"] += int(self.diag[f"diag/cos_{d}/min"] < 0)
                 out[f"diag/frac_min_neg/{d}"] = counters[f"diag_min_neg_{d}"] / counters["diag_batches"]
         return out
+
+
+def applied_metrics(applied: list[Any], names: list[str]) -> dict[str, float]:
+    """Means over the step's micro-steps of the applied γ, the batches' gradient norms (where the
+    balancer reads them) and how often γ was bounded (docs/algorithm.md §6)."""
+    if not applied:
+        return {}
+    out: dict[str, float] = {}
+    gamma = torch.stack([a.gamma for a in applied]).to(torch.float64)  # [M, K']
+    out.update({f"balance/gamma/{n}": float(g) for n, g in zip(names, gamma.mean(0), strict=True)})
+    if applied[0].norms is not None:
+        norms = torch.stack([a.norms for a in applied]).to(torch.float64)  # [M, K'] NaN = invalid
+        mean = norms.nanmean(0)
+        out.update({f"balance/batch_grad_norm/{n}": float(v) for n, v in zip(names, mean, strict=True)})
+    if applied[0].capped is not None:
+        capped = torch.stack([a.capped for a in applied]).to(torch.float64).mean(0)  # [K']
+        out.update({f"balance/gamma_capped/{n}": float(v) for n, v in zip(names, capped, strict=True)})
+    return out
+
+
+def output_cosine_metrics(cosines: list[Tensor], names: list[str]) -> dict[str, float]:
+    """Alignment of the applied direction every step, free: per micro-step `cos(d, g_k)` in output
+    space (`diagnostics.gram_cosines` of the batch's output-space Gram); means over the step, the mean
+    per-micro-step minimum and the fraction of micro-steps with a reward at an obtuse angle."""
+    if not cosines:
+        return {}
+    cos = torch.stack(cosines).to(torch.float64)  # [M, K'] NaN = invalid reward on that micro-step
+    out = {f"balance/cos_output/{n}": float(v) for n, v in zip(names, cos.nanmean(0), strict=True)}
+    ok = torch.isfinite(cos).any(1)  # [M]
+    if ok.any():
+        mins = torch.where(torch.isfinite(cos), cos, torch.full_like(cos, math.inf)).min(1).values[ok]
+        out["balance/cos_output_min"] = float(mins.mean())
+        out["balance/cos_output_negative_frac"] = float((mins < 0).to(torch.float64).mean())
+    return out
 
 
 def sync_and_clip(accelerator: Any, params: list[Tensor], max_norm: float, world: int) -> float:

@@ -147,7 +147,7 @@ class Trainer:
         self.rewards = build_rewards(self.cfg.trained_rewards)
         for r in self.rewards:
             r.setup(self.device, self.hub)
-        self.balancer = build_balancer(self.cfg.balancer, self.reward_names)
+        self.balancer = build_balancer(self.cfg.balancer, self.reward_names, self.T)
         self.worker = RolloutWorker(
             transformer=self.model, vae=self.vae, text_cache=self.text_cache,
             rewards=self.rewards, score_all=score_all, sampling=self.cfg.sampling,
@@ -343,6 +343,7 @@ class Trainer:
                     res = self.update.micro_step(mb, self.step, micro)
                     self.accelerator.backward(res.loss)
                 acc.add(res)
+        acc.add_step_end(self.update.end_step(self.step))
         if not self.accelerator.sync_gradients:
             raise InternalError("accelerate's gradient-accumulation boundary does not match the step plan")
         grad_norm = stepping.sync_and_clip(

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from marble.rl.balancers import mgda_gamma
+from marble.rl.diagnostics import gram_cosines
 from marble.rl.gram import flat_grads, gram_from_output, gram_from_params
 from marble.rl.nft import NFTTerms, combine_coefficients, combined_loss, kl_loss, nft_terms, per_reward_losses
 from marble.rl.qp import MinNormSolver
@@ -51,6 +52,8 @@ class MicroStepResult:
     kl: float
     balance: Any | None  # BalanceStats of a refresh on this micro-step, else None
     balance_s: float
+    applied: Any | None = None  # BatchGamma: the γ this micro-step applied (and the batch norms)
+    cos_output: Tensor | None = None  # [K'] cos(applied direction, g_k) in output space (free), NaN = invalid
 
 
 @contextmanager
@@ -114,16 +117,20 @@ class NFTUpdate:
         return terms, v, v_ref
 
     # ------------------------------------------------------------------------------ gram
+    def output_gram(self, terms: NFTTerms, c: Tensor, r: Tensor) -> Tensor:
+        """Output-space Gram `[K', K']` of the (global) micro-batch, identical on every rank."""
+        H = gram_from_output(terms, c, r, self.beta)  # [K', K'] local samples
+        if self.reduce_sum is not None:
+            # c carries a factor world_size; H is quadratic in c.
+            H = self.reduce_sum(H) / self.world_size**2
+        return H
+
     def gram(
         self, terms: NFTTerms, c: Tensor, r: Tensor, keep_grads: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """The balancer's Gram for this micro-batch, identical on every rank."""
         if self.balancer.gram_source == "output":
-            H = gram_from_output(terms, c, r, self.beta)  # [K', K'] local samples
-            if self.reduce_sum is not None:
-                # c carries a factor world_size; H is quadratic in c.
-                H = self.reduce_sum(H) / self.world_size**2
-            return H, None
+            return self.output_gram(terms, c, r), None
         losses = per_reward_losses(terms, c, r, self.beta)  # [K']
         pg = gram_from_params(losses, self.params, all_reduce=self.reduce_mean, keep_grads=keep_grads)
         return pg.gram, pg.grads
@@ -131,35 +138,47 @@ class NFTUpdate:
     # ------------------------------------------------------------------------------ step
     def micro_step(self, mb: MicroBatch, step: int, micro_step: int) -> MicroStepResult:
         """Forward, optional balancer refresh, and the loss of ONE backward (caller backprops)."""
-        refresh = self.balancer.needs_gram(step, micro_step)
-        source = self.balancer.gram_source
-        terms, v, v_ref = self.forward(mb, output_grads=refresh and source == "output")
-        stats = None
-        balance_s = 0.0
-        if refresh and source is not None:
-            t0 = time.perf_counter()
+        bal = self.balancer
+        refresh = bal.needs_gram(step, micro_step) and bal.gram_source is not None
+        output = bal.needs_batch_gram or (refresh and bal.gram_source == "output")
+        terms, v, v_ref = self.forward(mb, output_grads=output)
+        stats, H = None, None
+        t0 = time.perf_counter()
+        if refresh:
             G, _ = self.gram(terms, mb.c, mb.r)
-            stats = self.balancer.update(G, step=step)
-            balance_s = time.perf_counter() - t0
-        gamma = self.balancer.gamma.to(mb.c.device)  # [K']
-        omega, rho = combine_coefficients(gamma, mb.c, mb.r)  # [B], [B]
+            stats = bal.observe(G, step=step, micro_step=micro_step)
+            H = G if bal.gram_source == "output" else None
+        if bal.needs_batch_gram and H is None:
+            H = self.output_gram(terms, mb.c, mb.r)
+        applied = bal.batch_gamma(H)  # γ for THIS batch
+        cos = None if H is None else gram_cosines(H, applied.gamma).per_reward  # free alignment, every step
+        balance_s = time.perf_counter() - t0
+        omega, rho = combine_coefficients(applied.gamma.to(mb.c.device), mb.c, mb.r)  # [B], [B]
         policy = combined_loss(terms, omega, rho, self.beta)
         kl = kl_loss(v, v_ref)
         loss = policy + self.kl_weight * kl
-        return MicroStepResult(loss, float(policy.detach()), float(kl.detach()), stats, balance_s)
+        return MicroStepResult(
+            loss, float(policy.detach()), float(kl.detach()), stats, balance_s, applied, cos
+        )
+
+    def end_step(self, step: int) -> Any | None:
+        """After the step's last micro-step: the balancer commits a step-accumulated refresh (if any)."""
+        return self.balancer.end_step(step)
 
     # ------------------------------------------------------------------------------ diagnostics
     def diagnose(
         self, mb: MicroBatch, direction_cosines: Callable[[Tensor, Tensor], Any]
     ) -> dict[str, float]:
         """Cosines of the per-reward gradients g_k (masked, KL excluded) with three directions:
-        the applied one (cached γ through (ω, ρ)), the fresh MGDA one, the equal-weight sum
+        the applied one (the γ the balancer gives this batch before this step's refresh, through (ω, ρ)), the fresh MGDA one, the equal-weight sum
         (docs/algorithm.md §6). Costs K + 1 extra backward passes; touches no `.grad` and no state."""
-        terms, _, _ = self.forward(mb, output_grads=False)
+        batch = self.balancer.needs_batch_gram
+        terms, _, _ = self.forward(mb, output_grads=batch)
         losses = per_reward_losses(terms, mb.c_raw, mb.r_raw, self.beta)  # [K]
         pg = gram_from_params(losses, self.params, all_reduce=self.reduce_mean, keep_grads=True)
         grads = pg.grads  # [K, P]
-        gamma = self.balancer.gamma.to(mb.c.device)
+        H = self.output_gram(terms, mb.c, mb.r) if batch else None
+        gamma = self.balancer.batch_gamma(H).gamma.to(mb.c.device)
         omega, rho = combine_coefficients(gamma, mb.c, mb.r)
         applied = flat_grads(combined_loss(terms, omega, rho, self.beta), self.params, retain_graph=False)
         applied = torch.where(torch.isfinite(applied), applied, torch.zeros_like(applied))
