@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import alignment, common, readme_table, reward_balance, throughput
+from bench import alignment, alignment_replay, common, readme_table, reward_balance, throughput
 from tests._train_helpers import train_config
 
 
@@ -48,7 +48,7 @@ def test_throughput_keys(small_cfg, tmp_path):
 
 
 def test_alignment_keys(small_cfg, tmp_path):
-    res = alignment.run(small_cfg, tmp_path, epochs=1)
+    res = alignment.run(small_cfg, tmp_path, epochs=1, grams_out=tmp_path / "grams.npz")
     n = len(res["raw_batches"])
     assert n > 0
     for name in (*common.PRESETS, "fresh_mgda"):
@@ -59,6 +59,14 @@ def test_alignment_keys(small_cfg, tmp_path):
     # the fresh MGDA direction is the min-norm point: no reward gradient at an obtuse angle to it
     assert res["directions"]["fresh_mgda"]["all_batches"]["worst_min_cos"] > -1e-6
     assert alignment.plot(res, tmp_path / "a.png").stat().st_size > 0
+    # the replay on the saved Grams reproduces every preset's per-batch cosines of the run itself
+    saved = alignment_replay.Saved(tmp_path / "grams.npz")
+    assert len(res["raw_steps"]) == saved.S and n == saved.S * saved.M
+    for name in ("equal", "marble", "marble_paper", "marble_full", "pcgrad"):
+        bal = common.balancer_config(small_cfg, name)
+        micro, _ = alignment_replay.replay(saved, alignment_replay.build(bal, saved))
+        measured = [b["directions"][name]["min"] for b in res["raw_batches"]]
+        np.testing.assert_allclose([m for m, _ in micro], measured, atol=1e-6, err_msg=name)
 
 
 def _fake_reward_runs(cfg) -> list[dict]:
