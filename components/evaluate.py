@@ -10,6 +10,9 @@ def evaluate(
     prompts: Input[Dataset],
     adapter: Input[Model],
     reward_cache_dir: str,
+    reward_cache_sha256: str,
+    model_lock: dict,
+    model_lock_sha256: str,
     train_dir: str,
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
@@ -24,8 +27,10 @@ def evaluate(
     from marble import stages
     from marble.config import MarbleConfig
     from marble.eval.contract import EvalSummary
+    from marble.model_cache import lock_from_parameters
 
     cfg = MarbleConfig.model_validate(config)
+    lock = lock_from_parameters(model_lock, model_lock_sha256)
     metrics_path = Path(
         stages.evaluate(
             cfg,
@@ -33,6 +38,8 @@ def evaluate(
             Path(adapter.path),
             Path(evaluation.path),
             reward_cache=reward_cache_dir or None,
+            lock=lock,
+            reward_cache_sha256=reward_cache_sha256 or None,
             train_dir=train_dir if train_dir and Path(train_dir).exists() else None,
         )
     )

@@ -20,6 +20,9 @@ def train(
     config: dict,
     prompts: Input[Dataset],
     reward_cache_dir: str,
+    reward_cache_sha256: str,
+    model_lock: dict,
+    model_lock_sha256: str,
     work_root: str,
     run_id: str,
     launch: dict,
@@ -33,11 +36,16 @@ def train(
     from marble.cluster.launch import LaunchPlan
     from marble.cluster.train_task import run_train_task
     from marble.config import MarbleConfig
+    from marble.model_cache import lock_from_parameters
 
     cfg = MarbleConfig.model_validate(config)
+    lock = lock_from_parameters(model_lock, model_lock_sha256)
     run_dir = Path(work_root) / "runs" / run_id if work_root else Path(adapter.path).parent
     plan = LaunchPlan.from_dict(launch)
-    train_dir = run_train_task(cfg, plan, Path(prompts.path), reward_cache_dir or None, run_dir, run_id)
+    train_dir = run_train_task(
+        cfg, plan, Path(prompts.path), reward_cache_dir or None, run_dir, run_id,
+        lock=lock, reward_cache_sha256=reward_cache_sha256 or None,
+    )  # fmt: skip
     publish_dir(train_dir / "adapter", adapter.path)
     adapter.metadata["config_hash"] = cfg.config_hash()
     adapter.metadata["base_model"] = cfg.model.pretrained

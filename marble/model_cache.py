@@ -85,6 +85,28 @@ def check_lock_covers(cfg: MarbleConfig, lock: ModelLock, config_hint: str | Non
         )
 
 
+def lock_parameters(lock: ModelLock | None) -> dict[str, Any]:
+    """The lock as the pipeline's parameters: `model_lock` (its content) and `model_lock_sha256` (its
+    identity, recorded in the compiled pipeline); `{}` and `""` without a lock."""
+    return {"model_lock": lock.to_dict() if lock else {}, "model_lock_sha256": lock.sha256 if lock else ""}
+
+
+def lock_from_parameters(model_lock: dict, model_lock_sha256: str) -> ModelLock | None:
+    """The run's lock from the pipeline's parameters, refused when its content is not the lock whose
+    hash the run records (a lock overridden without its hash, or the other way round)."""
+    from marble.hub.lock import lock_from_dict
+
+    if not model_lock and not model_lock_sha256:
+        return None
+    lock = lock_from_dict(model_lock, "pipeline parameter model_lock") if model_lock else None
+    if lock is None or lock.sha256 != model_lock_sha256:
+        raise LockError(
+            f"pipeline parameters: model_lock (sha256 {lock.sha256 if lock else 'none'}) is not the lock "
+            f"model_lock_sha256 records ({model_lock_sha256 or 'none'}); pass both from the same lock file"
+        )
+    return lock
+
+
 def load_lock_for(config_path: str | Path) -> ModelLock | None:
     """The lock beside `config_path`, or None when there is none."""
     path = lock_path_for(config_path)
@@ -183,6 +205,17 @@ def _manifest_info(cfg: MarbleConfig, entries: list[dict], lock_sha: str | None)
 
 
 # ------------------------------------------------------------------------------------- marble lock
+def unpinnable_rewards(cfg: MarbleConfig) -> list[str]:
+    """Rewards that load weights marble does not fetch (a library's own downloader): no lock covers them."""
+    from marble.rewards.registry import reward_class
+
+    return [
+        f"{s.name} ({s.kind}, backend {getattr(s, 'backend', '?')})"
+        for s in cfg.rewards
+        if getattr(reward_class(s.kind), "requires_weights", False) and not reward_class(s.kind).artifacts(s)
+    ]
+
+
 def lock_from_cache(cfg: MarbleConfig, cache_dir: Path, config_name: str | None) -> ModelLock:
     """The lock of `cfg` from the snapshots in `cache_dir` (every artifact must be cached there)."""
     manifest = read_manifest(cache_dir)
@@ -203,8 +236,12 @@ def lock_from_cache(cfg: MarbleConfig, cache_dir: Path, config_name: str | None)
         m["patterns"].append(list(art.allow_patterns) if art.allow_patterns is not None else None)
         for rec in original_records(entry):
             m["files"][rec["path"]] = LockedFile(size=rec["size"], sha256=rec["sha256"])
+    unpinned = unpinnable_rewards(cfg)
+    if unpinned:
+        log.warning("not covered by the model lock (their library downloads its own weights): %s", unpinned)
     return ModelLock(
         config=config_name,
+        unpinned=unpinned,
         models={
             k: LockedModel(
                 revision=m["revision"],

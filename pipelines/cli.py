@@ -17,13 +17,22 @@ def _config(args: argparse.Namespace) -> MarbleConfig:
     return load_config(args.config or default_config_path(), getattr(args, "overrides", None) or [])
 
 
+def _lock(args: argparse.Namespace):
+    """The model lock beside the config (`<config>.lock.yaml`), or None."""
+    from marble.configio import resolve_config_path
+    from marble.model_cache import load_lock_for
+    from pipelines.marble_pipeline import default_config_path
+
+    return load_lock_for(resolve_config_path(args.config or default_config_path()))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     params = parse_run_parameters(args.params)
     if args.local:
         from pipelines.local import run_local
 
-        print(run_local(cfg, args.pipeline_root, params).summary())
+        print(run_local(cfg, args.pipeline_root, params, lock=_lock(args)).summary())
         return 0
     if args.host:
         from pipelines.schedule import submit_run
@@ -36,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             params=params,
             version=args.version,
             namespace=args.namespace,
+            lock=_lock(args),
         )
         where = f" in namespace {args.namespace}" if args.namespace else ""
         print(
@@ -49,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.marble_pipeline import compile_pipeline
 
-    out = compile_pipeline(_config(args), args.out)
+    out = compile_pipeline(_config(args), args.out, lock=_lock(args))
     print(f"wrote {out}")
     return 0
 
@@ -63,7 +73,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     require_pushed_images()
     client = connect(args.host, args.namespace)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml")
+        package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml", lock=_lock(args))
         version = upload_version(client, cfg, package, args.version_name)
     what = "uploaded" if version.created else "already uploaded:"
     print(
@@ -81,7 +91,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if not args.dry_run:
         require_pushed_images()
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml")
+        package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml", lock=_lock(args))
         request = build_request(
             cfg,
             host=args.host,

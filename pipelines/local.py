@@ -65,9 +65,13 @@ def default_pipeline_root(cfg: MarbleConfig) -> Path:
 
 
 def run_local(
-    cfg: MarbleConfig, pipeline_root: str | Path | None = None, params: dict[str, Any] | None = None
+    cfg: MarbleConfig,
+    pipeline_root: str | Path | None = None,
+    params: dict[str, Any] | None = None,
+    lock=None,
 ) -> LocalRunOutputs:
-    """Run the pipeline for `cfg` locally (run parameters from `params` where given) and locate the outputs."""
+    """Run the pipeline for `cfg` (and its model lock) locally (run parameters from `params` where
+    given) and locate the outputs."""
     import kfp.local
 
     from pipelines.marble_pipeline import build_pipeline, pipeline_arguments
@@ -79,7 +83,7 @@ def run_local(
     kfp.local.init(
         runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
     )
-    pipeline = build_pipeline(cfg, containerized=False)
+    pipeline = build_pipeline(cfg, containerized=False, lock=lock)
     log_path = root / "logs" / f"{cfg.pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     print(f"full output of the tasks (executor JSON, library logs, warnings): {log_path}", flush=True)
     start = time.perf_counter()

@@ -8,6 +8,11 @@ result and hands it to every later task. The Kubernetes settings (resources, GPU
 selector, tolerations, PVC, secrets, the training launch) are read from the `pipeline:` section of the
 compile-time config (applied by `pipelines/kube.py`) and fixed in the compiled spec; they are no run
 parameters.
+
+The model lock of the config (`marble lock`) travels as `model_lock` with its hash `model_lock_sha256`
+(defaults: the lock the pipeline is compiled with, so the compiled pipeline records its hash); the
+stages that load models refuse a lock that is not the recorded one. The cache task reports its
+manifest's sha256, which train and evaluate verify the manifest on the volume against.
 """
 
 import inspect
@@ -32,6 +37,8 @@ from marble.cluster.preflight import cluster_problems
 from marble.cluster.secrets import task_secrets, unused_secrets
 from marble.config import MarbleConfig, TaskResources
 from marble.configio import ConfigError, load_config
+from marble.hub.lock import ModelLock
+from marble.model_cache import lock_parameters
 from marble.runparams import (
     RUN_PARAMETER_NAMES,
     RUN_PARAMETERS,
@@ -58,6 +65,10 @@ _COMPONENTS = (
     validate_config, fingerprint_inputs, prepare_prompts, cache_reward_models, train, evaluate,
     register_adapter, cleanup_train_job,
 )  # fmt: skip
+LOCK_PARAMETER_HELP = {
+    "model_lock": "The model lock (`marble lock`): every model's revision and file sha256; {} for none.",
+    "model_lock_sha256": "sha256 of model_lock, recorded at compile time; a different lock is refused.",
+}
 __all__ = ["build_pipeline", "compile_pipeline", "config_dict", "pipeline_arguments"]
 
 
@@ -74,22 +85,27 @@ def default_config() -> MarbleConfig:
 
 
 # ------------------------------------------------------------------------------------------ the DAG
-def pipeline_signature(cfg: MarbleConfig) -> tuple[inspect.Signature, str]:
-    """The pipeline function's typed parameters (defaults from `cfg`) and its docstring, whose `Args:`
-    section kfp compiles into each parameter's description."""
+def pipeline_signature(cfg: MarbleConfig, lock: ModelLock | None = None) -> tuple[inspect.Signature, str]:
+    """The pipeline function's typed parameters (defaults from `cfg` and its model lock) and its
+    docstring, whose `Args:` section kfp compiles into each parameter's description."""
     defaults = run_parameter_values(cfg)
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     params = [
         inspect.Parameter(p.name, kind, default=defaults[p.name], annotation=p.type) for p in RUN_PARAMETERS
     ]
     params.append(inspect.Parameter("config", kind, default=override_parameter(cfg), annotation=dict))
+    for name, value in lock_parameters(lock).items():
+        params.append(inspect.Parameter(name, kind, default=value, annotation=type(value)))
     lines = [f"    {p.name}: {p.description}" for p in RUN_PARAMETERS]
     lines.append(f"    config: {CONFIG_PARAMETER_HELP}")
+    lines += [f"    {name}: {text}" for name, text in LOCK_PARAMETER_HELP.items()]
     return inspect.Signature(params), DESCRIPTION + "\n\nArgs:\n" + "\n".join(lines) + "\n"
 
 
-def build_pipeline(cfg: MarbleConfig | None = None, *, containerized: bool = True):
-    """The pipeline function for `cfg` (default: `default_config()`).
+def build_pipeline(
+    cfg: MarbleConfig | None = None, *, containerized: bool = True, lock: ModelLock | None = None
+):
+    """The pipeline function for `cfg` (default: `default_config()`) and its model lock, if any.
 
     `containerized=True` runs each component in its pinned image (cluster); `False` gives lightweight
     components for `kfp.local.SubprocessRunner`. Kubernetes settings come from `cfg.pipeline`; the
@@ -105,7 +121,7 @@ def build_pipeline(cfg: MarbleConfig | None = None, *, containerized: bool = Tru
         log.warning(problem)
     work_root = k8s.cache_mount if containerized else ""
     ops = {m.__name__.rsplit(".", 1)[-1]: m.build(containerized) for m in _COMPONENTS}
-    signature, doc = pipeline_signature(cfg)
+    signature, doc = pipeline_signature(cfg, lock)
     names = list(signature.parameters)
 
     def marble_pipeline(*args):
@@ -160,18 +176,24 @@ def _stages(
     prepare = ops["prepare_prompts"](config=config, data_fingerprint=fingerprint.outputs["data"])
     _settings(prepare, cfg, "prepare-prompts", res.prepare_prompts)
 
+    locked = {"model_lock": params["model_lock"], "model_lock_sha256": params["model_lock_sha256"]}
     cache = ops["cache_reward_models"](
-        config=config, work_root=work_root, models_fingerprint=fingerprint.outputs["models"]
+        config=config, work_root=work_root, models_fingerprint=fingerprint.outputs["models"], **locked
     )
     kube.with_cache_volume(_settings(cache, cfg, "cache-reward-models", res.cache_reward_models), k8s)
+    cached = {
+        "reward_cache_dir": cache.outputs["cache_dir"],
+        "reward_cache_sha256": cache.outputs["manifest_sha256"],
+        **locked,
+    }
 
     train_task = ops["train"](
         config=config,
         prompts=prepare.outputs["prompts"],
-        reward_cache_dir=cache.outputs["cache_dir"],
         work_root=work_root,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         launch=plan.to_dict(),
+        **cached,
     )
     kube.with_cache_volume(train_task, k8s)
     if plan.kind == "pytorchjob":  # the task launches and watches; the job's replicas hold the GPUs
@@ -189,8 +211,8 @@ def _stages(
         config=config,
         prompts=prepare.outputs["prompts"],
         adapter=train_task.outputs["adapter"],
-        reward_cache_dir=cache.outputs["cache_dir"],
         train_dir=train_task.outputs["train_dir"],
+        **cached,
     )
     kube.on_gpu_nodes(
         kube.with_cache_volume(_settings(evaluate_task, cfg, "evaluate", res.evaluate), k8s), k8s
@@ -222,8 +244,9 @@ def check_arguments(cfg: MarbleConfig, arguments: dict[str, Any]) -> MarbleConfi
     return apply_run_parameters(arguments["config"], values, kubernetes_section(cfg))[0]
 
 
-def compile_pipeline(cfg: MarbleConfig, out: str | Path) -> Path:
-    """Compile the containerized pipeline for `cfg` to IR YAML at `out` (written atomically)."""
+def compile_pipeline(cfg: MarbleConfig, out: str | Path, lock: ModelLock | None = None) -> Path:
+    """Compile the containerized pipeline for `cfg` (and its model lock) to IR YAML at `out` (written
+    atomically)."""
     import tempfile
 
     from kfp import compiler
@@ -234,7 +257,7 @@ def compile_pipeline(cfg: MarbleConfig, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
-        compiler.Compiler().compile(build_pipeline(cfg, containerized=True), str(staged))
+        compiler.Compiler().compile(build_pipeline(cfg, containerized=True, lock=lock), str(staged))
         staged.replace(out)
     if placeholder_images():
         log.warning(

@@ -202,8 +202,10 @@ def submit_run(
     params: dict[str, Any] | None = None,
     version: str | None = None,
     namespace: str | None = None,
+    lock=None,
 ) -> tuple[str, PipelineVersion]:
-    """Start one run of an uploaded version (this code and config's, uploaded if needed, or `version`)."""
+    """Start one run of an uploaded version (this code, config and model lock's, uploaded if needed, or
+    `version`)."""
     import tempfile
 
     from pipelines.marble_pipeline import check_arguments, compile_pipeline, pipeline_arguments
@@ -213,6 +215,6 @@ def submit_run(
     require_pushed_images()
     client = connect(host, namespace)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml")
+        package = compile_pipeline(cfg, Path(tmp) / "marble_pipeline.yaml", lock=lock)
         resolved = resolve_version(client, cfg, package, version)
     return start_run(client, cfg, resolved, experiment, arguments, namespace), resolved

@@ -27,6 +27,8 @@ from marble.cluster.launch import LaunchError, plan_launch
 from marble.cluster.pytorchjob import build_job, job_name
 from marble.cluster.train_task import cleanup_run_jobs
 from marble.configio import load_config
+from marble.hub.lock import ModelLock, read_lock
+from marble.model_cache import lock_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 NS = "kubeflow-user-example-com"
@@ -53,6 +55,10 @@ def write_adapter(job: dict) -> None:
     )
 
 
+MODEL_LOCK = ModelLock(config="sd35m-marble.yaml")
+MANIFEST_SHA = "ab" * 32
+
+
 def run_task(fake: FakeKube, tmp_path: Path, cfg, run_id: str = "run-1"):
     prompts = tmp_path / "artifacts" / "prompts"
     prompts.mkdir(parents=True, exist_ok=True)
@@ -64,6 +70,8 @@ def run_task(fake: FakeKube, tmp_path: Path, cfg, run_id: str = "run-1"):
         config=json.loads(json.dumps(cfg.model_dump(mode="json", exclude_none=True))),
         prompts=dsl.Dataset(name="prompts", uri=str(prompts), metadata={}),
         reward_cache_dir=str(tmp_path / "pvc" / "reward-cache"),
+        reward_cache_sha256=MANIFEST_SHA,
+        **lock_parameters(MODEL_LOCK),
         work_root=str(tmp_path / "pvc"),
         run_id=run_id,
         launch=plan,
@@ -117,6 +125,9 @@ def test_success_publishes_the_adapter_the_job_wrote(tmp_path, api_of, capsys):
     command = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--out") + 1] == str(run_dir / "train")
     assert (run_dir / "prompts" / "train.jsonl").is_file() and (run_dir / "config.yaml").is_file()
+    # the replicas' `marble train` finds the run's model lock beside its config, and the manifest hash
+    assert read_lock(run_dir / "config.lock.yaml") == MODEL_LOCK
+    assert command[command.index("--reward-cache-sha256") + 1] == MANIFEST_SHA
     assert result.train_dir == str(run_dir / "train")
     assert (adapter / "pytorch_lora_weights.safetensors").read_bytes().startswith(b"lora from marble-train-")
     out = capsys.readouterr().out
@@ -203,7 +214,8 @@ def test_a_layout_that_cannot_split_the_epoch_starts_nothing(tmp_path, api_of):
             train_component.component.python_func(
                 config=cfg.model_dump(mode="json", exclude_none=True),
                 prompts=dsl.Dataset(name="p", uri=str(prompts), metadata={}),
-                reward_cache_dir="", work_root=str(tmp_path / "pvc"), run_id="r", launch=plan,
+                reward_cache_dir="", reward_cache_sha256="", model_lock={}, model_lock_sha256="",
+                work_root=str(tmp_path / "pvc"), run_id="r", launch=plan,
                 adapter=dsl.Model(name="a", uri=str(tmp_path / "a"), metadata={}),
             )  # fmt: skip
         assert fake.requests == []

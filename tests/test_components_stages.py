@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from marble.runparams import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+NO_LOCK = {"model_lock": {}, "model_lock_sha256": ""}
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,7 @@ def test_an_invalid_config_fails_before_the_stage_runs(config, calls, tmp_path):
     assert "prepare_prompts" not in calls.args
 
 
-def _write_manifest(cfg, out):
+def _write_manifest(cfg, out, *, lock=None, write_lock=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text('{"files": []}')
     return out / "manifest.json"
@@ -136,10 +138,41 @@ def test_cache_rewards_locally_keeps_snapshots_in_the_artifact(config, calls, tm
     calls.impl["cache_reward_models"] = _write_manifest
     cache = art(dsl.Artifact, tmp_path / "reward_cache")
     result = cache_reward_models.component.python_func(
-        config=config, work_root="", models_fingerprint="m1", reward_cache=cache
+        config=config, work_root="", models_fingerprint="m1", reward_cache=cache, **NO_LOCK
     )
     assert result.cache_dir == str(tmp_path / "reward_cache")
     assert (tmp_path / "reward_cache" / "manifest.json").is_file()
+    assert result.manifest_sha256 == cache.metadata["manifest_sha256"] == sha256(b'{"files": []}').hexdigest()
+    # no lock given: the first run writes the lock of what it cached into its artifact
+    assert calls.args["cache_reward_models"][1] == {
+        "lock": None,
+        "write_lock": Path(cache.path) / "model.lock.yaml",
+    }
+
+
+def test_cache_rewards_passes_the_lock_and_refuses_one_that_is_not_the_recorded_one(config, calls, tmp_path):
+    from marble.errors import LockError
+    from marble.hub.lock import ModelLock
+    from marble.model_cache import lock_parameters
+
+    calls.impl["cache_reward_models"] = _write_manifest
+    lock = ModelLock(config="tiny.yaml")
+    cache = art(dsl.Artifact, tmp_path / "reward_cache")
+    params = lock_parameters(lock)
+    cache_reward_models.component.python_func(
+        config=config, work_root="", models_fingerprint="m1", reward_cache=cache, **params
+    )
+    assert calls.args["cache_reward_models"][1] == {"lock": lock}
+    assert cache.metadata["model_lock_sha256"] == lock.sha256
+    with pytest.raises(LockError, match="not the lock model_lock_sha256 records"):
+        cache_reward_models.component.python_func(
+            config=config,
+            work_root="",
+            models_fingerprint="m1",
+            reward_cache=cache,
+            model_lock=params["model_lock"],
+            model_lock_sha256="0" * 64,
+        )
 
 
 def test_cache_rewards_on_a_cluster_writes_to_the_pvc_and_keeps_the_manifest(config, calls, tmp_path):
@@ -147,7 +180,7 @@ def test_cache_rewards_on_a_cluster_writes_to_the_pvc_and_keeps_the_manifest(con
     pvc = tmp_path / "pvc"
     cache = art(dsl.Artifact, tmp_path / "reward_cache")
     result = cache_reward_models.component.python_func(
-        config=config, work_root=str(pvc), models_fingerprint="m1", reward_cache=cache
+        config=config, work_root=str(pvc), models_fingerprint="m1", reward_cache=cache, **NO_LOCK
     )
     assert result.cache_dir == str(pvc / "reward-cache")
     assert (pvc / "reward-cache" / "manifest.json").is_file()
@@ -163,7 +196,7 @@ IN_PROCESS = {
 }  # floats: protobuf Struct
 
 
-def _fake_train(cfg, prompts_dir, out_dir, *, reward_cache=None):
+def _fake_train(cfg, prompts_dir, out_dir, *, reward_cache=None, lock=None, reward_cache_sha256=None):
     adapter = Path(out_dir) / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
@@ -180,6 +213,8 @@ def test_train_publishes_the_adapter_and_keys_checkpoints_by_run(config, calls, 
         config=config,
         prompts=art(dsl.Dataset, tmp_path / "prompts"),
         reward_cache_dir=str(tmp_path / "cache"),
+        reward_cache_sha256="ab" * 32,
+        **NO_LOCK,
         work_root=root,
         run_id="run-123",
         launch=IN_PROCESS,
@@ -191,7 +226,7 @@ def test_train_publishes_the_adapter_and_keys_checkpoints_by_run(config, calls, 
     )
     assert out_dir == expected and result.train_dir == str(expected)
     assert prompts_dir == tmp_path / "prompts"
-    assert kwargs == {"reward_cache": str(tmp_path / "cache")}
+    assert kwargs == {"reward_cache": str(tmp_path / "cache"), "lock": None, "reward_cache_sha256": "ab" * 32}
     # Only the exported adapter is published, not the checkpoints.
     assert sorted(p.name for p in Path(adapter.path).iterdir()) == ["pytorch_lora_weights.safetensors"]
     assert adapter.metadata["lora_rank"] == config["lora"]["rank"]
@@ -203,15 +238,27 @@ def test_train_without_a_reward_cache_passes_none(config, calls, tmp_path):
         config=config,
         prompts=art(dsl.Dataset, tmp_path / "prompts"),
         reward_cache_dir="",
+        reward_cache_sha256="",
+        **NO_LOCK,
         work_root="",
         run_id="r",
         launch=IN_PROCESS,
         adapter=art(dsl.Model, tmp_path / "t" / "adapter"),
     )
-    assert calls.args["train"][1] == {"reward_cache": None}
+    assert calls.args["train"][1] == {"reward_cache": None, "lock": None, "reward_cache_sha256": None}
 
 
-def _fake_evaluate(cfg, prompts_dir, adapter_dir, out_dir, *, reward_cache=None, train_dir=None):
+def _fake_evaluate(
+    cfg,
+    prompts_dir,
+    adapter_dir,
+    out_dir,
+    *,
+    reward_cache=None,
+    lock=None,
+    reward_cache_sha256=None,
+    train_dir=None,
+):
     out_dir.mkdir(parents=True)
     nan = float("nan")
     rewards = {
@@ -240,12 +287,19 @@ def test_evaluate_publishes_metrics_and_report(config, calls, tmp_path):
         prompts=art(dsl.Dataset, tmp_path / "prompts"),
         adapter=art(dsl.Model, tmp_path / "adapter"),
         reward_cache_dir="",
+        reward_cache_sha256="",
+        **NO_LOCK,
         train_dir=str(tmp_path / "train"),
         **outs,
     )
     (_, prompts, adapter, out), kwargs = calls.args["evaluate"]
     assert (prompts, adapter, out) == (tmp_path / "prompts", tmp_path / "adapter", tmp_path / "evaluation")
-    assert kwargs == {"reward_cache": None, "train_dir": str(tmp_path / "train")}
+    assert kwargs == {
+        "reward_cache": None,
+        "lock": None,
+        "reward_cache_sha256": None,
+        "train_dir": str(tmp_path / "train"),
+    }
     logged = outs["metrics"].metadata
     assert logged["adapter/brightness"] == pytest.approx(0.5) and logged["delta/brightness"] == pytest.approx(
         0.1
@@ -265,6 +319,8 @@ def test_evaluate_skips_a_missing_train_dir(config, calls, tmp_path):
         prompts=art(dsl.Dataset, tmp_path / "prompts"),
         adapter=art(dsl.Model, tmp_path / "adapter"),
         reward_cache_dir="",
+        reward_cache_sha256="",
+        **NO_LOCK,
         train_dir=str(tmp_path / "gone"),
         evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
         metrics=art(dsl.Metrics, tmp_path / "metrics"),

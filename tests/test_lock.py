@@ -292,3 +292,10 @@ def test_an_unpinned_hub_repo_stays_at_its_locked_commit(tmp_path, monkeypatch):
     assert entry["revision"] == "c1"  # the locked commit, not today's
     new, _ = lock_models(cfg, tmp_path / "tiny.lock.yaml", tmp_path / "cache3", update=True)
     assert new.models[repo].revision == "c2" and new.models[repo].files != lock.models[repo].files
+
+
+def test_weights_a_library_downloads_itself_are_named_as_not_pinned(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["rewards=[{name: o, kind: ocr, backend: easyocr}]"])
+    lock, _ = lock_models(cfg, tmp_path / "tiny.lock.yaml", tmp_path / "cache")
+    assert lock.models == {} and lock.unpinned == ["o (ocr, backend easyocr)"]
+    assert "unpinned:\n- o (ocr, backend easyocr)" in (tmp_path / "tiny.lock.yaml").read_text()

@@ -97,6 +97,7 @@ def test_default_config_travels_losslessly(compiled):
     # Protobuf Struct turns ints into floats (48 -> 48.0); the validation task re-validates, so the
     # config every later task sees must equal the file's.
     config = defaults.pop("config")
+    defaults.pop("model_lock"), defaults.pop("model_lock_sha256")  # the lock travels beside the config
     cfg, notes = apply_run_parameters(config, defaults, kubernetes)
     assert cfg == load_config(default_config_path()) and notes == []
     assert default_config_path().name in ("params.yaml", "tiny.yaml")
@@ -109,7 +110,7 @@ def validate_task(spec: dict) -> dict:
 def test_run_parameters_are_typed_with_the_config_defaults(compiled):
     spec, _ = compiled
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert list(params) == sorted([*RUN_PARAMETER_NAMES, "config"])
+    assert list(params) == sorted([*RUN_PARAMETER_NAMES, "config", "model_lock", "model_lock_sha256"])
     defaults = run_parameter_values(default_config())
     for p in RUN_PARAMETERS:
         ir = params[p.name]
@@ -448,3 +449,23 @@ def test_a_null_that_differs_from_the_default_is_refused_with_its_field(tmp_path
     cfg.balancer = {"kind": "marble", "ema_decay": None}  # the marble preset's default is 0.7
     with pytest.raises(ConfigError, match="balancer.ema_decay"):
         config_dict(cfg)
+
+
+def test_the_model_lock_travels_with_the_config_and_its_hash_is_recorded(tmp_path):
+    from marble.hub.lock import LockedFile, LockedModel, ModelLock
+
+    files = {"model.safetensors": LockedFile(size=3, sha256="ab" * 32)}
+    lock = ModelLock(config="x.yaml", models={"org/m": LockedModel(revision="c1", source="hub", files=files)})
+    out = compile_pipeline(default_config(), tmp_path / "p.yaml", lock=lock)
+    spec, _ = yaml.safe_load_all(out.read_text())
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["model_lock_sha256"]["defaultValue"] == lock.sha256  # the compiled pipeline records it
+    assert params["model_lock"]["defaultValue"] == lock.to_dict()
+    tasks = spec["root"]["dag"]["tasks"]
+    for task in ("cache-reward-models", "train", "evaluate"):
+        inputs = tasks[task]["inputs"]["parameters"]
+        assert inputs["model_lock"] == {"componentInputParameter": "model_lock"}, task
+        assert inputs["model_lock_sha256"] == {"componentInputParameter": "model_lock_sha256"}, task
+    for task in ("train", "evaluate"):  # the cache manifest's hash as the cache task reported it
+        ref = tasks[task]["inputs"]["parameters"]["reward_cache_sha256"]["taskOutputParameter"]
+        assert ref == {"producerTask": "cache-reward-models", "outputParameterKey": "manifest_sha256"}

@@ -45,19 +45,20 @@ FAKE_STAGES = textwrap.dedent(
         return out / "manifest.json"
 
 
-    def cache_reward_models(cfg, out_dir):
+    def cache_reward_models(cfg, out_dir, *, lock=None, write_lock=None):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "manifest.json").write_text(json.dumps({"rewards": [r.name for r in cfg.rewards]}))
         return out / "manifest.json"
 
 
-    def train(cfg, prompts_dir, out_dir, *, reward_cache=None):
+    def train(cfg, prompts_dir, out_dir, *, reward_cache=None, lock=None, reward_cache_sha256=None):
         from tqdm import tqdm
         for _ in tqdm(range(8), desc="train", unit="step", mininterval=0):
             pass
         assert (Path(prompts_dir) / "train.jsonl").is_file(), prompts_dir
         assert (Path(reward_cache) / "manifest.json").is_file(), reward_cache
+        assert reward_cache_sha256 == _sha(Path(reward_cache) / "manifest.json"), reward_cache_sha256
         adapter = Path(out_dir) / "adapter"
         adapter.mkdir(parents=True)
         (adapter / "pytorch_lora_weights.safetensors").write_bytes(cfg.config_hash().encode() + Path(out_dir).name.encode())
@@ -65,7 +66,8 @@ FAKE_STAGES = textwrap.dedent(
         return adapter
 
 
-    def evaluate(cfg, prompts_dir, adapter_dir, out_dir, *, reward_cache=None, train_dir=None):
+    def evaluate(cfg, prompts_dir, adapter_dir, out_dir, *, reward_cache=None, lock=None, reward_cache_sha256=None,
+                 train_dir=None):
         assert (Path(prompts_dir) / "test.jsonl").is_file(), prompts_dir
         assert (Path(train_dir) / "metrics.jsonl").is_file(), train_dir
         from _eval_helpers import reward, scores, summary  # the evaluation contract, hand-filled

@@ -54,11 +54,20 @@ class LaunchPlan:
             image=str(data.get("image", "")),
         )
 
-    def train_argv(self, config: str, prompts: str, reward_cache: str | None, out: str) -> list[str]:
+    def train_argv(
+        self,
+        config: str,
+        prompts: str,
+        reward_cache: str | None,
+        out: str,
+        reward_cache_sha256: str | None = None,
+    ) -> list[str]:
         """The full command of one launch of `marble train` (for kind=process: the plain CLI)."""
         args = ["-m", "marble.cli", "train", "--config", config, "--prompts", prompts, "--out", out]
         if reward_cache:
             args += ["--reward-cache", reward_cache]
+        if reward_cache_sha256:
+            args += ["--reward-cache-sha256", reward_cache_sha256]
         return [*(self.command or ["python3"]), *args]
 
 

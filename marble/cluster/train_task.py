@@ -30,28 +30,52 @@ def run_train_task(
     run_dir: Path,
     run_id: str,
     job_api: Callable[[], Any] | None = None,
+    *,
+    lock: Any = None,
+    reward_cache_sha256: str | None = None,
 ) -> Path:
-    """Train per `plan`; returns `<run_dir>/train` (its `adapter/` holds the exported adapter)."""
+    """Train per `plan`; returns `<run_dir>/train` (its `adapter/` holds the exported adapter). `lock`
+    (the model lock) and `reward_cache_sha256` (the cache manifest's recorded hash) reach every launch:
+    the launched `marble train` finds the lock beside the config it is given."""
     check_world_size(cfg, plan.nodes, plan.procs_per_node)  # before any process or pod starts
     train_dir = run_dir / "train"
     if plan.kind == "process":
         from marble import stages
 
-        stages.train(cfg, prompts_dir, train_dir, reward_cache=reward_cache)
+        stages.train(
+            cfg,
+            prompts_dir,
+            train_dir,
+            reward_cache=reward_cache,
+            lock=lock,
+            reward_cache_sha256=reward_cache_sha256,
+        )
     elif plan.kind == "accelerate":
-        config = _write_config(cfg, run_dir)
-        _run_launcher(plan.train_argv(str(config), str(prompts_dir), reward_cache, str(train_dir)))
+        config = _write_config(cfg, run_dir, lock)
+        argv = plan.train_argv(
+            str(config), str(prompts_dir), reward_cache, str(train_dir), reward_cache_sha256
+        )
+        _run_launcher(argv)
     else:
-        _run_pytorchjob(cfg, plan, prompts_dir, reward_cache, run_dir, run_id, job_api)
+        _run_pytorchjob(
+            cfg, plan, prompts_dir, reward_cache, run_dir, run_id, job_api, lock, reward_cache_sha256
+        )
     if not (train_dir / "adapter").is_dir():
         raise LaunchError(f"training finished but wrote no adapter under {train_dir}")
     return train_dir
 
 
-def _write_config(cfg: Any, run_dir: Path) -> Path:
+def _write_config(cfg: Any, run_dir: Path, lock: Any = None) -> Path:
+    """The run's config for the launched processes, with its model lock beside it (`config.lock.yaml`)."""
+    from marble.hub.lock import lock_path_for, write_lock
+
     path = run_dir / "config.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, config_to_yaml(cfg))
+    if lock is not None:
+        write_lock(lock_path_for(path), lock)
+    else:
+        lock_path_for(path).unlink(missing_ok=True)
     return path
 
 
@@ -96,6 +120,8 @@ def _run_pytorchjob(
     run_dir: Path,
     run_id: str,
     job_api: Callable[[], Any] | None,
+    lock: Any = None,
+    reward_cache_sha256: str | None = None,
 ) -> None:
     from marble.cluster.jobrun import JobRunner
     from marble.cluster.kubeapi import JobApi, current_namespace
@@ -106,8 +132,10 @@ def _run_pytorchjob(
     if shared_prompts.resolve() != Path(prompts_dir).resolve():
         shutil.rmtree(shared_prompts, ignore_errors=True)
         shutil.copytree(prompts_dir, shared_prompts)
-    config = _write_config(cfg, run_dir)
-    command = plan.train_argv(str(config), str(shared_prompts), reward_cache, str(run_dir / "train"))
+    config = _write_config(cfg, run_dir, lock)
+    command = plan.train_argv(
+        str(config), str(shared_prompts), reward_cache, str(run_dir / "train"), reward_cache_sha256
+    )
     api = job_api() if job_api else JobApi(current_namespace())
     job = build_job(cfg, plan, name=job_name(run_id), namespace=api.namespace, run_id=run_id, command=command)
     with _sigterm_sets(threading.Event()) as cancelled:

@@ -77,6 +77,11 @@ class ModelLock(_Strict):
     format: str = LOCK_FORMAT
     config: str | None = Field(None, description="Name of the config file this lock belongs to.")
     models: dict[str, LockedModel] = Field(default_factory=dict)
+    unpinned: list[str] = Field(
+        default_factory=list,
+        description="Rewards whose weights a third-party library downloads itself (easyocr, PaddleOCR): "
+        "marble cannot pin them.",
+    )
 
     @property
     def sha256(self) -> str:
