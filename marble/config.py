@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from marble.cluster.layout import layout_problem, valid_process_counts
 from marble.cluster.quantity import parse_quantity
+from marble.urls import redact_url, refuse_credentials
 
 TINY_MODEL = "tiny"
 """Reserved `model.pretrained` value: build (once, cached by config hash) and load the tiny SD3 world."""
@@ -393,19 +394,56 @@ class HttpReward(_RewardBase):
     applicability = None  # `applies_when` below
 
     url: str = Field(
-        description="Endpoint receiving POST JSON {schema, prompts, metadata, images (base64 PNG)}."
+        description="http(s) endpoint receiving POST JSON {schema, prompts, metadata, images (base64 PNG)}; "
+        "no credentials in it (use token_env)."
     )
     applies_when: ApplicabilityRule = Field(
         "always", description="Which prompts the reward scores (others get NaN without a request)."
     )
-    timeout_s: float = Field(60.0, gt=0, le=600, description="Per-request timeout, seconds.")
+    timeout_s: float = Field(
+        60.0, gt=0, le=600, description="Deadline of one request: connect, send and the whole reply, seconds."
+    )
     retries: int = Field(
         2, ge=0, le=10, description="Retries after a timeout, connection error or 5xx reply."
     )
     backoff_s: float = Field(1.0, ge=0, description="Wait before retry k is backoff_s * 2**k seconds.")
-    token_env: str | None = Field(None, description="Environment variable holding a bearer token, if any.")
-    score_min: float | None = Field(None, description="Documented lower bound of the score (health check).")
-    score_max: float | None = Field(None, description="Documented upper bound of the score (health check).")
+    max_reply_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        le=1 << 28,
+        description="Largest reply body accepted, bytes (a bigger one is an error).",
+    )
+    token_env: str | None = Field(
+        None,
+        description="Environment variable holding a bearer token, if any; the pipeline fills it from the "
+        "key of the same name in pipeline.reward_token_secret.",
+    )
+    score_min: float | None = Field(None, description="Documented lower bound of the score.")
+    score_max: float | None = Field(None, description="Documented upper bound of the score.")
+    out_of_range: Literal["refuse", "clamp"] = Field(
+        "refuse",
+        description="A score outside score_min..score_max: 'refuse' excludes it (like a non-applicable "
+        "prompt), 'clamp' moves it to the bound; both are counted in train/reward_out_of_range/<name>.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_without_credentials(cls, url: str) -> str:
+        scheme, _, rest = url.partition("://")
+        if scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+            raise ValueError(f"must be an http:// or https:// URL with a host; got {redact_url(url)[:80]!r}")
+        return refuse_credentials(
+            url,
+            "put the token in a Kubernetes secret and name its key in token_env "
+            "(the pipeline reads it from pipeline.reward_token_secret)",
+        )
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> HttpReward:
+        lo, hi = self.score_min, self.score_max
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"score_min={lo} is above score_max={hi}")
+        return self
 
 
 REWARD_SPECS: tuple[type[_RewardBase], ...] = (
@@ -638,9 +676,23 @@ class EvalConfig(StrictModel):
 class MlflowRegistry(StrictModel):
     kind: Literal["mlflow"] = "mlflow"
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; null = embedded sqlite under the output directory."
+        None,
+        description="MLflow tracking URI; null = embedded sqlite under the output directory. No credentials "
+        "in it: MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD) come from pipeline.registry_token_secret.",
     )
     model_name: str = Field("marble-lora", description="Registered model name.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return uri
+        return refuse_credentials(
+            uri,
+            "set MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) from "
+            "the Kubernetes secret pipeline.registry_token_secret, or a database's password through its "
+            "driver's environment (e.g. PGPASSWORD)",
+        )
 
 
 class KubeflowRegistry(StrictModel):
@@ -651,7 +703,7 @@ class KubeflowRegistry(StrictModel):
     kind: Literal["kubeflow"] = "kubeflow"
     server_address: str = Field(
         "http://model-registry-service.kubeflow.svc.cluster.local",
-        description="Model Registry service address (scheme included).",
+        description="Model Registry service address (scheme included; no credentials).",
     )
     port: int = Field(8080, ge=1, le=65535, description="Model Registry REST port.")
     author: str = Field("marble", description="Author recorded on registered versions.")
@@ -668,6 +720,15 @@ class KubeflowRegistry(StrictModel):
                 f"{self.is_secure} (https needs is_secure: true, http needs false)"
             )
         return self
+
+    @field_validator("server_address")
+    @classmethod
+    def _no_credentials(cls, address: str) -> str:
+        return refuse_credentials(
+            address,
+            "put the token in the Kubernetes secret pipeline.registry_token_secret; it reaches the "
+            "register task as the environment variable named by registry.token_env",
+        )
 
 
 RegistryConfig = Annotated[MlflowRegistry | KubeflowRegistry, Field(discriminator="kind")]
@@ -772,6 +833,11 @@ class PipelineConfig(StrictModel):
         description="Kubernetes secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the DVC "
         "remote of data.dvc; null = none injected.",
     )
+    reward_token_secret: str | None = Field(
+        None,
+        description="Kubernetes secret holding the http rewards' bearer tokens, one key per token_env, "
+        "injected into the train and evaluate tasks; needed when an http reward has a token_env.",
+    )
     train_retries: int = Field(
         2, ge=0, description="Retries of the training task (it resumes from checkpoints)."
     )
@@ -842,6 +908,11 @@ class MarbleConfig(StrictModel):
     @property
     def trained_reward_names(self) -> list[str]:
         return [r.name for r in self.trained_rewards]
+
+    @property
+    def reward_token_envs(self) -> list[str]:
+        """Environment variables holding the http rewards' bearer tokens (keys of the reward token secret)."""
+        return sorted({r.token_env for r in self.rewards if isinstance(r, HttpReward) and r.token_env})
 
     @property
     def num_train_timesteps(self) -> int:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from marble.config import MarbleConfig
 from marble.shipped import shipped_config, shipped_config_names
+from marble.urls import redact_text
 
 
 class ConfigError(ValueError):
@@ -27,7 +28,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        shown = repr(redact_text(value) if isinstance(value, str) else value)
+        shown = shown if not isinstance(value, dict) else "{...}"
         if len(shown) > 120:
             shown = shown[:117] + "..."
         if e["type"] == "extra_forbidden":

@@ -20,6 +20,7 @@ from typing import Any
 
 from marble.config import MarbleConfig
 from marble.errors import MarbleError
+from marble.urls import redact_text, url_credentials
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,23 @@ def connect(host: str | None, namespace: str | None = None):
 
     if not host:
         raise ClusterError(f"no KFP endpoint: pass --host https://<kubeflow>/pipeline (or set {HOST_ENV})")
+    check_host(host)
     try:
         return kfp.Client(
             host=host, existing_token=os.environ.get(TOKEN_ENV) or None, namespace=namespace or "kubeflow"
         )
     except Exception as exc:  # the client raises many transport types; the message is what matters
-        raise ClusterError(f"cannot connect to the KFP endpoint {host}: {exc}") from None
+        raise ClusterError(f"cannot connect to the KFP endpoint {host}: {redact_text(str(exc))}") from None
+
+
+def check_host(host: str | None) -> str | None:
+    """`host` if it carries no credentials (they would land in shell history, logs and requests)."""
+    if host and url_credentials(host):
+        raise ClusterError(
+            f"--host {redact_text(host)} carries credentials ({', '.join(url_credentials(host))}); "
+            f"put the token in the environment variable {TOKEN_ENV} instead"
+        )
+    return host
 
 
 def display_name_filter(name: str) -> str:

@@ -22,6 +22,7 @@ from marble.config import MarbleConfig
 from pipelines.kfp_server import (
     ClusterError,
     PipelineVersion,
+    check_host,
     connect,
     display_name_filter,
     in_namespace,
@@ -104,7 +105,7 @@ def build_request(
     arguments = pipeline_arguments(cfg, params)
     check_arguments(cfg, arguments)
     return RecurringRunRequest(
-        host=host,
+        host=check_host(host),
         namespace=namespace,
         experiment=experiment,
         job_name=name or f"{cfg.pipeline.name}-{cfg.run_name}",

@@ -27,4 +27,9 @@ def cluster_problems(cfg: Any) -> list[str]:
             f"to where the files are on the cache PVC (e.g. {cfg.pipeline.cache_mount}/data) or data.dvc to "
             "read them from the DVC remote"
         )
+    if cfg.reward_token_envs and not cfg.pipeline.reward_token_secret:
+        problems.append(
+            f"http rewards read their token from {', '.join(cfg.reward_token_envs)} (token_env) but "
+            "pipeline.reward_token_secret is null: name the Kubernetes secret holding those keys"
+        )
     return problems

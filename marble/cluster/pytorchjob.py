@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from marble.cluster.launch import LaunchPlan
+from marble.cluster.secrets import secret_env_vars, task_secrets
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 CONTAINER = "pytorch"
@@ -80,6 +81,7 @@ def pod_template(cfg: Any, plan: LaunchPlan, command: list[str], run_id: str) ->
                     {"name": "HF_HUB_OFFLINE", "value": "1"},  # training reads the verified snapshots only
                     {"name": "PYTHONUNBUFFERED", "value": "1"},
                     {"name": "MARBLE_RUN_ID", "value": run_id},
+                    *secret_env_vars(task_secrets(cfg).get("train", [])),  # http rewards' tokens
                 ],
                 "resources": _resources(cfg),
                 "securityContext": container_security,

@@ -42,7 +42,20 @@ def task_secrets(cfg: Any) -> dict[str, list[SecretEnv]]:
             out.setdefault(task, []).append(dvc)
     if p.registry_token_secret:
         out["register-adapter"] = [SecretEnv(p.registry_token_secret, (registry_token_key(cfg),))]
+    if p.reward_token_secret and cfg.reward_token_envs:  # the http rewards' bearer tokens, never in URLs
+        rewards = SecretEnv(p.reward_token_secret, tuple(cfg.reward_token_envs))
+        for task in ("train", "evaluate"):
+            out.setdefault(task, []).append(rewards)
     return out
+
+
+def secret_env_vars(secrets: list[SecretEnv]) -> list[dict[str, Any]]:
+    """Kubernetes container `env` entries reading `secrets` (for pods marble creates itself)."""
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": s.secret, "key": key}}}
+        for s in secrets
+        for key in s.keys
+    ]
 
 
 def unused_secrets(cfg: Any) -> list[str]:
@@ -53,6 +66,11 @@ def unused_secrets(cfg: Any) -> list[str]:
     embedded = cfg.registry.kind == "mlflow" and (cfg.registry.tracking_uri or "sqlite:").startswith(
         "sqlite:"
     )
+    if p.reward_token_secret and not cfg.reward_token_envs:
+        problems.append(
+            f"pipeline.reward_token_secret={p.reward_token_secret!r} is set but no http reward has a "
+            "token_env: nothing reads it"
+        )
     if p.registry_token_secret and embedded:
         problems.append(
             f"pipeline.registry_token_secret={p.registry_token_secret!r} is set but the registry is an "

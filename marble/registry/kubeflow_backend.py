@@ -30,6 +30,7 @@ from urllib.request import url2pathname
 
 from marble.errors import RegistryError
 from marble.registry.base import TAG_KEY, RegisteredVersion
+from marble.urls import redact_url, url_credentials
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class KubeflowModelRegistry:
 
     @property
     def _where(self) -> str:
-        return f"{self.cfg.server_address}:{self.cfg.port}"
+        return f"{redact_url(self.cfg.server_address)}:{self.cfg.port}"
 
     @property
     def client(self) -> Any:
@@ -152,6 +153,11 @@ class KubeflowModelRegistry:
     ) -> RegisteredVersion:
         name = version_name(key)
         uri = os.environ.get(ADAPTER_URI_ENV) or Path(adapter_dir).resolve().as_uri()
+        if url_credentials(uri):  # e.g. a presigned URL: it would be readable by every registry user
+            raise RegistryError(
+                f"{ADAPTER_URI_ENV}={redact_url(uri)} carries credentials ({', '.join(url_credentials(uri))}); "
+                "record a plain storage URI: the serving side reads it with its own credentials"
+            )
         metadata: dict[str, Any] = {**tags, TAG_KEY: key}
         metadata.update({f"metric.{k}": float(v) for k, v in metrics.items()})
         # `description` became `version_description` in model-registry 0.3 (the old name still works,

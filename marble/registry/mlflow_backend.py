@@ -17,6 +17,7 @@ from typing import Any
 
 from marble.errors import RegistryError
 from marble.registry.base import TAG_KEY, RegisteredVersion
+from marble.urls import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class MlflowRegistry:
         self._client = None
 
     def __repr__(self) -> str:
-        return f"MlflowRegistry(model={self.model_name!r}, uri={self.tracking_uri!r})"
+        return f"MlflowRegistry(model={self.model_name!r}, uri={redact_url(self.tracking_uri)!r})"
 
     # ---- plumbing
     @property
@@ -71,7 +72,9 @@ class MlflowRegistry:
             try:
                 self._client = client_cls(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
             except Exception as exc:
-                raise RegistryError(f"cannot open the MLflow store {self.tracking_uri}: {exc}") from exc
+                raise RegistryError(
+                    f"cannot open the MLflow store {redact_url(self.tracking_uri)}: {redact_text(str(exc))}"
+                ) from exc
         return self._client
 
     def _call(self, what: str, fn, *args, **kwargs) -> Any:
@@ -80,7 +83,9 @@ class MlflowRegistry:
         try:
             return fn(*args, **kwargs)
         except mlflow_exc as exc:
-            raise RegistryError(f"MLflow ({self.tracking_uri}) refused to {what}: {exc}") from exc
+            raise RegistryError(
+                f"MLflow ({redact_url(self.tracking_uri)}) refused to {what}: {redact_text(str(exc))}"
+            ) from exc
 
     def _to_record(self, mv) -> RegisteredVersion:
         return RegisteredVersion(
@@ -122,7 +127,9 @@ class MlflowRegistry:
         except mlflow_exc as exc:
             if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")):
                 return []
-            raise RegistryError(f"MLflow ({self.tracking_uri}) refused to search versions: {exc}") from exc
+            raise RegistryError(
+                f"MLflow ({redact_url(self.tracking_uri)}) refused to search versions: {redact_text(str(exc))}"
+            ) from exc
         return sorted((self._to_record(v) for v in found), key=lambda r: int(r.version))
 
     def create_version(

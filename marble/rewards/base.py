@@ -74,12 +74,16 @@ class BaseReward:
 
     Class attributes a subclass sets:
         score_range: the documented (low, high) range of a valid score; `rewards check` enforces it.
+        range_policy: None (trusted code: `rewards check` tests the range) or, for a reward whose scores
+            come from outside (an HTTP server), what `score_all` does with a score outside
+            `score_range`: "refuse" (excluded, NaN) or "clamp" (to the bound); both are counted.
         requires_weights: True for model rewards (they need `setup` before scoring).
         eval_extra: name of the `RewardOutput.extras` entry that evaluation reports instead of `scores`
             (`score_all(..., mode="eval")`), e.g. GenEval's binary accuracy; None = `scores`.
     """
 
     score_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)
+    range_policy: ClassVar[str | None] = None
     requires_weights: ClassVar[bool] = False
     eval_extra: ClassVar[str | None] = None
 

@@ -58,6 +58,7 @@ def score_all(
     metadata: list[dict] | None = None,
     *,
     nonfinite_counts: dict[str, int] | None = None,
+    out_of_range_counts: dict[str, int] | None = None,
     mode: ScoreMode = "train",
 ) -> Tensor:
     """Score `images` `[N, 3, H, W]` with every reward: returns `[N, K]` float64, columns in reward order.
@@ -66,9 +67,15 @@ def score_all(
     differs (a reward's `eval_extra`: GenEval's binary accuracy, PickScore's raw logit scale).
     See `score_modes` for the NaN conventions.
     """
-    return score_modes(rewards, images, prompts, metadata, nonfinite_counts=nonfinite_counts, modes=(mode,))[
-        mode
-    ]
+    return score_modes(
+        rewards,
+        images,
+        prompts,
+        metadata,
+        nonfinite_counts=nonfinite_counts,
+        out_of_range_counts=out_of_range_counts,
+        modes=(mode,),
+    )[mode]
 
 
 def score_modes(
@@ -78,6 +85,7 @@ def score_modes(
     metadata: list[dict] | None = None,
     *,
     nonfinite_counts: dict[str, int] | None = None,
+    out_of_range_counts: dict[str, int] | None = None,
     modes: Sequence[ScoreMode] = ("train", "eval"),
 ) -> dict[str, Tensor]:
     """`score_all` in several modes from ONE call of each reward: mode -> `[N, K]` float64.
@@ -85,7 +93,8 @@ def score_modes(
     NaN where a reward does not apply (a value, not an error). An UNEXPECTED non-finite score (inf, or
     NaN for a prompt the reward claims to apply to) is set to NaN so it is excluded like "not
     applicable", counted per reward in `nonfinite_counts` (if given; once per image, whatever the
-    modes) and logged as a warning.
+    modes) and logged as a warning. A reward with a `range_policy` (scores from outside marble) has its
+    out-of-range scores refused or clamped, counted once per image in `out_of_range_counts`.
     """
     metadata = metadata if metadata is not None else [{} for _ in prompts]
     columns: dict[str, list[Tensor]] = {m: [] for m in modes}
@@ -95,10 +104,10 @@ def score_modes(
             [reward.applies_to(p, m) for p, m in zip(prompts, metadata, strict=True)], dtype=torch.bool
         )  # [N]
         bad_any = torch.zeros(len(prompts), dtype=torch.bool)  # [N]
-        for mode in modes:
+        for i, mode in enumerate(modes):
             key = getattr(reward, "eval_extra", None) if mode == "eval" else None
             scores, bad = _clean_column(reward.name, out.extras.get(key, out.scores), applies)  # [N], [N]
-            columns[mode].append(scores)
+            columns[mode].append(enforce_range(reward, scores, out_of_range_counts if i == 0 else None))
             bad_any |= bad
         num_bad = int(bad_any.sum())
         if num_bad:
@@ -123,3 +132,25 @@ def _clean_column(name: str, values: Tensor, applies: Tensor) -> tuple[Tensor, T
     scores = scores.masked_fill(~applies, math.nan)  # "does not apply" is always NaN
     bad = torch.isinf(scores) | (torch.isnan(scores) & applies)  # [N]
     return scores.masked_fill(bad, math.nan), bad
+
+
+def enforce_range(reward: Reward, scores: Tensor, counts: dict[str, int] | None) -> Tensor:
+    """`scores` `[N]` with those outside `reward.score_range` refused (NaN) or clamped, per the reward's
+    `range_policy` (None: returned as is); the number changed is added to `counts[reward.name]`."""
+    policy = getattr(reward, "range_policy", None)
+    if policy is None:
+        return scores
+    lo, hi = reward.score_range
+    outside = (scores < lo) | (scores > hi)  # [N]; NaN compares False
+    num = int(outside.sum())
+    if not num:
+        return scores
+    if counts is not None:
+        counts[reward.name] = counts.get(reward.name, 0) + num
+    log.warning(
+        "reward %r: %d score(s) of %d outside [%g, %g]; %s", reward.name, num, len(scores), lo, hi,
+        "excluded" if policy == "refuse" else "clamped",
+    )  # fmt: skip
+    if policy == "refuse":
+        return scores.masked_fill(outside, math.nan)
+    return scores.clamp(lo, hi)

@@ -110,6 +110,7 @@ class RolloutWorker:
         self.device = device
         self.autocast = autocast
         self.nonfinite: dict[str, int] = {}
+        self.out_of_range: dict[str, int] = {}
 
     @torch.no_grad()
     def sample(self, prompts: list[PromptRecord], epoch: int, first_group: int) -> Tensor:
@@ -150,7 +151,12 @@ class RolloutWorker:
             sl = slice(s, s + self.cfg.batch_size)
             scores.append(
                 self.score_all(
-                    self.rewards, images.float(), texts[sl], meta[sl], nonfinite_counts=self.nonfinite
+                    self.rewards,
+                    images.float(),
+                    texts[sl],
+                    meta[sl],
+                    nonfinite_counts=self.nonfinite,
+                    out_of_range_counts=self.out_of_range,
                 )
             )
         return torch.cat(scores), time.perf_counter() - t0

@@ -266,8 +266,11 @@ def sync_and_clip(accelerator: Any, params: list[Tensor], max_norm: float, world
 
 
 # ---------------------------------------------------------------------------------------- metrics
-def reward_metrics(names: list[str], st: Any, nonfinite: dict[str, int]) -> dict[str, float]:
-    """Epoch-level reward metrics of docs/algorithm.md §6 from `AdvantageStats` (per trained reward)."""
+def reward_metrics(
+    names: list[str], st: Any, nonfinite: dict[str, int], out_of_range: dict[str, int]
+) -> dict[str, float]:
+    """Epoch-level reward metrics of docs/algorithm.md §6 from `AdvantageStats` (per trained reward);
+    the non-finite and out-of-range counts are cumulative over the run."""
     out: dict[str, float] = {}
     for k, name in enumerate(names):
         out[f"train/reward/{name}"] = float(st.mean[k])
@@ -275,6 +278,7 @@ def reward_metrics(names: list[str], st: Any, nonfinite: dict[str, int]) -> dict
         out[f"train/adv_std/{name}"] = float(st.adv_std[k])
         out[f"train/zero_std_groups/{name}"] = float(st.zero_std_groups[k])
         out[f"train/reward_nonfinite/{name}"] = float(nonfinite.get(name, 0))
+        out[f"train/reward_out_of_range/{name}"] = float(out_of_range.get(name, 0))
     return out
 
 

@@ -216,6 +216,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "balancer": self.balancer.state_dict(),
             "nonfinite_rewards": dict(self.worker.nonfinite),
+            "out_of_range_rewards": dict(self.worker.out_of_range),
         }
         if self.batch_pos > 0 and self.buffer is not None:  # mid-epoch (SIGTERM): keep the rollouts
             objects["buffer"] = self.buffer.state_dict()
@@ -237,6 +238,7 @@ class Trainer:
         self.scheduler.load_state_dict(ck.objects["scheduler"])
         self.balancer.load_state_dict(ck.objects["balancer"])
         self.worker.nonfinite.update(ck.objects.get("nonfinite_rewards", {}))
+        self.worker.out_of_range.update(ck.objects.get("out_of_range_rewards", {}))
         self.step, self.epoch, self.batch_pos = (int(ck.state[k]) for k in ("step", "epoch", "batch_pos"))
         self.counters.update({k: int(ck.state.get(k, 0)) for k in self.counters})
         if self.batch_pos > 0:
@@ -310,7 +312,9 @@ class Trainer:
             self.cfg.nft.std_mode,
             self.cfg.nft.adv_clip_max,
         )
-        stats = stepping.reward_metrics(self.reward_names, st, self.worker.nonfinite)
+        stats = stepping.reward_metrics(
+            self.reward_names, st, self.worker.nonfinite, self.worker.out_of_range
+        )
         stats.update({"time/rollout_s": rollout_s, "time/reward_s": reward_s, "epoch": epoch})
         return EpochBuffer(epoch, prompts, s.group_size, latents, rewards, r, mask, r_raw, mask_raw, stats)
 
