@@ -673,6 +673,12 @@ class EvalConfig(StrictModel):
 
 
 # ----------------------------------------------------------------------------------------- registry
+# A registered model name reaches MLflow's search filter (a small query language with quoted
+# strings) and the Model Registry's URLs: a quote, a space or a slash in it would change the query or
+# the path, so the name is restricted rather than escaped.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
 class MlflowRegistry(StrictModel):
     kind: Literal["mlflow"] = "mlflow"
     tracking_uri: str | None = Field(
@@ -680,7 +686,11 @@ class MlflowRegistry(StrictModel):
         description="MLflow tracking URI; null = embedded sqlite under the output directory. No credentials "
         "in it: MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD) come from pipeline.registry_token_secret.",
     )
-    model_name: str = Field("marble-lora", description="Registered model name.")
+    model_name: str = Field(
+        "marble-lora",
+        pattern=MODEL_NAME_PATTERN,
+        description="Registered model name (letters, digits, '.', '_', '-').",
+    )
 
     @field_validator("tracking_uri")
     @classmethod
@@ -707,7 +717,11 @@ class KubeflowRegistry(StrictModel):
     )
     port: int = Field(8080, ge=1, le=65535, description="Model Registry REST port.")
     author: str = Field("marble", description="Author recorded on registered versions.")
-    model_name: str = Field("marble-lora", description="Registered model name.")
+    model_name: str = Field(
+        "marble-lora",
+        pattern=MODEL_NAME_PATTERN,
+        description="Registered model name (letters, digits, '.', '_', '-').",
+    )
     token_env: str = Field("MODEL_REGISTRY_TOKEN", description="Environment variable that holds the token.")
     is_secure: bool = Field(False, description="Use TLS (an https endpoint outside the cluster).")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -165,3 +166,40 @@ def test_report_html_renders_in_a_browser(report, tmp_path):
     )  # fmt: skip
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 100_000
+
+
+HOSTILE = [
+    "[click](javascript:alert(1))",
+    "![x](http://evil.example/p.png)",
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    "a | b\n| c",
+    "**bold** _em_ `code` ~~gone~~ # head $x$ &amp;",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_a_markdown_cell_renders_as_the_literal_text(text):
+    from markdown_it import MarkdownIt
+
+    from marble.eval.report import _md_table
+
+    rendered = MarkdownIt("commonmark").enable("table").render(_md_table(["what", "value"], [["x", text]]))
+    for tag in ("<a", "<img", "<script", "<strong", "<em", "<code", "<s>", "<h1"):
+        assert tag not in rendered, (text, rendered)
+    assert rendered.count("<td>") == 2  # one row of two cells: a '|' or a newline did not split it
+    cell = rendered.split("<td>")[2].split("</td>")[0]
+    assert html.unescape(cell) == " ".join(text.splitlines())
+
+
+def test_prompts_family_names_and_gate_details_stay_text_in_the_report(tmp_path):
+    # A '$' in a grid prompt used to make matplotlib's mathtext raise after all sampling was done.
+    cfg, summary, jobs, base_img, adapter_img = synthetic_evaluation()
+    jobs = [dict(j, prompt="a sign that says $_$ and costs $5") for j in jobs]  # '$_$' is bad mathtext
+    hostile_family = "[click](javascript:alert(1))"
+    by_family = {(hostile_family if k == "color" else k): v for k, v in summary.by_family.items()}
+    summary = summary.model_copy(update={"by_family": by_family})
+    made = write_report(tmp_path, summary, jobs, base_img, adapter_img, grid_prompts=4, train_dir=None)
+    assert "grid" in made and made["grid"].stat().st_size > 10_000
+    md = (tmp_path / "report.md").read_text()
+    assert hostile_family not in md and r"\[click\]\(javascript:alert\(1\)\)" in md

@@ -174,3 +174,15 @@ def test_a_champion_measured_under_another_protocol_is_not_compared(cfg, blank_d
         p2["gate_passed"] and "not comparable" in pareto["detail"] and p2["champion"] == p2["version"] == "2"
     )
     assert open_registry(cfg, store).get_alias("champion").tags["marble.eval_protocol"] == "p2"
+
+
+@pytest.mark.parametrize("kind", ["mlflow", "kubeflow"])
+@pytest.mark.parametrize("name", ["x' or name like '%", "a b", "../up", "", "-lead"])
+def test_a_model_name_that_could_change_a_search_filter_or_a_path_is_refused(kind, name):
+    # The MLflow backend builds its search filter from the name; the Model Registry puts it in URLs.
+    from marble.configio import ConfigError, read_config_dict, validate_config
+
+    data = read_config_dict(REPO / "configs" / "tiny.yaml")
+    data["registry"] = {"kind": kind, "model_name": name}
+    with pytest.raises(ConfigError, match=rf"registry\.{kind}\.model_name"):
+        validate_config(data, "tiny.yaml")

@@ -343,9 +343,22 @@ def lineage_rows(summary: EvalSummary) -> list[list[str]]:
     return rows
 
 
+# Characters that open a Markdown or HTML construct (CommonMark lets any ASCII punctuation be
+# backslash-escaped). Reward names, prompts, gate details and lineage strings come from configs and
+# registries, and the Kubeflow UI renders report.md: a cell must stay text, never a link, image or tag.
+_MD_SPECIAL = set("\\`*_{}[]()<>#!|~$&")
+
+
+def md_escape(text: str) -> str:
+    """`text` as literal Markdown table-cell text: special characters backslash-escaped, line breaks
+    folded (a newline would end the table row)."""
+    flat = " ".join(str(text).splitlines())
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in flat)
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    out = ["| " + " | ".join(map(md_escape, header)) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(map(md_escape, row)) + " |" for row in rows]
     return "\n".join(out)
 
 
@@ -416,13 +429,16 @@ def write_report(
 ) -> dict[str, Path]:
     """Write plots/*.png, report.md and report.html into `out_dir`; returns the plot paths."""
     plots_dir = Path(out_dir) / "plots"
-    plots: dict[str, Path | None] = {
-        "rewards": plot_rewards(summary, plots_dir / "rewards.png"),
-        "deltas": plot_deltas(summary, plots_dir / "deltas.png"),
-        "monitors": plot_monitors(summary, plots_dir / "monitors.png"),
-        "grid": plot_grid(jobs, base, adapter, grid_prompts, plots_dir / "grid.png"),
-        "training": plot_training(read_training_metrics(train_dir), plots_dir / "training.png"),
-    }
+    # Prompts and reward names are text, not mathtext: "$5 bill" must not make matplotlib raise after
+    # all sampling is done.
+    with plt.rc_context({"text.parse_math": False}):
+        plots: dict[str, Path | None] = {
+            "rewards": plot_rewards(summary, plots_dir / "rewards.png"),
+            "deltas": plot_deltas(summary, plots_dir / "deltas.png"),
+            "monitors": plot_monitors(summary, plots_dir / "monitors.png"),
+            "grid": plot_grid(jobs, base, adapter, grid_prompts, plots_dir / "grid.png"),
+            "training": plot_training(read_training_metrics(train_dir), plots_dir / "training.png"),
+        }
     made = {k: p for k, p in plots.items() if p is not None}
     tables = report_tables(summary, train_dir)
     atomic_write_text(Path(out_dir) / "report.md", markdown_report(summary, tables, made))
@@ -431,7 +447,7 @@ def write_report(
 
 
 def markdown_report(summary: EvalSummary, tables: list[Table], plots: dict[str, Path]) -> str:
-    md = [f"# marble evaluation: {summary.lineage.run_name}", "", _headline(summary), ""]
+    md = [f"# marble evaluation: {md_escape(summary.lineage.run_name)}", "", _headline(summary), ""]
     for title, header, rows in tables:
         md += [f"## {title}", "", _md_table(header, rows), ""]
     for key, p in plots.items():
