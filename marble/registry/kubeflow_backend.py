@@ -226,5 +226,5 @@ class KubeflowModelRegistry:
         if not src.is_dir():
             raise RegistryError(f"version {version.version}: adapter directory {src} does not exist here")
         dst = Path(dst)
-        shutil.copytree(src, dst, dirs_exist_ok=True)
+        shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)  # links kept, so the check refuses them
         return dst

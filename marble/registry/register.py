@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from marble.errors import RegistryError
 from marble.eval.contract import EvalSummary, GateResult
 from marble.eval.gate import evaluate_gate
 from marble.eval.stats import composite_zscores
-from marble.io import atomic_write_text
+from marble.io import atomic_write_text, staged_dir
 from marble.registry.base import (
     CANDIDATE,
     CHAMPION,
@@ -52,6 +53,8 @@ TAG_PROTOCOL = "marble.eval_protocol"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 RECORD_FILE = "registration.json"
 EVAL_FILES = ("eval.json", "metrics.json", "report.md", "report.html")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def open_registry(cfg: MarbleConfig, out_dir: Path) -> Registry:
@@ -256,28 +259,48 @@ def fetch_adapter(
 ) -> tuple[Path, RegisteredVersion]:
     """Download the adapter `alias` points to and verify its sha256 against the registered one.
 
+    The registry server is trusted with who may register, not with the bytes or names it hands back:
+    a version without a valid sha256 tag is refused (it cannot be verified), the download lands in a
+    staging directory and becomes `dst` only once verified, links in it are refused, and the default
+    `dst` is named by the alias and the verified hash, never by a server-provided version name.
     Returns (directory holding pytorch_lora_weights.safetensors, the version).
     """
+    if not SAFE_NAME.fullmatch(alias):
+        raise RegistryError(f"alias {alias!r}: expected letters, digits, '.', '_' or '-' (e.g. {CHAMPION})")
     registry = open_registry(cfg, Path(registry_dir))
     version = registry.get_alias(alias)
     if version is None:
         raise RegistryError(
             f"{registry!r}: no version has the alias {alias!r} yet (no registration has set it)"
         )
-    dst = Path(dst) if dst is not None else Path(registry_dir) / "fetched" / f"{alias}-v{version.version}"
-    path = registry.download(version, dst)
-    found = [p.parent for p in Path(path).rglob(ADAPTER_FILE)]
+    want = version.tags.get(TAG_SHA, "")
+    if not SHA256_HEX.fullmatch(want):
+        raise RegistryError(
+            f"version {version.version!r} ({alias}): tag {TAG_SHA} is {want or 'missing'!r}, not a sha256; "
+            "an adapter that cannot be verified is not fetched (register it again with `marble register`)"
+        )
+    dst = Path(dst) if dst is not None else Path(registry_dir) / "fetched" / f"{alias}-{want[:16]}"
+    with staged_dir(dst) as tmp:
+        registry.download(version, tmp)
+        relative = _verified_adapter(tmp, want, version.version)
+    return dst / relative, version
+
+
+def _verified_adapter(root: Path, want: str, version: str) -> Path:
+    """The one adapter directory under `root` (relative), after checking it holds no link and its
+    weights hash to `want`."""
+    links = [p for p in root.rglob("*") if p.is_symlink()]
+    if links:
+        raise RegistryError(f"version {version!r}: the download holds links ({links[0].name}); refused")
+    found = [p.parent for p in root.rglob(ADAPTER_FILE)]
     if len(found) != 1:
         raise RegistryError(
-            f"version {version.version}: expected one {ADAPTER_FILE} under {path}, found {len(found)}"
+            f"version {version!r}: expected one {ADAPTER_FILE} in the download, found {len(found)}"
         )
-    want = version.tags.get(TAG_SHA)
     got = adapter_sha256(found[0])
-    if want and got != want:
-        raise RegistryError(
-            f"version {version.version}: downloaded adapter sha256 {got} != registered {want}"
-        )
-    return found[0], version
+    if got != want:
+        raise RegistryError(f"version {version!r}: downloaded adapter sha256 {got} != registered {want}")
+    return found[0].relative_to(root)
 
 
 def load_registered_pipeline(
