@@ -78,42 +78,39 @@ def group_advantages(
     index = index.to(R.device)
 
     valid = torch.isfinite(R)  # [N, K]
-    vf = valid.to(torch.float64)  # [N, K]
     Rz = torch.where(valid, R, torch.zeros_like(R))  # [N, K] NaN-free for sums
-    g_count = _group_sums(vf, index, num_groups)  # [G, K]
+    g_count = _group_sums(valid.to(torch.float64), index, num_groups)  # [G, K]
     g_mean = _group_sums(Rz, index, num_groups) / g_count.clamp_min(1.0)  # [G, K]
     centered = torch.where(valid, Rz - g_mean[index], torch.zeros_like(R))  # [N, K]
     g_var = _group_sums(centered**2, index, num_groups) / g_count.clamp_min(1.0)  # [G, K]
-
-    count = vf.sum(0)  # [K]
-    mean = Rz.sum(0) / count.clamp_min(1.0)  # [K]
-    dev = torch.where(valid, Rz - mean, torch.zeros_like(R))  # [N, K]
-    reward_std = ((dev**2).sum(0) / count.clamp_min(1.0)).sqrt()  # [K]
+    mean, reward_std, count = _valid_mean_std(R, valid)  # [K] each
 
     if std_mode == "global":
         denom = (reward_std + eps).expand_as(R)  # [N, K]
     else:
         denom = g_var.sqrt()[index] + eps  # [N, K]
-    nan = torch.full_like(R, float("nan"))
-    adv = torch.where(valid, centered / denom, nan)  # [N, K]
+    adv = torch.where(valid, centered / denom, torch.full_like(R, float("nan")))  # [N, K]
 
-    finite_adv = torch.where(valid, adv, torch.zeros_like(adv))
-    adv_mean = finite_adv.sum(0) / count.clamp_min(1.0)  # [K]
-    adv_dev = torch.where(valid, adv - adv_mean, torch.zeros_like(adv))
-    adv_std = ((adv_dev**2).sum(0) / count.clamp_min(1.0)).sqrt()  # [K]
-    has_valid = g_count > 0  # [G, K]
     # "all equal" up to the rounding of the group mean (sum / count is not exact)
     flat = g_var.sqrt() <= 1e-12 * (g_mean.abs() + 1.0)  # [G, K]
-    zero_std = (has_valid & flat).to(torch.float64).sum(0)  # [K]
-    mean = torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
     stats = AdvantageStats(
-        mean=mean,
+        mean=torch.where(count > 0, mean, torch.full_like(mean, float("nan"))),
         valid_frac=count / max(n, 1),
-        adv_std=adv_std,
+        adv_std=_valid_mean_std(adv, valid)[1],
         reward_std=reward_std,
-        zero_std_groups=zero_std,
+        zero_std_groups=((g_count > 0) & flat).to(torch.float64).sum(0),
     )
     return AdvantageResult(adv=adv, stats=stats)
+
+
+def _valid_mean_std(x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-column mean, population std and count of the `valid` entries of `x` `[N, K]` (0 where a
+    column has none)."""
+    count = valid.to(x.dtype).sum(0)  # [K]
+    xz = torch.where(valid, x, torch.zeros_like(x))  # [N, K]
+    mean = xz.sum(0) / count.clamp_min(1.0)  # [K]
+    dev = torch.where(valid, xz - mean, torch.zeros_like(x))  # [N, K]
+    return mean, ((dev**2).sum(0) / count.clamp_min(1.0)).sqrt(), count
 
 
 def optimality_probability(adv: Tensor, clip_max: float) -> tuple[Tensor, Tensor]:
