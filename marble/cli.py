@@ -364,7 +364,9 @@ def _add_registry_and_reward_commands(sub) -> None:
     _add_config_args(p)
     p.add_argument("--alias", default="champion", help="registry alias (champion or candidate)")
     p.add_argument("--registry-dir", help="embedded registry dir (default: <output_dir>/<run_name>/registry)")
-    p.add_argument("--out", help="download directory (default: <registry dir>/fetched/<alias>-<sha256 prefix>)")
+    p.add_argument(
+        "--out", help="download directory (default: <registry dir>/fetched/<alias>-<sha256 prefix>)"
+    )
     p.set_defaults(func=cmd_fetch)
 
     rw = sub.add_parser("rewards", help="reward tools")

@@ -13,6 +13,7 @@ from _registry_helpers import make_adapter, make_eval
 from marble.config import KubeflowRegistry
 from marble.configio import load_config
 from marble.errors import RegistryError
+from marble.registry.base import NewVersion
 from marble.registry.kubeflow_backend import KubeflowModelRegistry, version_name
 from marble.registry.register import fetch_adapter, register_adapter
 
@@ -113,8 +114,8 @@ def test_a_concurrent_duplicate_returns_the_existing_version(tmp_path, monkeypat
     fake = FakeModelRegistryClient()
     reg = KubeflowModelRegistry(kf_config(tmp_path).registry, client_factory=lambda c, t: fake)
     (tmp_path / "a").mkdir()
-    v1 = reg.create_version(tmp_path / "a", key="ab" * 32 + ":r", tags={}, metrics={"x": 1.0}, extra_files=[])
-    v2 = reg.create_version(tmp_path / "a", key="ab" * 32 + ":r", tags={}, metrics={"x": 1.0}, extra_files=[])
+    v1 = reg.create_version(NewVersion(tmp_path / "a", "ab" * 32 + ":r", metrics={"x": 1.0}))
+    v2 = reg.create_version(NewVersion(tmp_path / "a", "ab" * 32 + ":r", metrics={"x": 1.0}))
     assert v1.version == v2.version and len(fake.versions) == 1
 
 

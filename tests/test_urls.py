@@ -99,6 +99,7 @@ def test_a_presigned_adapter_uri_is_not_recorded_in_the_registry(tmp_path, monke
     from test_registry_kubeflow import FakeModelRegistryClient, kf_config
 
     from marble.errors import RegistryError
+    from marble.registry.base import NewVersion
     from marble.registry.kubeflow_backend import KubeflowModelRegistry
 
     monkeypatch.setenv("TEST_MR_TOKEN", "t")
@@ -106,7 +107,7 @@ def test_a_presigned_adapter_uri_is_not_recorded_in_the_registry(tmp_path, monke
     fake = FakeModelRegistryClient()
     reg = KubeflowModelRegistry(kf_config(tmp_path).registry, client_factory=lambda c, t: fake)
     with pytest.raises(RegistryError, match="MARBLE_ADAPTER_URI=.*carries credentials") as err:
-        reg.create_version(make_adapter(tmp_path, b"w"), key="k:r", tags={}, metrics={}, extra_files=[])
+        reg.create_version(NewVersion(make_adapter(tmp_path, b"w"), "k:r"))
     assert PASSWORD not in str(err.value) and fake.versions == {}
 
 

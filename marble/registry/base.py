@@ -58,6 +58,18 @@ class RegisteredVersion:
         return {k.split("/", 1)[1]: v for k, v in self.metrics().items() if k.startswith("adapter/")}
 
 
+@dataclass(frozen=True)
+class NewVersion:
+    """What a registration stores: the adapter directory, the idempotency key, tags, metrics and the
+    evaluation files kept beside the adapter."""
+
+    adapter_dir: Path
+    key: str
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra_files: list[Path] = field(default_factory=list)
+
+
 @runtime_checkable
 class Registry(Protocol):
     """What `register_adapter` and `fetch_adapter` need from a model registry."""
@@ -73,16 +85,8 @@ class Registry(Protocol):
         """Versions tagged with idempotency key `key`, oldest first."""
         ...
 
-    def create_version(
-        self,
-        adapter_dir: Path,
-        *,
-        key: str,
-        tags: dict[str, str],
-        metrics: dict[str, float],
-        extra_files: list[Path],
-    ) -> RegisteredVersion:
-        """Store the adapter files and create a new version carrying `tags` (plus the key)."""
+    def create_version(self, new: NewVersion) -> RegisteredVersion:
+        """Store the adapter files and create a new version carrying `new.tags` (plus the key)."""
         ...
 
     def delete_version(self, version: str) -> None:

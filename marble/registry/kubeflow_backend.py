@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from marble.errors import RegistryError
-from marble.registry.base import TAG_KEY, RegisteredVersion
+from marble.registry.base import TAG_KEY, NewVersion, RegisteredVersion
 from marble.urls import redact_url, url_credentials
 
 log = logging.getLogger(__name__)
@@ -142,24 +142,16 @@ class KubeflowModelRegistry:
         mv = self._get(version_name(key))
         return [self._record(mv)] if mv is not None else []
 
-    def create_version(
-        self,
-        adapter_dir: Path,
-        *,
-        key: str,
-        tags: dict[str, str],
-        metrics: dict[str, float],
-        extra_files: list[Path],
-    ) -> RegisteredVersion:
-        name = version_name(key)
-        uri = os.environ.get(ADAPTER_URI_ENV) or Path(adapter_dir).resolve().as_uri()
+    def create_version(self, new: NewVersion) -> RegisteredVersion:
+        name = version_name(new.key)
+        uri = os.environ.get(ADAPTER_URI_ENV) or Path(new.adapter_dir).resolve().as_uri()
         if url_credentials(uri):  # e.g. a presigned URL: it would be readable by every registry user
             raise RegistryError(
                 f"{ADAPTER_URI_ENV}={redact_url(uri)} carries credentials ({', '.join(url_credentials(uri))}); "
                 "record a plain storage URI: the serving side reads it with its own credentials"
             )
-        metadata: dict[str, Any] = {**tags, TAG_KEY: key}
-        metadata.update({f"metric.{k}": float(v) for k, v in metrics.items()})
+        metadata: dict[str, Any] = {**new.tags, TAG_KEY: new.key}
+        metadata.update({f"metric.{k}": float(v) for k, v in new.metrics.items()})
         # `description` became `version_description` in model-registry 0.3 (the old name still works,
         # with a deprecation warning); use whichever this client has.
         params = inspect.signature(self.client.register_model).parameters
@@ -173,7 +165,7 @@ class KubeflowModelRegistry:
                 version=name,
                 author=self.cfg.author,
                 metadata=metadata,
-                **{desc: f"marble LoRA adapter {key}"},
+                **{desc: f"marble LoRA adapter {new.key}"},
             )
         except Exception as exc:
             if "already exists" not in str(exc):

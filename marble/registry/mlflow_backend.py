@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from marble.errors import RegistryError
-from marble.registry.base import TAG_KEY, RegisteredVersion
+from marble.registry.base import TAG_KEY, NewVersion, RegisteredVersion
 from marble.urls import redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -132,31 +132,23 @@ class MlflowRegistry:
             ) from exc
         return sorted((self._to_record(v) for v in found), key=lambda r: int(r.version))
 
-    def create_version(
-        self,
-        adapter_dir: Path,
-        *,
-        key: str,
-        tags: dict[str, str],
-        metrics: dict[str, float],
-        extra_files: list[Path],
-    ) -> RegisteredVersion:
+    def create_version(self, new: NewVersion) -> RegisteredVersion:
         self._ensure_model()
         c = self.client
         run = self._call(
-            "start a run", c.create_run, self._experiment_id(), tags={TAG_KEY: key}, run_name=key[:12]
+            "start a run", c.create_run, self._experiment_id(), tags={TAG_KEY: new.key}, run_name=new.key[:12]
         )
         run_id = run.info.run_id
         try:
-            self._call("log the adapter", c.log_artifacts, run_id, str(adapter_dir), "adapter")
-            for f in extra_files:
+            self._call("log the adapter", c.log_artifacts, run_id, str(new.adapter_dir), "adapter")
+            for f in new.extra_files:
                 self._call(f"log {f.name}", c.log_artifact, run_id, str(f), "eval")
-            for k, v in metrics.items():
+            for k, v in new.metrics.items():
                 self._call(f"log metric {k}", c.log_metric, run_id, k, float(v))
-            for k, v in tags.items():
+            for k, v in new.tags.items():
                 self._call(f"tag the run with {k}", c.set_tag, run_id, k, v[:MAX_TAG_CHARS])
             artifact_uri = self._call("read the run", c.get_run, run_id).info.artifact_uri
-            all_tags = {k: v[:MAX_TAG_CHARS] for k, v in {**tags, TAG_KEY: key}.items()}
+            all_tags = {k: v[:MAX_TAG_CHARS] for k, v in {**new.tags, TAG_KEY: new.key}.items()}
             mv = self._call(
                 "create a model version",
                 c.create_model_version,
@@ -164,7 +156,7 @@ class MlflowRegistry:
                 source=f"{artifact_uri}/adapter",
                 run_id=run_id,
                 tags=all_tags,
-                description=f"marble LoRA adapter {key}",
+                description=f"marble LoRA adapter {new.key}",
             )
         except BaseException:
             self._call("mark the run failed", c.set_terminated, run_id, "FAILED")

@@ -41,6 +41,7 @@ from marble.registry.base import (
     TAG_GATE_SUMMARY,
     TAG_RUN,
     TAG_SHA,
+    NewVersion,
     RegisteredVersion,
     Registry,
     adapter_sha256,
@@ -156,7 +157,7 @@ def _register_locked(
         )
     else:
         extra = [eval_dir / f for f in EVAL_FILES if (eval_dir / f).is_file()]
-        version = registry.create_version(adapter_dir, key=key, tags=tags, metrics=metrics, extra_files=extra)
+        version = registry.create_version(NewVersion(adapter_dir, key, tags, metrics, extra))
         # A racing writer on a shared server may have registered the same key: the oldest version wins.
         same = registry.find_versions(key)
         if same and same[0].version != version.version:
