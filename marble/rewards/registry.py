@@ -57,25 +57,16 @@ def score_all(
     prompts: list[str],
     metadata: list[dict] | None = None,
     *,
-    nonfinite_counts: dict[str, int] | None = None,
-    out_of_range_counts: dict[str, int] | None = None,
     mode: ScoreMode = "train",
+    **counts: dict[str, int] | None,
 ) -> Tensor:
     """Score `images` `[N, 3, H, W]` with every reward: returns `[N, K]` float64, columns in reward order.
 
     mode="train" gives each reward's training score; mode="eval" the score its paper reports where that
     differs (a reward's `eval_extra`: GenEval's binary accuracy, PickScore's raw logit scale).
-    See `score_modes` for the NaN conventions.
+    `counts` (`nonfinite_counts`, `out_of_range_counts`) and the NaN conventions: see `score_modes`.
     """
-    return score_modes(
-        rewards,
-        images,
-        prompts,
-        metadata,
-        nonfinite_counts=nonfinite_counts,
-        out_of_range_counts=out_of_range_counts,
-        modes=(mode,),
-    )[mode]
+    return score_modes(rewards, images, prompts, metadata, modes=(mode,), **counts)[mode]
 
 
 def score_modes(
