@@ -13,7 +13,7 @@ from _registry_helpers import make_adapter, make_eval
 from marble.config import KubeflowRegistry
 from marble.configio import load_config
 from marble.errors import RegistryError
-from marble.registry.base import NewVersion
+from marble.registry.base import NewVersion, adapter_sha256
 from marble.registry.kubeflow_backend import KubeflowModelRegistry, version_name
 from marble.registry.register import fetch_adapter, register_adapter
 
@@ -201,3 +201,38 @@ def test_defaults_reach_the_in_cluster_model_registry_of_kubeflow_1_10():
     assert (reg.port, reg.is_secure) == (8080, False)
     with pytest.raises(ValueError, match="is_secure"):
         KubeflowRegistry(server_address="https://mr.example.com", is_secure=False)
+
+
+def test_two_runs_passing_the_gate_together_do_not_both_become_champion(tmp_path, monkeypatch):
+    # Run B decides against "no champion"; before it promotes, run A registers and becomes champion
+    # (two runs finishing together on a shared server). B must not overwrite A unseen: its
+    # compare-and-set sees the champion moved, and B is judged again against A (worse: candidate).
+    from marble.registry import register as register_module
+
+    monkeypatch.setenv("TEST_MR_TOKEN", "t")
+    fake = FakeModelRegistryClient()
+    monkeypatch.setattr("marble.registry.kubeflow_backend.default_client_factory", lambda c, t: fake)
+    cfg = kf_config(tmp_path)
+    a, b = make_adapter(tmp_path, b"A-weights"), make_adapter(tmp_path, b"B-weights")
+    ev_a = make_eval(tmp_path, a, {"brightness": 0.7, "colorfulness": 0.4})
+    ev_b = make_eval(tmp_path, b, {"brightness": 0.6, "colorfulness": 0.3})
+    decide, records = register_module._decide, {}
+
+    def a_registers_while_b_decides(cfg_, registry, summary):
+        decision = decide(cfg_, registry, summary)
+        if "a" not in records and summary.lineage.adapter_sha256 == adapter_sha256(b):
+            with monkeypatch.context() as m:
+                m.setenv("MARBLE_RUN_ID", "run-a")
+                records["a"] = register_adapter(cfg, a, ev_a, tmp_path / "reg-a")
+        return decision
+
+    monkeypatch.setattr(register_module, "_decide", a_registers_while_b_decides)
+    monkeypatch.setenv("MARBLE_RUN_ID", "run-b")
+    rec_b = register_adapter(cfg, b, ev_b, tmp_path / "reg-b")
+    rec_a = records["a"]
+    assert rec_a["gate_passed"] and rec_a["champion"] == rec_a["version"]
+    assert rec_b["champion_before"] == rec_a["version"]  # B was judged against A, not against nothing
+    assert not rec_b["gate_passed"] and rec_b["candidate"] == rec_b["version"]
+    assert rec_b["champion"] == rec_a["version"]  # A stays champion
+    b_tags = fake.versions[("marble-lora", rec_b["version"])].custom_properties
+    assert b_tags["marble.gate"] == "failed"

@@ -144,17 +144,12 @@ def _register_locked(
         log.info("adapter %s (run %s) is already version %s; nothing to do", sha[:12], rid, v.version)
         return _record(registry, v, key, created=False, champion_before=None, gate=None)
 
-    champion = registry.get_alias(CHAMPION)
-    gate = evaluate_gate(summary, cfg.eval.gate, **_champion_for_gate(summary, champion))
-    tags = _tags(summary, metrics, sha, rid)
-    tags[TAG_GATE] = "passed" if gate.passed else "failed"
-    tags[TAG_GATE_SUMMARY] = gate.summary()
+    champion, gate = _decide(cfg, registry, summary)
+    tags = {**_tags(summary, metrics, sha, rid), **_gate_tags(gate)}
     created = not existing
     if existing:  # created earlier, but the alias step never finished (a crash): redo the decision
         version = existing[0]
-        registry.set_tags(
-            version.version, {TAG_GATE: tags[TAG_GATE], TAG_GATE_SUMMARY: tags[TAG_GATE_SUMMARY]}
-        )
+        registry.set_tags(version.version, _gate_tags(gate))
     else:
         extra = [eval_dir / f for f in EVAL_FILES if (eval_dir / f).is_file()]
         version = registry.create_version(NewVersion(adapter_dir, key, tags, metrics, extra))
@@ -164,20 +159,78 @@ def _register_locked(
             log.info("lost a registration race for %s; keeping version %s", key, same[0].version)
             registry.delete_version(version.version)
             version, created = same[0], False
-    alias = CHAMPION if gate.passed else CANDIDATE
-    composite = composite_with_champion(summary, champion)
-    registry.set_alias(alias, version.version)
+    champion, gate = _apply_decision(cfg, registry, summary, version.version, champion, gate)
     registry.set_tags(version.version, {TAG_APPLIED: "true"})
-    log.info("version %s: gate %s -> alias %s", version.version, gate.summary(), alias)
     record = _record(
-        registry,
-        version,
-        key,
-        created=created,
-        champion_before=champion.version if champion else None,
-        gate=gate,
+        registry, version, key, created=created, champion_before=_name(champion), gate=gate
+    )  # fmt: skip
+    return {**record, "composite": composite_with_champion(summary, champion)}
+
+
+PROMOTION_ATTEMPTS = 5
+
+
+def _decide(
+    cfg: MarbleConfig, registry: Registry, summary: EvalSummary
+) -> tuple[RegisteredVersion | None, GateResult]:
+    """The current champion and the gate's verdict on this evaluation against it."""
+    champion = registry.get_alias(CHAMPION)
+    return champion, evaluate_gate(summary, cfg.eval.gate, **_champion_for_gate(summary, champion))
+
+
+def _apply_decision(
+    cfg: MarbleConfig,
+    registry: Registry,
+    summary: EvalSummary,
+    version: str,
+    champion: RegisteredVersion | None,
+    gate: GateResult,
+) -> tuple[RegisteredVersion | None, GateResult]:
+    """Move `candidate`, or `champion` by compare-and-set: a run that passed the gate against
+    champion A promotes only while A is still the champion. Two runs finishing together on a shared
+    server (no registry-wide lock) would otherwise both pass against A and the last writer would win
+    without ever being compared with the other; here the later one decides again against the new
+    champion. Returns the champion and gate the final decision used."""
+    for _ in range(PROMOTION_ATTEMPTS):
+        if not gate.passed:
+            registry.set_alias(CANDIDATE, version)
+            break
+        if promote_if_unchanged(registry, version, _name(champion)):
+            break
+        moved_to, old = registry.get_alias(CHAMPION), _name(champion)
+        log.warning("champion moved from %s to %s while deciding; deciding again", old, _name(moved_to))
+        champion, gate = _decide(cfg, registry, summary)
+        registry.set_tags(version, _gate_tags(gate))
+    else:
+        raise RegistryError(
+            f"version {version}: the champion moved {PROMOTION_ATTEMPTS} times while this run decided; "
+            "nothing was promoted, run `marble register` again"
+        )
+    log.info(
+        "version %s: gate %s -> alias %s", version, gate.summary(), CHAMPION if gate.passed else CANDIDATE
     )
-    return {**record, "composite": composite}
+    return champion, gate
+
+
+def promote_if_unchanged(registry: Registry, version: str, expected: str | None) -> bool:
+    """Compare-and-set of the champion alias: point it at `version` only if it still points at
+    `expected` (None: no champion yet). Returns False, changing nothing, if it moved.
+
+    Under the embedded store's file lock this is atomic. A shared server offers no conditional
+    update, so the re-read narrows the window to one request; the change is read back, and a lost
+    race (another writer's value there) also returns False."""
+    if _name(registry.get_alias(CHAMPION)) != expected:
+        return False
+    registry.set_alias(CHAMPION, version)
+    return _name(registry.get_alias(CHAMPION)) == version
+
+
+def _name(version: RegisteredVersion | None) -> str | None:
+    return version.version if version is not None else None
+
+
+def _gate_tags(gate: GateResult) -> dict[str, str]:
+    return {TAG_GATE: "passed" if gate.passed else "failed", TAG_GATE_SUMMARY: gate.summary()}
 
 
 def composite_with_champion(
