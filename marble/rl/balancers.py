@@ -244,17 +244,11 @@ class WeightedSumBalancer(Balancer):
 
 
 @register_balancer("gdpo")
-class GDPOBalancer(Balancer):
+class GDPOBalancer(WeightedSumBalancer):
     """GDPO (arXiv 2601.05242, §3): one advantage per sample, the batch-whitened weighted sum of the
     per-reward group-normalised advantages (`advantages.gdpo_advantages`); `nft.std_mode` does not
-    apply (GDPO fixes its normalisations). Applied like `weighted_sum`: one objective, γ = [1]."""
-
-    def __init__(self, cfg: Any, reward_names: list[str]):
-        super().__init__(cfg, reward_names)
-        weights = cfg.weights if cfg.weights is not None else [1.0] * len(reward_names)
-        if len(weights) != len(reward_names):
-            raise ValueError(f"balancer.weights has {len(weights)} entries for rewards {reward_names}")
-        self.weights = torch.tensor(weights, dtype=torch.float64)  # [K]
+    apply (GDPO fixes its normalisations). A weighted sum that normalises each reward before summing:
+    the same weights, one objective, γ = [1]."""
 
     @property
     def objective_names(self) -> list[str]:
