@@ -11,7 +11,7 @@ the files evaluated and registered downstream are exactly these.
 
 from typing import NamedTuple
 
-from kfp.dsl import Dataset, Input, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components._factory import make_component
 
@@ -26,9 +26,17 @@ def train(
     work_root: str,
     run_id: str,
     launch: dict,
+    tensorboard_pvc: str,
     adapter: Output[Model],
+    metrics: Output[Metrics],
+    training_curves: Output[HTML],
+    mlpipeline_ui_metadata: Output[Artifact],
 ) -> NamedTuple("Outputs", [("train_dir", str)]):
-    """Returns the training directory (for the report's training curves)."""
+    """Returns the training directory (for the report's training curves). For the run view: `metrics`
+    (final per-reward means, α, skipped steps, time per step), `training_curves` and
+    `mlpipeline_ui_metadata`, KFP's "Start TensorBoard" on the run's event files (on the PVC
+    `tensorboard_pvc` when given)."""
+    import json
     from collections import namedtuple
     from pathlib import Path
 
@@ -37,6 +45,7 @@ def train(
     from marble.cluster.train_task import run_train_task
     from marble.config import MarbleConfig
     from marble.model_cache import lock_from_parameters
+    from marble.runview import train_view_files
 
     cfg = MarbleConfig.model_validate(config)
     lock = lock_from_parameters(model_lock, model_lock_sha256)
@@ -51,6 +60,11 @@ def train(
     adapter.metadata["base_model"] = cfg.model.pretrained
     adapter.metadata["lora_rank"] = cfg.lora.rank
     adapter.metadata["launch"] = f"{plan.kind}: {plan.nodes} node(s) x {plan.procs_per_node} process(es)"
+    values, page, viewer = train_view_files(cfg, train_dir, tensorboard_pvc=tensorboard_pvc, mount=work_root)
+    for name, value in values.items():
+        metrics.log_metric(name, value)
+    Path(training_curves.path).write_text(page, encoding="utf-8")
+    Path(mlpipeline_ui_metadata.path).write_text(json.dumps(viewer), encoding="utf-8")
     return namedtuple("Outputs", ["train_dir"])(str(train_dir))
 
 

@@ -214,6 +214,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    from marble import stages
+
+    cfg, d = _dirs(args)
+    decision = stages.gate(
+        cfg, args.adapter or d().train / "adapter", args.eval_dir or d().eval,
+        args.out or d().eval.parent / "gate", registry_dir=args.registry_dir or d().registry,
+    )  # fmt: skip
+    print(json.dumps(decision, indent=2, default=str))
+    return 0
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     from marble import stages
 
@@ -332,6 +344,7 @@ STAGE_COMMANDS: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
     ("cache-rewards", "stage 2: snapshot reward models into a verified cache", cmd_cache_rewards),
     ("train", "stage 3: MARBLE training of a LoRA adapter", cmd_train),
     ("evaluate", "stage 4: multi-reward evaluation, base vs. adapter, report", cmd_evaluate),
+    ("gate", "the promotion decision against the registry's champion (registers nothing)", cmd_gate),
     ("register", "stage 5: register the adapter; promote it if the gate passes", cmd_register),
 ]
 
@@ -353,9 +366,13 @@ def _add_stage_commands(sub) -> None:
         if name == "evaluate":
             p.add_argument("--adapter", help="adapter directory (default: <train dir>/adapter)")
             p.add_argument("--train-dir", help="training directory (for the training curves in the report)")
-        if name == "register":
+        if name in ("gate", "register"):
             p.add_argument("--adapter", help="adapter directory")
             p.add_argument("--eval-dir", help="directory written by `marble evaluate`")
+        if name == "gate":
+            p.add_argument(
+                "--registry-dir", help="embedded registry dir (default: <output_dir>/<run_name>/registry)"
+            )
         p.set_defaults(func=func)
 
 

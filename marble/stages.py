@@ -117,3 +117,29 @@ def register_adapter(
 
     with storage_errors(out_dir):
         return _impl(cfg, Path(adapter_dir), Path(eval_dir), Path(out_dir), registry_dir=registry_dir)
+
+
+def gate(
+    cfg: MarbleConfig,
+    adapter_dir: str | Path,
+    eval_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    registry_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Apply the promotion gate against the registry's champion, registering nothing.
+
+    Returns the decision ('champion' or 'candidate', with every check), also written to
+    `out_dir/gate.json`. `register_adapter` decides again under the registry's lock.
+    """
+    import json
+
+    from marble.io import atomic_write_text
+    from marble.registry.promotion import GATE_FILE, decide_promotion
+
+    with storage_errors(out_dir):
+        decision = decide_promotion(
+            cfg, Path(adapter_dir), Path(eval_dir), Path(registry_dir) if registry_dir else None
+        )
+        atomic_write_text(Path(out_dir) / GATE_FILE, json.dumps(decision, indent=2, sort_keys=True) + "\n")
+    return decision

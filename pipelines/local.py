@@ -41,6 +41,8 @@ class LocalRunOutputs:
     registration: Path
     seconds: float
     log: Path | None = None
+    decision: str = ""
+    """The gate's decision: 'champion' (the promote branch ran) or 'candidate' (record-candidate ran)."""
 
     def summary(self) -> str:
         rows = [
@@ -48,7 +50,7 @@ class LocalRunOutputs:
             ("report", self.report_html),
             ("report (markdown)", self.report_md),
             ("metrics", self.metrics),
-            ("registry entry", self.registration),
+            (f"registry entry ({self.decision})", self.registration),
             ("prompts", self.prompts),
             ("reward cache", self.reward_cache),
         ]
@@ -58,6 +60,10 @@ class LocalRunOutputs:
         lines = [f"pipeline finished in {self.seconds:.0f} s; run directory {self.run_dir}"]
         lines += [f"  {name:<{width}}  {path}" for name, path in rows]
         return "\n".join(lines)
+
+
+BRANCH_TASKS = {"champion": "promote", "candidate": "record-candidate"}
+"""The gate's decision -> the task of its branch."""
 
 
 def default_pipeline_root(cfg: MarbleConfig) -> Path:
@@ -109,6 +115,11 @@ def _new_run_dir(root: Path, before: set[str], name: str) -> Path:
 def locate_outputs(run_dir: Path, seconds: float = 0.0, log: Path | None = None) -> LocalRunOutputs:
     """The artifact paths of one local run directory (task and output names of the pipeline)."""
     evaluation = run_dir / "evaluate" / "evaluation"
+    # Exactly one branch of the gate ran: its task holds the registration.
+    decision, branch = next(
+        ((d, t) for d, t in BRANCH_TASKS.items() if (run_dir / t).is_dir()),
+        ("", "promote or record-candidate"),
+    )
     outputs = LocalRunOutputs(
         run_dir=run_dir,
         prompts=run_dir / "prepare-prompts" / "prompts",
@@ -118,9 +129,10 @@ def locate_outputs(run_dir: Path, seconds: float = 0.0, log: Path | None = None)
         report_html=run_dir / "evaluate" / "report_html",
         report_md=run_dir / "evaluate" / "report_md",
         metrics=evaluation / "metrics.json",
-        registration=run_dir / "register-adapter" / "registration" / "registration.json",
+        registration=run_dir / branch / "registration" / "registration.json",
         seconds=seconds,
         log=log,
+        decision=decision,
     )
     missing = [str(p) for p in (outputs.adapter, outputs.metrics, outputs.registration) if not p.exists()]
     if missing:

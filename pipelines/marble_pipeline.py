@@ -1,5 +1,5 @@
-"""The marble pipeline: a validation step, five stage components, their wiring, resources, mounts,
-secrets and caching.
+"""The marble pipeline: a validation step, the stage components, the promotion gate as a branch, an
+exit handler, their wiring, resources, mounts, secrets and caching.
 
 Run parameters: the typed settings people change between runs (`marble.runparams.RUN_PARAMETERS`,
 defaults from the config the pipeline is compiled with) plus `config`, the whole config as an advanced
@@ -24,17 +24,19 @@ from kfp import dsl
 
 from components import (
     cache_reward_models,
-    cleanup_train_job,
     evaluate,
+    finalize_run,
     fingerprint_inputs,
+    gate,
     prepare_prompts,
-    register_adapter,
+    promote,
+    record_candidate,
     train,
     validate_config,
 )
 from marble.cluster.launch import LaunchPlan, plan_launch
 from marble.cluster.preflight import cluster_problems
-from marble.cluster.secrets import task_secrets, unused_secrets
+from marble.cluster.secrets import REGISTRY_TASKS, task_secrets, unused_secrets
 from marble.config import MarbleConfig, TaskResources
 from marble.configio import ConfigError, load_config
 from marble.hub.lock import ModelLock
@@ -62,8 +64,8 @@ CONFIG_PARAMETER_HELP = (
     "above replace the fields they name."
 )
 _COMPONENTS = (
-    validate_config, fingerprint_inputs, prepare_prompts, cache_reward_models, train, evaluate,
-    register_adapter, cleanup_train_job,
+    validate_config, fingerprint_inputs, prepare_prompts, cache_reward_models, train, evaluate, gate,
+    promote, record_candidate, finalize_run,
 )  # fmt: skip
 LOCK_PARAMETER_HELP = {
     "model_lock": "The model lock (`marble lock`): every model's revision and file sha256; {} for none.",
@@ -127,12 +129,16 @@ def build_pipeline(
     def marble_pipeline(*args):
         # kfp calls the pipeline function with one channel per parameter, in signature order.
         params = dict(zip(names, args, strict=True))
-        if plan.kind == "pytorchjob":  # an exit handler deletes the run's job however the run ends
-            cleanup = ops["cleanup_train_job"](run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-            kube.with_namespace_env(_settings(cleanup, cfg, "cleanup-train-job", k8s.resources.cleanup))
-            with dsl.ExitHandler(cleanup, name="run-with-job-cleanup"):
-                _stages(ops, cfg, plan, params, work_root, containerized)
-        else:
+        # The exit handler records how the run ended and, for a multi-node run, deletes its PyTorchJob
+        # however the run ends (kfp allows one exit handler per pipeline: one task does both).
+        jobs = plan.kind == "pytorchjob"
+        finalize = ops["finalize_run"](
+            work_root=work_root, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, delete_train_jobs=jobs
+        )
+        kube.with_cache_volume(_settings(finalize, cfg, "finalize-run", k8s.resources.cleanup), k8s)
+        if jobs:
+            kube.with_namespace_env(finalize)
+        with dsl.ExitHandler(finalize, name="marble-run"):
             _stages(ops, cfg, plan, params, work_root, containerized)
 
     marble_pipeline.__signature__ = signature
@@ -159,7 +165,7 @@ def _stages(
     work_root: str,
     containerized: bool,
 ) -> None:
-    """validate-config and fingerprint-inputs, then the five stages on the validated config."""
+    """validate-config and fingerprint-inputs, the stages on the validated config, the gate's branches."""
     k8s, res = cfg.pipeline, cfg.pipeline.resources
     validate_task = ops["validate_config"](
         config=params["config"],
@@ -193,6 +199,7 @@ def _stages(
         work_root=work_root,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         launch=plan.to_dict(),
+        tensorboard_pvc=k8s.cache_pvc if work_root else "",
         **cached,
     )
     kube.with_cache_volume(train_task, k8s)
@@ -219,15 +226,23 @@ def _stages(
     )
     evaluate_task.set_caching_options(False)
 
-    register_task = ops["register_adapter"](
-        config=config,
-        work_root=work_root,
-        adapter=train_task.outputs["adapter"],
-        evaluation=evaluate_task.outputs["evaluation"],
-    )
-    # The PVC holds the embedded registry store (<work_root>/registry): champion persists across runs.
-    kube.with_cache_volume(_settings(register_task, cfg, "register-adapter", res.register_adapter), k8s)
-    register_task.set_caching_options(False)
+    _gate_and_branches(ops, cfg, config, work_root, train_task, evaluate_task)
+
+
+def _gate_and_branches(ops: dict, cfg: MarbleConfig, config: Any, work_root: str, train_task, evaluate_task):
+    """The gate decides; `dsl.If` runs promote ('champion') or record-candidate, so the run's graph
+    shows which way it went. All three read the registry (the embedded store in `<work_root>/registry`
+    on the PVC, where `champion` carries over between runs) and are never cached: a cached registration
+    would silently skip registering, a cached gate would decide against an old champion."""
+    artifacts = {"adapter": train_task.outputs["adapter"], "evaluation": evaluate_task.outputs["evaluation"]}
+    tasks = [ops["gate"](config=config, work_root=work_root, **artifacts)]
+    with dsl.If(tasks[0].outputs["decision"] == "champion", name="gate-passed"):
+        tasks.append(ops["promote"](config=config, work_root=work_root, **artifacts))
+    with dsl.Else(name="gate-failed"):
+        tasks.append(ops["record_candidate"](config=config, work_root=work_root, **artifacts))
+    for task, name in zip(tasks, REGISTRY_TASKS, strict=True):
+        settings = _settings(task, cfg, name, cfg.pipeline.resources.register_adapter)
+        kube.with_cache_volume(settings, cfg.pipeline).set_caching_options(False)
 
 
 def pipeline_arguments(cfg: MarbleConfig, params: dict[str, Any] | None = None) -> dict[str, Any]:

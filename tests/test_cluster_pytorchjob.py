@@ -75,9 +75,22 @@ def run_task(fake: FakeKube, tmp_path: Path, cfg, run_id: str = "run-1"):
         work_root=str(tmp_path / "pvc"),
         run_id=run_id,
         launch=plan,
+        tensorboard_pvc="marble-cache",
         adapter=adapter,
+        **view_outputs(tmp_path / "artifacts"),
     )
     return result, Path(adapter.path)
+
+
+def view_outputs(root: Path) -> dict:
+    """The train task's run-view outputs (metrics, curves page, TensorBoard viewer)."""
+    return {
+        "metrics": dsl.Metrics(name="metrics", uri=str(root / "metrics"), metadata={}),
+        "training_curves": dsl.HTML(name="training_curves", uri=str(root / "training_curves"), metadata={}),
+        "mlpipeline_ui_metadata": dsl.Artifact(
+            name="ui", uri=str(root / "mlpipeline_ui_metadata"), metadata={}
+        ),
+    }
 
 
 @pytest.fixture
@@ -215,8 +228,8 @@ def test_a_layout_that_cannot_split_the_epoch_starts_nothing(tmp_path, api_of):
                 config=cfg.model_dump(mode="json", exclude_none=True),
                 prompts=dsl.Dataset(name="p", uri=str(prompts), metadata={}),
                 reward_cache_dir="", reward_cache_sha256="", model_lock={}, model_lock_sha256="",
-                work_root=str(tmp_path / "pvc"), run_id="r", launch=plan,
-                adapter=dsl.Model(name="a", uri=str(tmp_path / "a"), metadata={}),
+                work_root=str(tmp_path / "pvc"), run_id="r", launch=plan, tensorboard_pvc="",
+                adapter=dsl.Model(name="a", uri=str(tmp_path / "a"), metadata={}), **view_outputs(tmp_path),
             )  # fmt: skip
         assert fake.requests == []
 

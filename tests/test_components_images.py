@@ -19,7 +19,11 @@ STAGE_MODULES = (
     "cache_reward_models",
     "train",
     "evaluate",
-    "register_adapter",
+    "gate",
+    "promote",
+    "record_candidate",
+    "finalize_run",
+    "fingerprint_inputs",
 )
 PUSHED = "registry.example.com/team/marble-cpu@sha256:" + "ab" * 32
 

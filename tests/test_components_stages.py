@@ -15,8 +15,11 @@ import marble.stages
 from components import (
     cache_reward_models,
     evaluate,
+    finalize_run,
+    gate,
     prepare_prompts,
-    register_adapter,
+    promote,
+    record_candidate,
     train,
     validate_config,
 )
@@ -50,7 +53,7 @@ def calls(monkeypatch):
             self.impl: dict = {}
 
     rec = Recorder()
-    for name in ("prepare_prompts", "cache_reward_models", "train", "evaluate", "register_adapter"):
+    for name in ("prepare_prompts", "cache_reward_models", "train", "evaluate", "gate", "register_adapter"):
 
         def fake(*args, _name=name, **kwargs):
             rec.args[_name] = (args, kwargs)
@@ -201,14 +204,28 @@ def _fake_train(cfg, prompts_dir, out_dir, *, reward_cache=None, lock=None, rewa
     adapter.mkdir(parents=True)
     (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
     (Path(out_dir) / "checkpoints").mkdir()
+    summary = {"reward_first": {"b": 0.1}, "reward_last": {"b": 0.3}, "alpha": {"b": [None, 0.5, 1.0]},
+               "steps": 3, "train_seconds": 6.0, "skipped_steps": 1}  # fmt: skip
+    (Path(out_dir) / "train_summary.json").write_text(json.dumps(summary))
+    (Path(out_dir) / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/reward/b": 0.1}) + "\n")
     return adapter
+
+
+def train_outputs(tmp_path: Path) -> dict:
+    return {
+        "adapter": art(dsl.Model, tmp_path / "task" / "adapter"),
+        "metrics": art(dsl.Metrics, tmp_path / "task" / "metrics"),
+        "training_curves": art(dsl.HTML, tmp_path / "task" / "training_curves"),
+        "mlpipeline_ui_metadata": art(dsl.Artifact, tmp_path / "task" / "mlpipeline_ui_metadata"),
+    }
 
 
 @pytest.mark.parametrize("work_root", ["", "pvc"])
 def test_train_publishes_the_adapter_and_keys_checkpoints_by_run(config, calls, tmp_path, work_root):
     calls.impl["train"] = _fake_train
     root = str(tmp_path / work_root) if work_root else ""
-    adapter = art(dsl.Model, tmp_path / "task" / "adapter")
+    outs = train_outputs(tmp_path)
+    adapter = outs["adapter"]
     result = train.component.python_func(
         config=config,
         prompts=art(dsl.Dataset, tmp_path / "prompts"),
@@ -218,7 +235,8 @@ def test_train_publishes_the_adapter_and_keys_checkpoints_by_run(config, calls, 
         work_root=root,
         run_id="run-123",
         launch=IN_PROCESS,
-        adapter=adapter,
+        tensorboard_pvc="marble-cache" if work_root else "",
+        **outs,
     )
     (_, prompts_dir, out_dir), kwargs = calls.args["train"]
     expected = (
@@ -230,6 +248,19 @@ def test_train_publishes_the_adapter_and_keys_checkpoints_by_run(config, calls, 
     # Only the exported adapter is published, not the checkpoints.
     assert sorted(p.name for p in Path(adapter.path).iterdir()) == ["pytorch_lora_weights.safetensors"]
     assert adapter.metadata["lora_rank"] == config["lora"]["rank"]
+    # The run view: final training numbers, the curves, and TensorBoard on the run's event files.
+    assert outs["metrics"].metadata == {
+        "reward/b": 0.3, "reward_change/b": pytest.approx(0.2), "alpha/b": 1.0, "steps": 3.0,
+        "skipped_steps": 1.0, "seconds_per_step": 2.0,
+    }  # fmt: skip
+    assert "<img" in Path(outs["training_curves"].path).read_text()
+    (viewer,) = json.loads(Path(outs["mlpipeline_ui_metadata"].path).read_text())["outputs"]
+    if work_root:
+        assert viewer["source"] == "volume://marble-cache/runs/run-123/train/tensorboard"
+        volume = viewer["pod_template_spec"]["spec"]["volumes"][0]
+        assert volume == {"name": "marble-cache", "persistentVolumeClaim": {"claimName": "marble-cache"}}
+    else:
+        assert viewer["source"] == str(expected / "tensorboard")
 
 
 def test_train_without_a_reward_cache_passes_none(config, calls, tmp_path):
@@ -243,7 +274,8 @@ def test_train_without_a_reward_cache_passes_none(config, calls, tmp_path):
         work_root="",
         run_id="r",
         launch=IN_PROCESS,
-        adapter=art(dsl.Model, tmp_path / "t" / "adapter"),
+        tensorboard_pvc="",
+        **train_outputs(tmp_path),
     )
     assert calls.args["train"][1] == {"reward_cache": None, "lock": None, "reward_cache_sha256": None}
 
@@ -330,16 +362,55 @@ def test_evaluate_skips_a_missing_train_dir(config, calls, tmp_path):
     assert calls.args["evaluate"][1]["train_dir"] is None
 
 
-def test_register_records_scalars_in_the_artifact(config, calls, tmp_path):
-    record = {"version": "3", "alias": "candidate", "promoted": False, "metrics": {"a": 1}}
-    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: record
-    registration = art(dsl.Artifact, tmp_path / "registration")
-    register_adapter.component.python_func(
+def test_gate_outputs_the_decision_the_pipeline_branches_on(config, calls, tmp_path):
+    decision = {"decision": "candidate", "passed": False, "summary": "failed: regression/b: drop",
+                "checks": [{"rule": "regression", "subject": "b", "passed": False, "detail": "drop"},
+                           {"rule": "improvement", "subject": "*", "passed": True, "detail": "up"}],
+                "champion_before": "2", "key": "k", "version": None}  # fmt: skip
+    calls.impl["gate"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: decision
+    outs = {
+        "gate_decision": art(dsl.Artifact, tmp_path / "gate_decision"),
+        "gate_report": art(dsl.Markdown, tmp_path / "gate_report"),
+        "metrics": art(dsl.Metrics, tmp_path / "metrics"),
+    }
+    result = gate.component.python_func(
         config=config,
         work_root="",
         adapter=art(dsl.Model, tmp_path / "adapter"),
         evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
-        registration=registration,
+        **outs,
+    )
+    assert result.decision == "candidate"
+    (_, adapter, eval_dir, out), kwargs = calls.args["gate"]
+    assert kwargs == {"registry_dir": None}
+    assert (adapter, eval_dir, out) == (
+        tmp_path / "adapter",
+        tmp_path / "evaluation",
+        tmp_path / "gate_decision",
+    )
+    assert outs["metrics"].metadata == {"gate/passed": 0.0, "gate/checks": 2.0, "gate/failed_checks": 1.0}
+    report = Path(outs["gate_report"].path).read_text()
+    assert "failed: record as `candidate`" in report and "| regression | b | **no** | drop |" in report
+    assert "champion version 2" in report
+
+
+@pytest.mark.parametrize(("component", "expected"), [(promote, "champion"), (record_candidate, "candidate")])
+def test_each_branch_registers_and_shows_the_decision_and_link(config, calls, tmp_path, component, expected):
+    record = {"version": "3", "model_name": "marble-lora", "gate_passed": expected == "champion",
+              "gate_summary": "s", "created": True, "champion": "3" if expected == "champion" else None,
+              "candidate": None, "metrics": {"a": 1}}  # fmt: skip
+    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: record
+    outs = {
+        "registration": art(dsl.Artifact, tmp_path / "registration"),
+        "registration_report": art(dsl.Markdown, tmp_path / "report"),
+        "metrics": art(dsl.Metrics, tmp_path / "metrics"),
+    }
+    component.component.python_func(
+        config=config,
+        work_root="",
+        adapter=art(dsl.Model, tmp_path / "adapter"),
+        evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
+        **outs,
     )
     (_, adapter, eval_dir, out), _ = calls.args["register_adapter"]
     assert (adapter, eval_dir, out) == (
@@ -347,7 +418,62 @@ def test_register_records_scalars_in_the_artifact(config, calls, tmp_path):
         tmp_path / "evaluation",
         tmp_path / "registration",
     )
-    assert registration.metadata == {"version": "3", "alias": "candidate", "promoted": False}
+    meta = outs["registration"].metadata
+    assert meta["alias"] == expected and meta["version"] == "3"
+    assert meta["registry_link"] == "models:/marble-lora/3 (embedded store in the registration artifact)"
+    assert outs["metrics"].metadata == {
+        "promoted": float(expected == "champion"),
+        "new_version": 1.0,
+        "version": 3.0,
+    }
+    assert f"Registered as `{expected}`" in Path(outs["registration_report"].path).read_text()
+
+
+def test_a_branch_whose_registration_disagrees_says_why(config, calls, tmp_path, caplog):
+    # The champion moved between the gate task and registration: promote registered a candidate.
+    record = {"version": "4", "model_name": "m", "gate_passed": False, "gate_summary": "failed: pareto/*",
+              "created": True, "champion_before": "3"}  # fmt: skip
+    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: record
+    report = art(dsl.Markdown, tmp_path / "report")
+    promote.component.python_func(
+        config=config,
+        work_root="",
+        adapter=art(dsl.Model, tmp_path / "adapter"),
+        evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
+        registration=art(dsl.Artifact, tmp_path / "registration"),
+        registration_report=report,
+        metrics=art(dsl.Metrics, tmp_path / "metrics"),
+    )
+    text = Path(report.path).read_text()
+    assert "Registered as `candidate`" in text and "the gate task decided 'champion'" in text
+    assert "champion changed in between" in caplog.text
+
+
+@pytest.mark.parametrize("state", ["SUCCEEDED", "FAILED"])
+def test_finalize_records_the_final_status(tmp_path, state):
+    status = dsl.PipelineTaskFinalStatus(
+        state=state,
+        pipeline_job_resource_name="projects/p/runs/r-1",
+        pipeline_task_name="marble-run",
+        error_code=None if state == "SUCCEEDED" else 1,
+        error_message=None if state == "SUCCEEDED" else "Task train failed.",
+    )
+    run_status = art(dsl.Markdown, tmp_path / "run_status")
+    finalize_run.component.python_func(
+        status=status,
+        work_root=str(tmp_path / "pvc"),
+        run_id="r-1",
+        delete_train_jobs=False,
+        run_status=run_status,
+    )
+    record = json.loads((tmp_path / "pvc" / "runs" / "r-1" / "run_status.json").read_text())
+    assert record["state"] == state and record["failed"] is (state == "FAILED")
+    text = Path(run_status.path).read_text()
+    assert (
+        ("Run failed" in text and "Task train failed." in text)
+        if state == "FAILED"
+        else "Run succeeded" in text
+    )
 
 
 def test_publish_dir_replaces_the_destination(tmp_path):
@@ -364,13 +490,67 @@ def test_scalar_metadata_drops_nested_values():
     assert scalar_metadata({"a": 1, "b": [1], "c": {"d": 1}, "e": "x"}) == {"a": 1, "e": "x"}
 
 
-def test_register_keeps_the_embedded_store_on_the_pvc_between_runs(config, calls, tmp_path):
-    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: {"version": "1"}
-    register_adapter.component.python_func(
+def test_the_gate_and_its_branches_use_the_embedded_store_on_the_pvc(config, calls, tmp_path):
+    """champion carries over between runs: the gate reads, and the branch registers in, <work_root>/registry."""
+    decision = {"decision": "champion", "passed": True, "summary": "passed", "checks": [], "version": None}
+    calls.impl["gate"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: decision
+    record = {"version": "1", "model_name": "marble-lora", "gate_passed": True, "created": True}
+    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: record
+    inputs = {
+        "adapter": art(dsl.Model, tmp_path / "adapter"),
+        "evaluation": art(dsl.Artifact, tmp_path / "e"),
+    }
+    gate.component.python_func(
         config=config,
         work_root=str(tmp_path / "pvc"),
-        adapter=art(dsl.Model, tmp_path / "adapter"),
-        evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
-        registration=art(dsl.Artifact, tmp_path / "registration"),
+        gate_decision=art(dsl.Artifact, tmp_path / "gate_decision"),
+        gate_report=art(dsl.Markdown, tmp_path / "gate_report"),
+        metrics=art(dsl.Metrics, tmp_path / "gate_metrics"),
+        **inputs,
     )
-    assert calls.args["register_adapter"][1] == {"registry_dir": tmp_path / "pvc" / "registry"}
+    registration = art(dsl.Artifact, tmp_path / "registration")
+    promote.component.python_func(
+        config=config,
+        work_root=str(tmp_path / "pvc"),
+        registration=registration,
+        registration_report=art(dsl.Markdown, tmp_path / "report"),
+        metrics=art(dsl.Metrics, tmp_path / "metrics"),
+        **inputs,
+    )
+    store = tmp_path / "pvc" / "registry"
+    assert calls.args["gate"][1] == calls.args["register_adapter"][1] == {"registry_dir": store}
+    assert registration.metadata["registry_link"] == f"models:/marble-lora/1 (embedded store {store})"
+
+
+def test_finalize_deletes_a_multi_node_runs_jobs_and_fails_when_it_cannot(tmp_path, monkeypatch):
+    import marble.cluster.train_task as train_task
+
+    status = dsl.PipelineTaskFinalStatus(
+        state="FAILED", pipeline_job_resource_name="r", pipeline_task_name="marble-run", error_code=1,
+        error_message="Task evaluate failed.",
+    )  # fmt: skip
+    monkeypatch.setattr(train_task, "cleanup_run_jobs", lambda run_id: [f"marble-{run_id}"])
+    run_status = art(dsl.Markdown, tmp_path / "run_status")
+    finalize_run.component.python_func(
+        status=status, work_root=str(tmp_path), run_id="r-2", delete_train_jobs=True, run_status=run_status
+    )
+    assert json.loads((tmp_path / "runs" / "r-2" / "run_status.json").read_text())["deleted_train_jobs"] == [
+        "marble-r-2"
+    ]
+
+    def refused(run_id):
+        raise PermissionError("pytorchjobs is forbidden")
+
+    monkeypatch.setattr(train_task, "cleanup_run_jobs", refused)
+    with pytest.raises(RuntimeError, match="deleting run r-3's PyTorchJobs failed: PermissionError"):
+        finalize_run.component.python_func(
+            status=status,
+            work_root=str(tmp_path),
+            run_id="r-3",
+            delete_train_jobs=True,
+            run_status=run_status,
+        )
+    # Recorded before failing: the run's end and why the cleanup failed.
+    record = json.loads((tmp_path / "runs" / "r-3" / "run_status.json").read_text())
+    assert record["state"] == "FAILED" and "forbidden" in record["cleanup_error"]
+    assert "cleanup_error" in Path(run_status.path).read_text()

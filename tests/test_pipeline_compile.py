@@ -30,14 +30,50 @@ from pipelines.marble_pipeline import (
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "pipelines" / "marble_pipeline.yaml"
 GPU_TASKS = ("train", "evaluate")
+REGISTRY_TASKS = ("gate", "promote", "record-candidate")
 CPU_TASKS = (
     "validate-config",
     "fingerprint-inputs",
     "prepare-prompts",
     "cache-reward-models",
-    "register-adapter",
+    *REGISTRY_TASKS,
+    "finalize-run",
 )
-UNCACHED_TASKS = ("train", "evaluate", "register-adapter")
+UNCACHED_TASKS = ("train", "evaluate", *REGISTRY_TASKS)
+OUTPUT_ARTIFACTS = {
+    "validate-config": {"run_config": "system.Markdown"},
+    "fingerprint-inputs": {},
+    "prepare-prompts": {"prompts": "system.Dataset"},
+    "cache-reward-models": {"reward_cache": "system.Artifact"},
+    "train": {
+        "adapter": "system.Model",
+        "metrics": "system.Metrics",
+        "training_curves": "system.HTML",
+        "mlpipeline_ui_metadata": "system.Artifact",
+    },
+    "evaluate": {
+        "evaluation": "system.Artifact",
+        "metrics": "system.Metrics",
+        "report_html": "system.HTML",
+        "report_md": "system.Markdown",
+    },
+    "gate": {
+        "gate_decision": "system.Artifact",
+        "gate_report": "system.Markdown",
+        "metrics": "system.Metrics",
+    },
+    "promote": {
+        "registration": "system.Artifact",
+        "registration_report": "system.Markdown",
+        "metrics": "system.Metrics",
+    },
+    "record-candidate": {
+        "registration": "system.Artifact",
+        "registration_report": "system.Markdown",
+        "metrics": "system.Metrics",
+    },
+    "finalize-run": {"run_status": "system.Markdown"},
+}
 IR_TYPES = {int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", str: "STRING", bool: "BOOLEAN"}
 SECRETISH = re.compile(r"pass(word|wd)?|token|secret|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
 CREDENTIAL_VALUE = re.compile(
@@ -60,11 +96,19 @@ def compiled(tmp_path_factory):
 
 
 def dag_tasks(spec: dict) -> dict:
-    """Every task of the pipeline, the root DAG's and those inside sub-DAGs (the exit handler's)."""
+    """Every task of the pipeline, the root DAG's and those inside sub-DAGs (the exit handlers', the
+    gate's branches)."""
     tasks = dict(spec["root"]["dag"]["tasks"])
     for comp in spec["components"].values():
         tasks.update(comp.get("dag", {}).get("tasks", {}))
     return tasks
+
+
+def all_tasks(spec: dict) -> dict[str, dict]:
+    """Every leaf task of the IR by name (no sub-DAG tasks)."""
+    return {
+        n: t for n, t in dag_tasks(spec).items() if "dag" not in spec["components"][t["componentRef"]["name"]]
+    }
 
 
 def executor(spec: dict, task: str) -> dict:
@@ -104,7 +148,7 @@ def test_default_config_travels_losslessly(compiled):
 
 
 def validate_task(spec: dict) -> dict:
-    return spec["root"]["dag"]["tasks"]["validate-config"]
+    return dag_tasks(spec)["validate-config"]
 
 
 def test_run_parameters_are_typed_with_the_config_defaults(compiled):
@@ -136,17 +180,72 @@ def test_kubernetes_settings_are_compiled_in_not_run_parameters(compiled):
 
 def test_every_task_takes_the_validated_config(compiled):
     spec, _ = compiled
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = all_tasks(spec)
     inputs = validate_task(spec)["inputs"]["parameters"]
-    assert inputs["config"] == {"componentInputParameter": "config"}
+    assert inputs["config"] == {"componentInputParameter": "pipelinechannel--config"}
     for name in RUN_PARAMETER_NAMES:
-        assert inputs[name] == {"componentInputParameter": name}
+        assert inputs[name] == {"componentInputParameter": f"pipelinechannel--{name}"}
+    with_config = {n for n, t in tasks.items() if "config" in t["inputs"]["parameters"]}
+    assert with_config == set(tasks) - {"finalize-run"}
     for name, task in tasks.items():
-        if name == "validate-config":
+        if name in ("validate-config", "finalize-run"):
             continue
-        assert task["inputs"]["parameters"]["config"] == {
-            "taskOutputParameter": {"producerTask": "validate-config", "outputParameterKey": "config"}
-        }, name
+        config = task["inputs"]["parameters"]["config"]
+        # In the gate's branches the validated config arrives through the branch's DAG inputs.
+        assert config in (
+            {"taskOutputParameter": {"producerTask": "validate-config", "outputParameterKey": "config"}},
+            {"componentInputParameter": "pipelinechannel--validate-config-config"},
+        ), name
+
+
+def test_every_task_publishes_its_output_artifacts(compiled):
+    from pipelines.views import output_types
+
+    spec, _ = compiled
+    assert output_types(spec) == OUTPUT_ARTIFACTS
+    outputs = {n: spec["components"][t["componentRef"]["name"]] for n, t in all_tasks(spec).items()}
+    assert outputs["validate-config"]["outputDefinitions"]["parameters"] == {
+        "config": {"parameterType": "STRUCT"},
+        "config_hash": {"parameterType": "STRING"},
+    }
+    assert outputs["gate"]["outputDefinitions"]["parameters"] == {"decision": {"parameterType": "STRING"}}
+
+
+def test_the_gate_decision_is_a_branch(compiled):
+    from pipelines.views import task_graph
+
+    spec, _ = compiled
+    conditions = {}
+    for task in dag_tasks(spec).values():
+        if "condition" in task.get("triggerPolicy", {}):
+            (leaf,) = spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
+            conditions[leaf] = (task["taskInfo"]["name"], task["triggerPolicy"]["condition"])
+    channel = "inputs.parameter_values['pipelinechannel--gate-decision']"
+    assert conditions == {
+        "promote": ("gate-passed", f"{channel} == 'champion'"),
+        "record-candidate": ("gate-failed", f"!({channel} == 'champion')"),
+    }
+    graph = task_graph(spec)
+    assert graph.edges[("gate", "promote")] == "gate-passed: gate.decision == 'champion'"
+    assert graph.edges[("gate", "record-candidate")] == "gate-failed: not (gate.decision == 'champion')"
+    assert graph.edges[("evaluate", "gate")] == ""
+
+
+def test_an_exit_handler_records_how_every_run_ends(compiled):
+    spec, k8s = compiled
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "finalize-run"}
+    assert root["exit-handler-1"]["taskInfo"]["name"] == "marble-run"
+    finalize = root["finalize-run"]
+    assert finalize["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert finalize["inputs"]["parameters"]["status"] == {
+        "taskFinalStatus": {"producerTask": "exit-handler-1"}
+    }
+    # It writes the status beside the run's checkpoints on the PVC.
+    work_root = finalize["inputs"]["parameters"]["work_root"]["runtimeValue"]["constant"]
+    assert work_root == default_config().pipeline.cache_mount
+    (mount,) = k8s["exec-finalize-run"]["pvcMount"]
+    assert mount["mountPath"] == default_config().pipeline.cache_mount
 
 
 def test_gpu_tasks_have_accelerators_tolerations_and_shm(compiled):
@@ -239,11 +338,12 @@ def test_train_is_a_distributed_launch_when_gpus_or_nodes_exceed_one(all_compile
     # Multi-node: the train task only launches (no GPU), and an exit handler deletes the job.
     spec, _ = compiled["paper-3x8"]
     assert "accelerator" not in executor(spec, "train")["resources"]
-    assert "cleanup-train-job" in spec["root"]["dag"]["tasks"]
-    assert (
-        spec["root"]["dag"]["tasks"]["cleanup-train-job"]["triggerPolicy"]["strategy"]
-        == "ALL_UPSTREAM_TASKS_COMPLETED"
-    )
+    # The exit handler deletes the run's job however the run ends (and records how it ended).
+    finalize = spec["root"]["dag"]["tasks"]["finalize-run"]
+    assert finalize["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert finalize["inputs"]["parameters"]["delete_train_jobs"]["runtimeValue"]["constant"] is True
+    single = compiled["paper"][0]["root"]["dag"]["tasks"]["finalize-run"]
+    assert single["inputs"]["parameters"]["delete_train_jobs"]["runtimeValue"]["constant"] is False
 
 
 def test_a_world_size_that_cannot_split_the_epoch_is_refused_naming_valid_counts():
@@ -285,7 +385,7 @@ def test_no_gpu_request_when_gpus_is_zero(tmp_path):
 def test_every_image_is_pinned_by_digest(compiled):
     spec, _ = compiled
     refs = [e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()]
-    assert len(refs) == 7
+    assert len(refs) == len(OUTPUT_ARTIFACTS)
     for ref in refs:
         assert not ref.endswith(":latest") and ":latest@" not in ref, ref
         assert images.is_pinned(ref), f"{ref} is not registry/name@sha256:<64 hex>"
@@ -301,7 +401,7 @@ def test_tasks_run_the_containerized_components(compiled):
 
 def test_caching_is_off_for_train_evaluate_register(compiled):
     spec, _ = compiled
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = dag_tasks(spec)
     for name in UNCACHED_TASKS:
         assert not tasks[name]["cachingOptions"].get("enableCache", False), name
     for name in ("prepare-prompts", "cache-reward-models"):
@@ -320,7 +420,7 @@ def test_caching_is_off_for_train_evaluate_register(compiled):
 def test_train_retries_and_resumes_in_its_run_directory(compiled):
     spec, _ = compiled
     cfg = default_config().pipeline
-    train = spec["root"]["dag"]["tasks"]["train"]
+    train = dag_tasks(spec)["train"]
     assert train["retryPolicy"]["maxRetryCount"] == cfg.train_retries
     # Argo cuts a retried pod at maxDuration from the first attempt (kfp's default: 3600 s): it must
     # cover every attempt running to its deadline plus the backoffs.
@@ -339,12 +439,12 @@ def test_train_retries_and_resumes_in_its_run_directory(compiled):
 def test_cache_pvc_is_mounted_where_snapshots_and_checkpoints_are_used(compiled):
     spec, k8s = compiled
     cfg = default_config().pipeline
-    for task in ("cache-reward-models", "train", "evaluate", "register-adapter"):
+    for task in ("cache-reward-models", "train", "evaluate", *REGISTRY_TASKS, "finalize-run"):
         (mount,) = k8s[f"exec-{task}"]["pvcMount"]
         assert mount["mountPath"] == cfg.cache_mount
         assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == cfg.cache_pvc
     for task in ("cache-reward-models", "train"):
-        work_root = spec["root"]["dag"]["tasks"][task]["inputs"]["parameters"]["work_root"]
+        work_root = dag_tasks(spec)[task]["inputs"]["parameters"]["work_root"]
         assert work_root["runtimeValue"]["constant"] == cfg.cache_mount
 
 
@@ -370,7 +470,7 @@ def test_secrets_are_injected_only_where_the_config_uses_them(tmp_path):
         "exec-fingerprint-inputs": {hub, dvc},
         "exec-prepare-prompts": {dvc},
         "exec-cache-reward-models": {hub},
-        "exec-register-adapter": {("reg", ("MLFLOW_TRACKING_TOKEN",))},
+        **{f"exec-{task}": {("reg", ("MLFLOW_TRACKING_TOKEN",))} for task in REGISTRY_TASKS},
     }
     for ex in k8s.values():
         for secret in ex.get("secretAsEnv", []):
@@ -433,11 +533,9 @@ def test_local_variant_runs_lightweight_without_retries_or_kfp_install(tmp_path)
     out = tmp_path / "local.yaml"
     compiler.Compiler().compile(build_pipeline(default_config(), containerized=False), str(out))
     spec = next(yaml.safe_load_all(out.read_text()))
-    assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["train"]
+    assert "retryPolicy" not in dag_tasks(spec)["train"]
     # Locally, reward snapshots and checkpoints stay inside the task artifacts.
-    assert spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]["work_root"] == {
-        "runtimeValue": {"constant": ""}
-    }
+    assert dag_tasks(spec)["train"]["inputs"]["parameters"]["work_root"] == {"runtimeValue": {"constant": ""}}
     for ex in spec["deploymentSpec"]["executors"].values():
         text = " ".join(ex["container"]["command"])
         assert "ephemeral_component.py" in text and "pip install" not in text
@@ -461,11 +559,17 @@ def test_the_model_lock_travels_with_the_config_and_its_hash_is_recorded(tmp_pat
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["model_lock_sha256"]["defaultValue"] == lock.sha256  # the compiled pipeline records it
     assert params["model_lock"]["defaultValue"] == lock.to_dict()
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = all_tasks(spec)
+    # The stages run inside the exit handler's sub-DAG, which receives the run parameters as channels.
+    handler = spec["root"]["dag"]["tasks"]["exit-handler-1"]["inputs"]["parameters"]
+    for name in ("model_lock", "model_lock_sha256"):
+        assert handler[f"pipelinechannel--{name}"] == {"componentInputParameter": name}
     for task in ("cache-reward-models", "train", "evaluate"):
         inputs = tasks[task]["inputs"]["parameters"]
-        assert inputs["model_lock"] == {"componentInputParameter": "model_lock"}, task
-        assert inputs["model_lock_sha256"] == {"componentInputParameter": "model_lock_sha256"}, task
+        assert inputs["model_lock"] == {"componentInputParameter": "pipelinechannel--model_lock"}, task
+        assert inputs["model_lock_sha256"] == {
+            "componentInputParameter": "pipelinechannel--model_lock_sha256"
+        }, task
     for task in ("train", "evaluate"):  # the cache manifest's hash as the cache task reported it
         ref = tasks[task]["inputs"]["parameters"]["reward_cache_sha256"]["taskOutputParameter"]
         assert ref == {"producerTask": "cache-reward-models", "outputParameterKey": "manifest_sha256"}

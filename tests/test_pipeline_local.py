@@ -2,9 +2,11 @@
 
 Fast variant (default suite): every stage function is replaced by a fake that writes small, checkable
 files, in the task SUBPROCESSES too (through a `sitecustomize` module on PYTHONPATH), so the test checks
-the wiring: five tasks run in order, artifacts flow between them, the adapter that train exported is
-the one evaluated and registered, and `run_local` finds every output.
-Slow variant: the real stages on configs/tiny.yaml, as `make demo` runs them.
+the wiring: the tasks run in order, artifacts flow between them, the adapter that train exported is the
+one evaluated and registered, the gate's decision picks the branch, the exit handler records the end,
+and `run_local` finds every output. The fake gate passes when the run parameter
+`gate_max_monitor_shift` is at least 1, so a typed parameter steers the branch end to end.
+Slow variant: the real stages on configs/tiny.yaml, as `make demo` runs them, once through each branch.
 """
 
 from __future__ import annotations
@@ -62,7 +64,12 @@ FAKE_STAGES = textwrap.dedent(
         adapter = Path(out_dir) / "adapter"
         adapter.mkdir(parents=True)
         (adapter / "pytorch_lora_weights.safetensors").write_bytes(cfg.config_hash().encode() + Path(out_dir).name.encode())
-        (Path(out_dir) / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\\n")
+        records = [{"step": s, "train/reward/brightness": 0.1 * s, "balance/alpha/brightness": 1.0,
+                    "time/train_s": 0.5} for s in (1, 2, 3, 4)]
+        (Path(out_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in records))
+        summary = {"reward_first": {"brightness": 0.1}, "reward_last": {"brightness": 0.4},
+                   "alpha": {"brightness": [1.0] * 4}, "steps": 4, "train_seconds": 8.0, "skipped_steps": 0}
+        (Path(out_dir) / "train_summary.json").write_text(json.dumps(summary))
         return adapter
 
 
@@ -83,16 +90,33 @@ FAKE_STAGES = textwrap.dedent(
         return out / "metrics.json"
 
 
+    def _passes(cfg):
+        return cfg.eval.gate.max_monitor_shift >= 1.0
+
+
+    def gate(cfg, adapter_dir, eval_dir, out_dir, *, registry_dir=None):
+        passed = _passes(cfg)
+        decision = {"decision": "champion" if passed else "candidate", "passed": passed,
+                    "summary": "passed" if passed else "failed: monitor/saturation: shift", "key": "k",
+                    "checks": [{"rule": "monitor", "subject": "saturation", "passed": passed, "detail": "d"}],
+                    "champion_before": None, "version": None}
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "gate.json").write_text(json.dumps(decision))
+        return decision
+
+
     def register_adapter(cfg, adapter_dir, eval_dir, out_dir, registry_dir=None):
         evaluated = json.loads((Path(eval_dir) / "eval.json").read_text())["lineage"]["adapter_sha256"]
         record = {"adapter_sha256": _sha(Path(adapter_dir) / "pytorch_lora_weights.safetensors"),
-                  "evaluated_sha256": evaluated, "version": 1, "alias": "champion"}
+                  "evaluated_sha256": evaluated, "version": "1", "model_name": "marble-lora",
+                  "gate_passed": _passes(cfg), "gate_summary": "fake", "created": True,
+                  "champion": "1" if _passes(cfg) else None, "candidate": None if _passes(cfg) else "1"}
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "registration.json").write_text(json.dumps(record))
         return record
 
 
-    for _name in ("prepare_prompts", "cache_reward_models", "train", "evaluate", "register_adapter"):
+    for _name in ("prepare_prompts", "cache_reward_models", "train", "evaluate", "gate", "register_adapter"):
         setattr(S, _name, globals()[_name])
     '''
 )
@@ -109,9 +133,18 @@ def fake_stages(tmp_path, monkeypatch):
     return site
 
 
-def test_local_run_wires_all_five_stages(fake_stages, tmp_path):
+def executor_output(run_dir: Path, task: str) -> dict:
+    return json.loads((run_dir / task / "executor_output.json").read_text())
+
+
+def logged_metrics(run_dir: Path, task: str, output: str = "metrics") -> dict:
+    """A Metrics artifact's values: in the task's executor output (kfp writes no file for it)."""
+    return executor_output(run_dir, task)["artifacts"][output]["artifacts"][0]["metadata"]
+
+
+def test_local_run_wires_every_task_and_takes_the_passing_branch(fake_stages, tmp_path):
     cfg = load_config(REPO / "configs" / "tiny.yaml")
-    out = run_local(cfg, pipeline_root=tmp_path / "kfp")
+    out = run_local(cfg, pipeline_root=tmp_path / "kfp", params={"gate_max_monitor_shift": 1.0})
 
     adapter_file = out.adapter / "pytorch_lora_weights.safetensors"
     adapter_sha = hashlib.sha256(adapter_file.read_bytes()).hexdigest()
@@ -124,19 +157,36 @@ def test_local_run_wires_all_five_stages(fake_stages, tmp_path):
     assert out.report_html.read_text().startswith("<html>")
     assert out.report_md.read_text() == "# report"
     assert json.loads(out.metrics.read_text())["gate_preview/passed"] == 1.0
+    # The gate branch: promote ran, record-candidate did not.
+    assert out.decision == "champion"
+    assert out.registration.parent.parent.name == "promote"
+    assert not (out.run_dir / "record-candidate").exists()
+    assert executor_output(out.run_dir, "gate")["parameterValues"]["decision"] == "champion"
+    # The run view: metrics of train, evaluate, gate and the registering branch.
+    assert logged_metrics(out.run_dir, "train") == {
+        "reward/brightness": 0.4, "reward_change/brightness": pytest.approx(0.3), "alpha/brightness": 1.0,
+        "steps": 4.0, "skipped_steps": 0.0, "seconds_per_step": 2.0, "update_seconds_per_step": 0.5,
+    }  # fmt: skip
     # The Metrics artifact's values are in the task's executor output (kfp writes no file for it).
-    executor_output = json.loads((out.run_dir / "evaluate" / "executor_output.json").read_text())
-    logged = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
-    assert logged["delta/brightness"] == 0.25
-    assert logged["gate_preview/passed"] == 1.0
+    assert logged_metrics(out.run_dir, "evaluate")["delta/brightness"] == 0.25
+    assert logged_metrics(out.run_dir, "evaluate")["gate_preview/passed"] == 1.0
+    assert logged_metrics(out.run_dir, "gate")["gate/passed"] == 1.0
+    assert logged_metrics(out.run_dir, "promote")["promoted"] == 1.0
+    report = (out.run_dir / "promote" / "registration_report").read_text()
+    assert "Registered as `champion`" in report and "models:/marble-lora/1" in report
+    ui = json.loads((out.run_dir / "train" / "mlpipeline_ui_metadata").read_text())
+    assert ui["outputs"][0]["type"] == "tensorboard"
+    # The exit handler ran last and recorded success.
+    assert "Run succeeded" in (out.run_dir / "finalize-run" / "run_status").read_text()
     summary = out.summary()
     for path in (out.adapter, out.report_html, out.metrics, out.registration, out.log):
         assert str(path) in summary
 
 
+# With the default gate tolerances the fake gate fails: the record-candidate branch runs.
 TASKS = (
-    "validate-config", "fingerprint-inputs", "prepare-prompts", "cache-reward-models", "train", "evaluate",
-    "register-adapter",
+    "validate-config", "fingerprint-inputs", "prepare-prompts", "cache-reward-models", "train", "evaluate", "gate",
+    "record-candidate", "finalize-run",
 )  # fmt: skip
 
 
@@ -160,6 +210,16 @@ def test_local_run_shows_tasks_and_progress_and_logs_the_rest(fake_stages, tmp_p
     assert sum(line.strip().startswith("train:") for line in log.splitlines()) > len(bars)
 
 
+def test_a_failing_gate_records_a_candidate(fake_stages, tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    out = run_local(cfg, pipeline_root=tmp_path / "kfp", params={"gate_max_monitor_shift": 0.5})
+    assert out.decision == "candidate"
+    assert out.registration.parent.parent.name == "record-candidate"
+    assert not (out.run_dir / "promote").exists()
+    assert logged_metrics(out.run_dir, "record-candidate")["promoted"] == 0.0
+    assert "failed" in (out.run_dir / "gate" / "gate_report").read_text()
+
+
 def test_local_run_reports_a_failing_task(fake_stages, tmp_path, capsys):
     # Make the fake train stage fail: the run must stop with a LocalRunError, not a traceback.
     (fake_stages / "sitecustomize.py").write_text(
@@ -168,9 +228,12 @@ def test_local_run_reports_a_failing_task(fake_stages, tmp_path, capsys):
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     with pytest.raises(LocalRunError, match="failed"):
         run_local(cfg, pipeline_root=tmp_path / "kfp")
-    assert not list((tmp_path / "kfp").glob("*/register-adapter"))
+    (run_dir,) = [p for p in (tmp_path / "kfp").iterdir() if p.name != "logs"]
+    assert not (run_dir / "gate").exists() and not (run_dir / "promote").exists()
     # The failed task's traceback, kept in the log, is shown on the terminal too.
     assert "RuntimeError: boom" in capsys.readouterr().out
+    # The exit handler still ran, after the failure, and recorded it.
+    assert "Run failed" in (run_dir / "finalize-run" / "run_status").read_text()
 
 
 def test_a_bad_run_parameter_fails_the_first_task_naming_the_field(fake_stages, tmp_path, capfd):
@@ -190,10 +253,27 @@ def test_locate_outputs_names_what_is_missing(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_local_run_on_the_tiny_config(tmp_path):
-    """What `make demo` does: the real five stages, tiny world, SubprocessRunner."""
+@pytest.mark.parametrize(
+    ("params", "decision"),
+    [
+        # Loose tolerances: only the improvement check (a trained reward's CI above 0) can stop it.
+        (
+            {
+                "gate_max_regression": 100.0,
+                "gate_max_held_out_regression": 100.0,
+                "gate_max_monitor_shift": 100.0,
+            },
+            "champion",
+        ),
+        # No monitor may move at all: any trained adapter changes the images, so the gate fails.
+        ({"gate_max_monitor_shift": 0.0, "epochs": 10}, "candidate"),
+    ],
+    ids=["gate-passes", "gate-fails"],
+)
+def test_real_local_run_on_the_tiny_config(tmp_path, params, decision):
+    """What `make demo` does: the real stages, tiny world, SubprocessRunner, through each gate branch."""
     cfg = load_config(REPO / "configs" / "tiny.yaml")
-    out = run_local(cfg, pipeline_root=tmp_path / "kfp")
+    out = run_local(cfg, pipeline_root=tmp_path / "kfp", params=params)
     adapter_file = out.adapter / "pytorch_lora_weights.safetensors"
     assert adapter_file.stat().st_size > 0
     assert out.report_html.stat().st_size > 1000
@@ -202,3 +282,11 @@ def test_real_local_run_on_the_tiny_config(tmp_path):
     evaluated = json.loads((out.evaluation / "eval.json").read_text())["lineage"]["adapter_sha256"]
     # The registry key starts with the sha256 of the adapter that evaluate scored: the trained one.
     assert record["key"].startswith(evaluated + ":")
+    gate = json.loads((out.run_dir / "gate" / "gate_decision" / "gate.json").read_text())
+    assert gate["decision"] == decision == out.decision, gate["summary"]
+    branch = "promote" if decision == "champion" else "record-candidate"
+    assert out.registration.parent.parent.name == branch
+    assert record["gate_passed"] is (decision == "champion")
+    assert (record["champion"] is not None) is (decision == "champion")
+    assert logged_metrics(out.run_dir, "train")["steps"] > 0
+    assert "Run succeeded" in (out.run_dir / "finalize-run" / "run_status").read_text()

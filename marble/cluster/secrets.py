@@ -14,6 +14,8 @@ from typing import Any
 HF_TOKEN_KEY = "HF_TOKEN"
 DVC_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MLFLOW_TOKEN_KEY = "MLFLOW_TRACKING_TOKEN"
+REGISTRY_TASKS = ("gate", "promote", "record-candidate")
+"""The tasks that talk to the model registry."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,9 @@ def task_secrets(cfg: Any) -> dict[str, list[SecretEnv]]:
         dvc = SecretEnv(p.dvc_secret, DVC_KEYS)
         for task in ("fingerprint-inputs", "prepare-prompts"):
             out.setdefault(task, []).append(dvc)
-    if p.registry_token_secret:
-        out["register-adapter"] = [SecretEnv(p.registry_token_secret, (registry_token_key(cfg),))]
+    if p.registry_token_secret:  # the gate reads the champion, its two branches register
+        for task in REGISTRY_TASKS:
+            out[task] = [SecretEnv(p.registry_token_secret, (registry_token_key(cfg),))]
     if p.reward_token_secret and cfg.reward_token_envs:  # the http rewards' bearer tokens, never in URLs
         rewards = SecretEnv(p.reward_token_secret, tuple(cfg.reward_token_envs))
         for task in ("train", "evaluate"):

@@ -79,6 +79,18 @@ def _check_adapter(adapter_dir: Path) -> None:
         raise RegistryError(f"{adapter_dir}: no {ADAPTER_FILE}; expected an exported adapter directory")
 
 
+def check_evaluated(summary: EvalSummary, adapter_dir: Path, eval_dir: Path) -> str:
+    """The adapter's sha256, after checking the evaluation in `eval_dir` scored exactly this adapter."""
+    sha = adapter_sha256(adapter_dir)
+    evaluated = summary.lineage.adapter_sha256
+    if evaluated != sha:
+        raise RegistryError(
+            f"{eval_dir / 'eval.json'}: evaluated adapter sha256 {evaluated} but {adapter_dir} has {sha}; "
+            "re-run `marble evaluate` on this adapter"
+        )
+    return sha
+
+
 def _tags(summary: EvalSummary, metrics: dict[str, float], sha: str, rid: str) -> dict[str, str]:
     lin = summary.lineage
     rewards = lin.reward_models.model_dump(mode="json")["rewards"]
@@ -110,13 +122,7 @@ def register_adapter(
     _check_adapter(adapter_dir)
     summary = EvalSummary.load(eval_dir / "eval.json")
     metrics = {k: v for k, v in summary.flat_metrics().items() if v is not None}
-    sha = adapter_sha256(adapter_dir)
-    evaluated = summary.lineage.adapter_sha256
-    if evaluated != sha:
-        raise RegistryError(
-            f"{eval_dir / 'eval.json'}: evaluated adapter sha256 {evaluated} but {adapter_dir} has {sha}; "
-            "re-run `marble evaluate` on this adapter"
-        )
+    sha = check_evaluated(summary, adapter_dir, eval_dir)
     rid = run_id(cfg)
     key = f"{sha}:{rid}"
     registry = open_registry(cfg, Path(registry_dir) if registry_dir else out_dir)
