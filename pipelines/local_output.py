@@ -44,6 +44,7 @@ class RunOutput(io.TextIOBase):
         self._started: dict[str, float] = {}
         self._bar_open = False
         self._bar_quarter: dict[str, int] = {}
+        self.failed_tail: list[str] = []
 
     def writable(self) -> bool:
         return True
@@ -73,6 +74,9 @@ class RunOutput(io.TextIOBase):
             self._started[start[1]] = time.perf_counter()
             self._show(f"{time.strftime('%H:%M:%S')} start  {start[1]}")
         elif end := TASK_END.search(line):
+            if end[2] == "FAILURE" and not self.failed_tail:
+                # The exit handler's task runs after a failure: keep the failed task's own last lines.
+                self.failed_tail = list(self.tail)
             seconds = time.perf_counter() - self._started.get(end[1], time.perf_counter())
             self._show(f"{time.strftime('%H:%M:%S')} end    {end[1]}: {end[2]} in {seconds:.0f} s")
 
@@ -95,9 +99,10 @@ class RunOutput(io.TextIOBase):
         self.terminal.flush()
 
     def show_tail(self) -> None:
-        """Print the last lines the run wrote (called when the run failed)."""
-        self._show(f"--- last {len(self.tail)} lines of the run's output ---")
-        for line in self.tail:
+        """Print the last lines the first failed task wrote, else the run's last lines (on failure)."""
+        lines = self.failed_tail or list(self.tail)
+        self._show(f"--- last {len(lines)} lines of the run's output ---")
+        for line in lines:
             self._show(line)
 
 
