@@ -50,16 +50,17 @@ def run_train_task(
             lock=lock,
             reward_cache_sha256=reward_cache_sha256,
         )
-    elif plan.kind == "accelerate":
+    else:
+        if plan.kind == "pytorchjob":  # the replicas read their inputs from the PVC
+            prompts_dir = _share_prompts(prompts_dir, run_dir)
         config = _write_config(cfg, run_dir, lock)
         argv = plan.train_argv(
             str(config), str(prompts_dir), reward_cache, str(train_dir), reward_cache_sha256
         )
-        _run_launcher(argv)
-    else:
-        _run_pytorchjob(
-            cfg, plan, prompts_dir, reward_cache, run_dir, run_id, job_api, lock, reward_cache_sha256
-        )
+        if plan.kind == "accelerate":
+            _run_launcher(argv)
+        else:
+            _run_pytorchjob(cfg, plan, argv, run_id, job_api)
     if not (train_dir / "adapter").is_dir():
         raise LaunchError(f"training finished but wrote no adapter under {train_dir}")
     return train_dir
@@ -112,30 +113,22 @@ def _run_launcher(argv: list[str]) -> None:
         )
 
 
+def _share_prompts(prompts_dir: Path, run_dir: Path) -> Path:
+    """The prompts artifact copied next to the run's config on the PVC (what every replica mounts)."""
+    shared = run_dir / "prompts"
+    if shared.resolve() != Path(prompts_dir).resolve():
+        shutil.rmtree(shared, ignore_errors=True)
+        shutil.copytree(prompts_dir, shared)
+    return shared
+
+
 def _run_pytorchjob(
-    cfg: Any,
-    plan: LaunchPlan,
-    prompts_dir: Path,
-    reward_cache: str | None,
-    run_dir: Path,
-    run_id: str,
-    job_api: Callable[[], Any] | None,
-    lock: Any = None,
-    reward_cache_sha256: str | None = None,
+    cfg: Any, plan: LaunchPlan, command: list[str], run_id: str, job_api: Callable[[], Any] | None
 ) -> None:
     from marble.cluster.jobrun import JobRunner
     from marble.cluster.kubeapi import JobApi, current_namespace
     from marble.cluster.pytorchjob import build_job, job_name
 
-    # The replicas read their inputs from the PVC: copy the prompts artifact next to the config.
-    shared_prompts = run_dir / "prompts"
-    if shared_prompts.resolve() != Path(prompts_dir).resolve():
-        shutil.rmtree(shared_prompts, ignore_errors=True)
-        shutil.copytree(prompts_dir, shared_prompts)
-    config = _write_config(cfg, run_dir, lock)
-    command = plan.train_argv(
-        str(config), str(shared_prompts), reward_cache, str(run_dir / "train"), reward_cache_sha256
-    )
     api = job_api() if job_api else JobApi(current_namespace())
     job = build_job(cfg, plan, name=job_name(run_id), namespace=api.namespace, run_id=run_id, command=command)
     with _sigterm_sets(threading.Event()) as cancelled:
