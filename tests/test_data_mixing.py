@@ -114,6 +114,23 @@ def test_adding_a_family_does_not_reshuffle_the_others():
     assert {r.id for r in t_ab} == {r.id for r in t_abc if r.family != "c"}
 
 
+def test_split_balances_named_colours_and_positions_within_a_family():
+    colours = ["red", "green", "blue", "cyan"]
+    recs = [
+        PromptRecord.create(f"a {c} {shape}" + (f" on the {side}" if side else ""), "color")
+        for c in colours
+        for shape, side in (("ring", None), ("square", "left"), ("cross", "right"), ("circle", None))
+    ]  # 16: each colour 4 times, each side 4 times
+    for seed in range(5):
+        train, test = stratified_split(recs, 0.25, seed=seed)
+        assert len(test) == 4
+        assert Counter(c for r in test for c in colours if f" {c} " in r.prompt) == dict.fromkeys(colours, 1)
+        assert Counter(side for r in test for side in ("left", "right") if side in r.prompt) == {
+            "left": 1,
+            "right": 1,
+        }
+
+
 def test_small_families_keep_one_prompt_on_each_side():
     train, test = stratified_split(_records({"a": 2, "b": 1}), 0.1, seed=0)
     assert Counter(r.family for r in test) == {"a": 1}

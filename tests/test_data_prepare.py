@@ -72,6 +72,24 @@ def test_tiny_prepare_writes_split_files_and_manifest(tmp_path):
         assert m["files"][name]["sha256"] == hashlib.sha256(blob).hexdigest()
 
 
+def test_tiny_split_names_every_colour_and_position_equally_often_on_each_side(tmp_path):
+    """A global image change cannot pass for conditioning: each split names every palette colour (and
+    every position) equally often, so the zero-sum colour and position rewards average to 0 on each
+    split for any image that ignores its prompt (tests/test_rewards_offline.py)."""
+    from collections import Counter
+
+    from marble.data.tiny_world import PALETTE, POSITIONS, named_colors, named_position
+
+    for seed in (0, 1):
+        stages.prepare_prompts(_tiny(f"data.split_seed={seed}"), tmp_path / f"p{seed}")
+        for name, per_colour, per_position in (("train.jsonl", 3, 3), ("test.jsonl", 1, 1)):
+            recs = read_prompt_records(tmp_path / f"p{seed}" / name)
+            colours = Counter(c for r in recs for c in named_colors(r.prompt))
+            positions = Counter(named_position(r.prompt) for r in recs if named_position(r.prompt))
+            assert colours == dict.fromkeys(PALETTE, per_colour), (seed, name, colours)
+            assert positions == dict.fromkeys(POSITIONS, per_position), (seed, name, positions)
+
+
 def test_prepare_is_deterministic_byte_for_byte(tmp_path):
     prepare_prompts(_tiny(), tmp_path / "a")
     prepare_prompts(_tiny(), tmp_path / "b")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 
 from marble.config import DataConfig
 from marble.data.records import PromptRecord
 from marble.data.sources import RawPrompt
+from marble.data.tiny_world import named_colors, named_position
 from marble.data.tokens import estimate_tokens, token_limit, truncate_to_tokens
 from marble.data.validation import data_error
 
@@ -86,17 +87,52 @@ def _family_rng(seed: int, family: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+def scored_attributes(prompt: str) -> tuple[str, ...]:
+    """The attribute values a prompt names that specialist rewards score ("color:red", "position:left").
+
+    The split balances them so that an image change that ignores the prompt cannot pass for following
+    it: with every colour (position) equally often on each side, the tiny world's zero-sum colour and
+    position rewards average to zero on each side for any such change (docs/tiny-world.md).
+    """
+    colors = tuple(f"color:{c}" for c in dict.fromkeys(named_colors(prompt)))
+    position = named_position(prompt)
+    return colors + ((f"position:{position}",) if position else ())
+
+
+def _balanced_pick(ids: list[str], attrs: dict[str, tuple[str, ...]], n_test: int) -> list[str]:
+    """`n_test` of `ids` (in their given, shuffled order) whose attribute counts follow the family's.
+
+    Greedy on the squared gap between each attribute's test count and its share (count in the family
+    x n_test / n): each pick takes the first id whose attributes reduce it most (picking attribute a
+    changes the gap by 1 - 2 (share_a - count_a)). Ids without attributes all score 0, so a family
+    without any takes the first n_test ids, exactly as a plain shuffled split would.
+    """
+    total: Counter[str] = Counter(a for i in ids for a in attrs[i])
+    share = {a: c * n_test / len(ids) for a, c in total.items()}
+    picked: Counter[str] = Counter()
+    remaining, chosen = list(ids), []
+    for _ in range(n_test):
+        gain = [sum(2 * (share[a] - picked[a]) - 1 for a in attrs[i]) for i in remaining]
+        best = max(range(len(remaining)), key=lambda k: (gain[k], -k))
+        chosen.append(remaining.pop(best))
+        picked.update(attrs[chosen[-1]])
+    return chosen
+
+
 def stratified_split(
     records: Sequence[PromptRecord], test_fraction: float, seed: int
 ) -> tuple[list[PromptRecord], list[PromptRecord]]:
-    """Split per family: round(n * test_fraction) prompts of each family go to test.
+    """Split per family: round(n * test_fraction) prompts of each family go to test, balanced within the
+    family on `scored_attributes` (each named colour and position on each side in proportion).
 
     A family with at least two prompts keeps at least one on each side when `test_fraction > 0`.
     Deterministic in (records, test_fraction, seed); both halves keep the input order.
     """
     by_family: dict[str, list[str]] = defaultdict(list)
+    attrs: dict[str, tuple[str, ...]] = {}
     for r in records:
         by_family[r.family].append(r.id)
+        attrs[r.id] = scored_attributes(r.prompt)
     test_ids: set[str] = set()
     for family in sorted(by_family):
         ids = sorted(by_family[family])  # input order must not matter, only the set of ids
@@ -105,7 +141,7 @@ def stratified_split(
         if test_fraction > 0 and n >= 2:
             n_test = min(max(n_test, 1), n - 1)
         _family_rng(seed, family).shuffle(ids)
-        test_ids.update(ids[:n_test])
+        test_ids.update(_balanced_pick(ids, attrs, n_test))
     train = [r for r in records if r.id not in test_ids]
     test = [r for r in records if r.id in test_ids]
     return train, test

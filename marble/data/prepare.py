@@ -124,7 +124,7 @@ def build_manifest(
         "split": {
             "test_fraction": cfg.data.test_fraction,
             "seed": cfg.data.split_seed,
-            "stratified_by": "family",
+            "stratified_by": "family, then named colour and position (balanced per family)",
         },
         "token_limit": {
             "max_tokens": limit.max_tokens,
