@@ -242,7 +242,7 @@ class NFTConfig(StrictModel):
 
 
 # ------------------------------------------------------------------------------------------ rewards
-ApplicabilityRule = Literal["always", "quoted_text", "named_color", "geneval_metadata"]
+ApplicabilityRule = Literal["always", "quoted_text", "named_color", "named_position", "geneval_metadata"]
 """Names of the rules deciding which prompts a reward scores (marble/data/applicability.py implements each)."""
 
 
@@ -292,6 +292,12 @@ class EdgeDetailReward(_RewardBase):
     kind: Literal["edge_detail"] = "edge_detail"
     implementation = "marble.rewards.offline:EdgeDetailScorer"
     applicability = "quoted_text"
+
+
+class PositionMatchReward(_RewardBase):
+    kind: Literal["position_match"] = "position_match"
+    implementation = "marble.rewards.offline:PositionMatchScorer"
+    applicability = "named_position"
 
 
 class _HubModelReward(_RewardBase):
@@ -452,6 +458,7 @@ REWARD_SPECS: tuple[type[_RewardBase], ...] = (
     JpegCompressibilityReward,
     ColorMatchReward,
     EdgeDetailReward,
+    PositionMatchReward,
     PickScoreReward,
     ClipScoreReward,
     HPSv21Reward,

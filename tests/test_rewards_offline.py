@@ -13,13 +13,23 @@ from marble.config import (
     ColorMatchReward,
     EdgeDetailReward,
     JpegCompressibilityReward,
+    PositionMatchReward,
 )
 from marble.configio import load_config
-from marble.data.tiny_world import PALETTE, generate_prompts
+from marble.data.tiny_world import PALETTE, POSITIONS, generate_prompts
 from marble.errors import RewardError
 from marble.rewards import RewardOutput, build_reward, build_rewards, score_all
 from marble.rewards.base import BaseReward, Reward
-from marble.rewards.offline import COLOR_SIGMA, colorfulness, edge_detail, jpeg_compressibility
+from marble.rewards.offline import (
+    COLOR_SIGMA,
+    color_match,
+    colorfulness,
+    edge_detail,
+    jpeg_compressibility,
+    object_centroid,
+    palette_match,
+    position_match,
+)
 
 
 def solid(rgb, n=1, size=16) -> torch.Tensor:
@@ -73,20 +83,87 @@ def test_jpeg_compressibility_prefers_flat_images_and_is_deterministic():
     assert r(noise, ["x"], [{}]).scores[0].item() == a[1].item()
 
 
-def test_color_match_scores_the_named_colour_and_is_nan_elsewhere():
+def _kernel(a, b) -> float:
+    return math.exp(-sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / (2 * COLOR_SIGMA**2))
+
+
+def on_black(rgb, n=1, size=16, side=6) -> torch.Tensor:
+    """A black image with a `side` x `side` square of `rgb` in a corner: the square is all the content."""
+    img = torch.zeros(n, 3, size, size)
+    img[:, :, :side, :side] = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1)
+    return img
+
+
+def test_color_match_is_named_minus_other_palette_colours_and_nan_elsewhere():
     r = build_reward(ColorMatchReward(name="cm"))
-    red = solid(PALETTE["red"], n=3)
+    red = on_black(PALETTE["red"], n=3)
     out = r(red, ["a red circle", "a blue circle", "a large circle"], [{}] * 3).scores
-    assert out[0].item() == pytest.approx(1.0)
-    d2 = sum((a - b) ** 2 for a, b in zip(PALETTE["red"], PALETTE["blue"], strict=True))
-    assert out[1].item() == pytest.approx(math.exp(-d2 / (2 * COLOR_SIGMA**2)), rel=1e-5)
+    others = [c for c in PALETTE if c != "red"]
+    # a red object: 1 for red, k(red, c) for every other palette colour c (the background weighs 0)
+    assert out[0].item() == pytest.approx(1 - sum(_kernel(PALETTE["red"], PALETTE[c]) for c in others) / 7)
+    not_blue = [c for c in PALETTE if c != "blue"]
+    expected_blue = (
+        _kernel(PALETTE["red"], PALETTE["blue"])
+        - sum(_kernel(PALETTE["red"], PALETTE[c]) for c in not_blue) / 7
+    )
+    assert out[1].item() == pytest.approx(expected_blue, rel=1e-6)
     assert math.isnan(out[2].item())
-    # half the pixels red, half black: black is far from red, so about half the score
-    img = torch.cat([solid(PALETTE["red"], size=8), solid((0, 0, 0), size=8)], dim=3)
-    half = r(img, ["a red square"], [{}]).scores[0].item()
-    d2_black = sum(c**2 for c in PALETTE["red"])
-    assert half == pytest.approx(0.5 + 0.5 * math.exp(-d2_black / (2 * COLOR_SIGMA**2)), rel=1e-5)
+    # an image's scores under the 8 colour names sum to zero (a prompt-blind change averages to 0)
+    names = [f"a {c} circle" for c in PALETTE]
+    assert sum(r(red[:1].expand(8, -1, -1, -1), names, [{}] * 8).scores.tolist()) == pytest.approx(
+        0, abs=1e-12
+    )
+    # a flat image has no content: 0 under every name, however close its tint is to the named colour
+    assert r(solid(PALETTE["red"]), ["a red square"], [{}]).scores[0].item() == 0.0
     assert r.applies_to("a cyan ring", {}) and not r.applies_to("a redundant ring", {})
+
+
+def test_palette_match_and_color_match_hand_computed():
+    # content = the green square; its pixels weigh |green - black|, the black background 0
+    img = on_black(PALETTE["green"])
+    expected = [_kernel(PALETTE["green"], rgb) for rgb in PALETTE.values()]
+    assert palette_match(img)[0].tolist() == pytest.approx(expected, rel=1e-6)
+    named = torch.zeros(1, len(PALETTE), dtype=torch.bool)
+    named[0, [0, 2]] = True  # red and blue named: their mean minus the other six's mean
+    want = (expected[0] + expected[2]) / 2 - sum(e for k, e in enumerate(expected) if k not in (0, 2)) / 6
+    assert color_match(img, named)[0].item() == pytest.approx(want, rel=1e-6)
+
+
+def _dot(size: int, row: int, col: int) -> torch.Tensor:
+    """A black `size` x `size` image with one white pixel."""
+    img = torch.zeros(1, 3, size, size)
+    img[..., row, col] = 1.0
+    return img
+
+
+def test_position_match_hand_computed_and_nan_elsewhere():
+    # 4 x 4, white pixel at row 1, column 0: background (median) black, so the centroid is the pixel's
+    # centre x = (0 + 0.5) / 4 * 2 - 1 = -0.75, y = (1 + 0.5) / 4 * 2 - 1 = -0.25
+    img = _dot(4, 1, 0)
+    assert object_centroid(img)[0].tolist() == pytest.approx([-0.75, -0.25])
+    r = build_reward(PositionMatchReward(name="pos"))
+    prompts = ["a red circle on the left", "a red circle on the right", "a red circle at the top",
+               "a red circle at the bottom", "a red circle"]  # fmt: skip
+    out = r(img.expand(5, -1, -1, -1), prompts, [{}] * 5).scores
+    assert out[:4].tolist() == pytest.approx([0.75, -0.75, 0.25, -0.25])
+    assert math.isnan(out[4].item())
+    assert position_match(solid((0.3, 0.3, 0.3)), torch.tensor([0]))[0].item() == 0.0  # flat: no content
+    # two pixels, weights 1 (grey 0.5 step on all channels: sqrt(0.75)) and sqrt(3): a weighted centroid
+    two = _dot(4, 0, 3)
+    two[..., 3, 3] = 0.5
+    w1, w2 = math.sqrt(3.0), math.sqrt(0.75)
+    assert object_centroid(two)[0].tolist() == pytest.approx([0.75, (w1 * -0.75 + w2 * 0.75) / (w1 + w2)])
+
+
+def test_colour_and_position_rewards_are_zero_sum_over_their_attribute():
+    """Any image's scores under the 8 colour names (4 positions) sum to zero, so a change that ignores the
+    prompt cannot raise their mean over prompts that name every colour (position) equally often."""
+    imgs = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cm = build_reward(ColorMatchReward(name="cm"))
+    pm = build_reward(PositionMatchReward(name="pos"))
+    colour_total = sum(cm(imgs, [f"a {c} ring"] * 5, [{}] * 5).scores for c in PALETTE)
+    position_total = sum(pm(imgs, [f"a red ring on the {p}"] * 5, [{}] * 5).scores for p in POSITIONS)
+    assert colour_total.abs().max().item() < 1e-12 and position_total.abs().max().item() < 1e-12
 
 
 def test_edge_detail_hand_computed_and_specialist():
@@ -100,11 +177,11 @@ def test_edge_detail_hand_computed_and_specialist():
 
 def test_batching_over_applicable_images_matches_one_batch():
     g = torch.Generator().manual_seed(1)
-    imgs = torch.rand(7, 3, 16, 16, generator=g)
-    prompts = [p for p, _ in generate_prompts(7, seed=3)]
-    for spec_cls in (ColorMatchReward, EdgeDetailReward, ColorfulnessReward):
-        one = build_reward(spec_cls(name="x", batch_size=64))(imgs, prompts, [{}] * 7).scores
-        many = build_reward(spec_cls(name="x", batch_size=2))(imgs, prompts, [{}] * 7).scores
+    imgs = torch.rand(12, 3, 16, 16, generator=g)
+    prompts = [p for p, _ in generate_prompts(12, seed=3)]
+    for spec_cls in (ColorMatchReward, PositionMatchReward, EdgeDetailReward, ColorfulnessReward):
+        one = build_reward(spec_cls(name="x", batch_size=64))(imgs, prompts, [{}] * 12).scores
+        many = build_reward(spec_cls(name="x", batch_size=2))(imgs, prompts, [{}] * 12).scores
         assert torch.equal(one.isnan(), many.isnan())
         torch.testing.assert_close(one.nan_to_num(-1), many.nan_to_num(-1))
 
@@ -126,6 +203,9 @@ def test_score_all_on_tiny_config_columns_and_nan_pattern():
             assert torch.equal(col.isnan(), torch.tensor([f != "color" for f in fam]))
         elif name == "edge_detail":
             assert torch.equal(col.isnan(), torch.tensor([f != "text" for f in fam]))
+        elif name == "position_match":
+            positional = [" on the " in p or " at the " in p for p in prompts]
+            assert torch.equal(col.isnan(), torch.tensor([not x for x in positional])) and any(positional)
         else:
             assert torch.isfinite(col).all(), name
 

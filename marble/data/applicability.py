@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from marble.config import REWARD_SPEC_BY_KIND
-from marble.data.tiny_world import named_colors, quoted_text
+from marble.data.tiny_world import named_colors, named_position, quoted_text
 
 
 def always(prompt: str, metadata: Mapping[str, Any]) -> bool:
@@ -36,6 +36,11 @@ def has_palette_color(prompt: str, metadata: Mapping[str, Any]) -> bool:
     return bool(named_colors(prompt))
 
 
+def has_position(prompt: str, metadata: Mapping[str, Any]) -> bool:
+    """The tiny world's position reward needs a POSITIONS word (left/right/top/bottom, whole word)."""
+    return named_position(prompt) is not None
+
+
 def has_geneval_metadata(prompt: str, metadata: Mapping[str, Any]) -> bool:
     """GenEval scores only prompts that carry its metadata: a non-empty `include` list of objects."""
     include = metadata.get("include")
@@ -46,6 +51,7 @@ RULES: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
     "always": always,
     "quoted_text": has_quoted_text,
     "named_color": has_palette_color,
+    "named_position": has_position,
     "geneval_metadata": has_geneval_metadata,
 }
 """Applicability rules by name (the names `http` rewards choose from with `applies_when`)."""

@@ -65,6 +65,8 @@ GOLDENS: tuple[Golden, ...] = (
            ((230, 230, 230), [("rect", BLACK, (36, 0, 44, 128)), ("rect", BLACK, (84, 0, 92, 128))])),
     Golden("a purple square", {}, (WHITE, [("rect", _rgb("purple"), (16, 16, 112, 112))])),
     Golden("a small circle in the middle", {}, (GREY, [])),
+    Golden("a green circle on the left", {}, (BLACK, [("ellipse", _rgb("green"), (8, 40, 56, 88))])),
+    Golden("an orange square at the bottom", {}, ((20, 20, 20), [("rect", _rgb("orange"), (44, 76, 84, 116))])),
 )  # fmt: skip
 """The golden set: prompt, GenEval metadata (or {}), and how to draw the image."""
 

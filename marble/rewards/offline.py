@@ -2,8 +2,14 @@
 
 Mirrors the paper's specialist structure (ARCHITECTURE.md, "The tiny world"):
 - general rewards, applying to every prompt: brightness, colorfulness, JPEG compressibility;
-- specialists returning NaN elsewhere: colour match (prompts naming a PALETTE colour, GenEval-like) and
-  edge detail (prompts with quoted text, OCR-like).
+- specialists returning NaN elsewhere: colour match (prompts naming a PALETTE colour, GenEval-like),
+  position match (prompts naming a POSITIONS word) and edge detail (prompts with quoted text, OCR-like).
+
+The colour and position specialists are zero-sum over their attribute: for ANY image, the scores it gets
+under the 8 colour names (or the 4 positions) sum to zero. So an image that ignores its prompt scores 0
+on average over a split whose prompts name every colour (position) equally often (what `marble prepare`
+makes of the tiny world), and these rewards can rise on such a split only by following the prompt
+(docs/tiny-world.md).
 
 Every score function here is pure: images `[N, 3, H, W]` in [0, 1] -> scores `[N]`.
 """
@@ -17,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from marble.data.tiny_world import PALETTE, named_colors
+from marble.data.tiny_world import PALETTE, POSITIONS, named_colors, named_position
 from marble.images import to_uint8_hwc
 from marble.rewards.base import BaseReward
 
@@ -28,6 +34,10 @@ COLOR_SIGMA = 0.3
 """[ours] Width of the RGB-distance kernel of the colour-match reward: wide enough that a pixel half-way
 to the named colour still scores (a useful signal for early, muddy samples), narrow enough that other
 palette colours score low (the closest palette pair, red/orange, is 0.43 apart -> 0.36)."""
+
+PALETTE_RGB = torch.tensor(list(PALETTE.values()), dtype=torch.float64)  # [P, 3]
+POSITION_AXES = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]], dtype=torch.float64)
+"""(x, y) unit vector of each of POSITIONS (left, right, top, bottom); image y grows downwards."""
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -71,16 +81,69 @@ def jpeg_compressibility(images: Tensor, quality: int = 95) -> Tensor:
     return torch.tensor(sizes, dtype=torch.float64)  # [N]
 
 
-def color_match(images: Tensor, colors: Tensor, sigma: float = COLOR_SIGMA) -> Tensor:
-    """Soft fraction of pixels close to a target colour: mean over pixels of exp(-|p - c|² / (2σ²)).
+def content_weights(images: Tensor) -> Tensor:
+    """How much each pixel is content rather than background: its RGB distance from the image's median
+    colour (the background: an object covers less than half). `[N, 3, H, W]` -> `[N, H, W]`, >= 0."""
+    x = images.double()
+    background = x.flatten(2).median(dim=2).values[..., None, None]  # [N, 3, 1, 1]
+    return ((x - background) ** 2).sum(dim=1).sqrt()
 
-    images `[N, 3, H, W]`, colors `[N, 3]` (one target RGB per image) -> `[N]` in [0, 1]; 1 means every
-    pixel is exactly the named colour.
+
+def palette_match(images: Tensor, sigma: float = COLOR_SIGMA) -> Tensor:
+    """How much of the image's content lies near each palette colour: the mean over pixels, weighted by
+    `content_weights`, of exp(-|p - c|² / (2σ²)).
+
+    images `[N, 3, H, W]` -> `[N, P]` in [0, 1], columns in PALETTE order; 1 means all content is exactly
+    that colour, and a flat image (no content) scores 0 everywhere. Weighting by content makes the score
+    about the object, not about the background's tint (a dark background drawn slightly green is
+    within the kernel of green and would otherwise outweigh a red object a quarter of its size).
     """
     x = images.double()
-    c = colors.to(x).view(-1, 3, 1, 1)
-    d2 = ((x - c) ** 2).sum(dim=1)  # [N, H, W]
-    return torch.exp(-d2 / (2 * sigma**2)).mean(dim=(1, 2))  # [N]
+    w = content_weights(x)  # [N, H, W]
+    c = PALETTE_RGB.to(x.device).view(1, -1, 3, 1, 1)  # [1, P, 3, 1, 1]
+    k = torch.exp(-((x.unsqueeze(1) - c) ** 2).sum(dim=2) / (2 * sigma**2))  # [N, P, H, W]
+    total = w.sum(dim=(1, 2)).clamp_min(1e-12)  # [N]
+    return (k * w.unsqueeze(1)).sum(dim=(2, 3)) / total.unsqueeze(1)  # [N, P]
+
+
+def color_match(images: Tensor, named: Tensor, sigma: float = COLOR_SIGMA) -> Tensor:
+    """How much more of the image's content shows the named palette colour(s) than the other palette
+    colours: mean of `palette_match` over the named colours minus its mean over the others.
+
+    images `[N, 3, H, W]`, named `[N, P]` bool -> `[N]` in [-1, 1]. With one named colour the scores of an
+    image under the P names sum to zero.
+    """
+    match = palette_match(images, sigma)  # [N, P]
+    on = named.to(match.device, torch.bool)
+    named_mean = (match * on).sum(dim=1) / on.sum(dim=1).clamp_min(1)  # [N]
+    other_mean = (match * ~on).sum(dim=1) / (~on).sum(dim=1).clamp_min(1)  # [N]; 0 if all named
+    return named_mean - other_mean
+
+
+def object_centroid(images: Tensor) -> Tensor:
+    """Where the image's content lies: the centroid `[N, 2]` (x, y) in [-1, 1] of the pixels weighted by
+    `content_weights`. Pixel centres are at ±(1 - 1/W) at the borders; y grows downwards. A flat image
+    has centroid (0, 0)."""
+    x = images.double()
+    _, _, h, w = x.shape
+    weight = content_weights(x)  # [N, H, W]
+    ys = (torch.arange(h, dtype=x.dtype, device=x.device) + 0.5) / h * 2 - 1  # [H]
+    xs = (torch.arange(w, dtype=x.dtype, device=x.device) + 0.5) / w * 2 - 1  # [W]
+    total = weight.sum(dim=(1, 2)).clamp_min(1e-12)  # [N]
+    cx = (weight * xs.view(1, 1, w)).sum(dim=(1, 2)) / total
+    cy = (weight * ys.view(1, h, 1)).sum(dim=(1, 2)) / total
+    return torch.stack([cx, cy], dim=1)  # [N, 2]
+
+
+def position_match(images: Tensor, positions: Tensor) -> Tensor:
+    """How far the image's content lies towards the named side: `object_centroid` projected on the
+    direction of POSITIONS[positions] (left = -x, top = -y).
+
+    images `[N, 3, H, W]`, positions `[N]` long indices into POSITIONS -> `[N]` in [-1, 1]; the scores of
+    an image under the 4 positions sum to zero.
+    """
+    axes = POSITION_AXES.to(images.device)[positions.to(images.device)]  # [N, 2]
+    return (object_centroid(images) * axes).sum(dim=1)
 
 
 def edge_detail(images: Tensor) -> Tensor:
@@ -123,21 +186,28 @@ class JpegCompressibilityScorer(BaseReward):
 
 
 class ColorMatchScorer(BaseReward):
-    """Specialist: how much of the image shows the colour(s) the prompt names; NaN without one.
+    """Specialist: how much more of the image's content shows the colour(s) the prompt names than the
+    other palette colours (`color_match`); NaN for prompts naming none."""
 
-    With several named colours the score is the mean over them (each should be present).
-    """
-
-    score_range = (0.0, 1.0)  # applies to prompts naming a PALETTE colour (rule "named_color")
+    score_range = (-1.0, 1.0)  # applies to prompts naming a PALETTE colour (rule "named_color")
 
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
-        out = torch.zeros(images.shape[0], dtype=torch.float64)  # [n]
+        names = list(PALETTE)
+        named = torch.zeros(len(prompts), len(names), dtype=torch.bool)  # [n, P]
         for i, prompt in enumerate(prompts):
-            names = list(dict.fromkeys(named_colors(prompt)))
-            targets = torch.tensor([PALETTE[c] for c in names], dtype=torch.float64)  # [C, 3]
-            reps = images[i : i + 1].expand(len(names), -1, -1, -1)  # [C, 3, H, W]
-            out[i] = color_match(reps, targets).mean()
-        return out
+            named[i, [names.index(c) for c in named_colors(prompt)]] = True
+        return color_match(images, named)
+
+
+class PositionMatchScorer(BaseReward):
+    """Specialist: how far the image's content lies towards the side the prompt names (`position_match`);
+    NaN for prompts naming no position."""
+
+    score_range = (-1.0, 1.0)  # applies to prompts naming a POSITIONS word (rule "named_position")
+
+    def _score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Tensor:
+        positions = torch.tensor([POSITIONS.index(named_position(p)) for p in prompts], dtype=torch.long)
+        return position_match(images, positions)
 
 
 class EdgeDetailScorer(BaseReward):
