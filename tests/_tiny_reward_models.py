@@ -142,7 +142,9 @@ def save_tiny_owlv2(out_dir: Path, seed: int = 0, image_size: int = 32) -> Path:
 
     torch.manual_seed(seed)
     tok = tiny_clip_tokenizer()
-    tok.model_max_length = 16  # as the published OWLv2 tokenizer: the processor pads queries to it
+    # The published OWLv2 tokenizer pads queries to 16 BPE tokens; this tokenizer spells characters, so
+    # "a photo of a triangle" takes 23 of them: 32 positions keep every tiny-world query whole.
+    tok.model_max_length = 32
     text = dict(
         vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=tok.model_max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,

@@ -1,11 +1,18 @@
-"""Shared fixtures: the tiny world's config and its loaded pipeline.
+"""Shared fixtures: the tiny world's config and its loaded pipeline, and a guard on the T5 length.
 
 The tiny model of configs/tiny.yaml is built once per machine into `<repo>/.cache/marble` (keyed by
 its config hash; the demo and the tests share it, and a second run reuses it).
+
+The guard: the tiny model is pretrained at the T5 length of its config (`model.max_sequence_length`,
+32) and loses its conditioning when sampled at another (the stock pipeline's default is 256). Every
+test that encodes a prompt through a saved tiny model therefore checks that the length it encodes at is
+the one the model was built with, so any sampling path that forgets to pass the config's length fails
+the suite wherever it is exercised (rollouts, evaluation, benchmarks, stock pipeline calls).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,3 +34,32 @@ def tiny_pipeline(tiny_config):
     from marble.models.loading import load_pipeline
 
     return load_pipeline(tiny_config.model)
+
+
+def _built_length(pipe) -> int | None:
+    """The T5 length a saved tiny model was pretrained at (its build record), None for other models."""
+    from marble.models.tiny import BUILD_INFO
+
+    info = Path(str(getattr(pipe, "name_or_path", "") or "")) / BUILD_INFO
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("max_sequence_length")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def t5_length_is_the_built_length():
+    from diffusers import StableDiffusion3Pipeline
+
+    original = StableDiffusion3Pipeline._get_t5_prompt_embeds
+
+    def checked(self, *args, max_sequence_length: int = 256, **kwargs):
+        built = _built_length(self)
+        assert built is None or max_sequence_length == built, (
+            f"T5 prompt encoding at max_sequence_length={max_sequence_length}, but this tiny model was "
+            f"pretrained at {built}: pass the config's model.max_sequence_length"
+        )
+        return original(self, *args, max_sequence_length=max_sequence_length, **kwargs)
+
+    StableDiffusion3Pipeline._get_t5_prompt_embeds = checked
+    yield
+    StableDiffusion3Pipeline._get_t5_prompt_embeds = original

@@ -76,3 +76,20 @@ def test_a_hub_id_missing_offline_is_a_clear_error(tiny_config, tmp_path, monkey
     )
     with pytest.raises(MarbleError, match="nobody/no-such-sd3"):
         load_pipeline(cfg)
+
+
+def test_the_stock_pipeline_at_its_default_t5_length_fails_the_guard(tiny_pipeline, tiny_config):
+    """tests/conftest.py refuses T5 encodings of a tiny model at a length other than the one it was
+    pretrained at, so a sampling path that omits the config's max_sequence_length (the stock pipeline
+    then pads to 256) fails whichever test runs it."""
+    kwargs = {
+        "prompt": ["a red circle"],
+        "num_inference_steps": 1,
+        "height": 64,
+        "width": 64,
+        "output_type": "latent",
+    }
+    with pytest.raises(AssertionError, match="max_sequence_length=256"):
+        tiny_pipeline(**kwargs)
+    out = tiny_pipeline(**kwargs, max_sequence_length=tiny_config.model.max_sequence_length)
+    assert out.images.shape == (1, 16, 8, 8)

@@ -82,11 +82,3 @@ def decode_latents(vae, latents: Tensor) -> Tensor:
     z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
     image = vae.decode(z, return_dict=False)[0]
     return (image.float() / 2 + 0.5).clamp(0, 1)
-
-
-@torch.no_grad()
-def encode_images(vae, images: Tensor, generator=None) -> Tensor:
-    """Latents [N, C, h, w] of images in [0, 1] (SD3 scaling/shift applied), sampled from the posterior."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    dist = vae.encode(images.to(vae.dtype) * 2 - 1).latent_dist
-    return (dist.sample(generator) - shift) * vae.config.scaling_factor

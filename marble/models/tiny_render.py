@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from marble.data.tiny_world import PALETTE, SHAPES, named_colors, quoted_text
+from marble.data.tiny_world import PALETTE, SHAPES, named_colors, named_position, quoted_text
 
 _SMALL = {"small", "tiny", "thin"}
 _LARGE = {"large", "big", "bold"}
@@ -65,29 +65,31 @@ def _size_for(words: set[str], generator: torch.Generator) -> float:
 
 
 def render_prompt(prompt: str | None, resolution: int, generator: torch.Generator) -> torch.Tensor:
-    """One image [3, H, W] in [0, 1] that roughly depicts a tiny-world `prompt` (None: anything).
+    """One image [3, H, W] in [0, 1] that depicts a tiny-world `prompt` (None: a random shape).
 
-    Shape, size, colour, "two ..." and "... background" are read from the prompt; a prompt without a
-    shape but with quoted text becomes a light sign with dark text-like strokes (edges for the detail reward).
+    A colour prompt is one large object in the named colour on a dark neutral background, in the
+    named half of the image (centred without a position), so that the named colour is what the
+    colour reward sees and the object's place is what the position reward sees. Other prompts read
+    shape, size, "two" and quoted text; their colours are random. A prompt with quoted text and no
+    shape becomes a light sign with dark text-like strokes (edges for the detail reward).
     """
-    words = set(re.findall(r"[a-z]+", (prompt or "").lower()))
+    text = prompt or ""
+    words = set(re.findall(r"[a-z]+", text.lower()))
     shapes = [s for s in SHAPES if s in words or f"{s}s" in words]
-    colors = [torch.tensor(PALETTE[c]) for c in named_colors(prompt or "")]
     if prompt is None:
         shapes = [SHAPES[int(torch.randint(len(SHAPES), (), generator=generator))]]
     yy, xx = _grid(resolution)
-    named_bg = bool(colors) and "background" in words
-    bg = colors[0] if named_bg else _random_color(generator)
-    fg = colors[0] if colors and not named_bg else _random_color(generator)
-    for _ in range(20):  # keep the shape visible: redraw whichever colour the prompt did not name
+    colors = named_colors(text)
+    if colors and shapes and quoted_text(text) is None:
+        return _render_object(colors[0], shapes[0], named_position(text), yy, xx, generator)
+    bg = _random_color(generator)
+    fg = _random_color(generator)
+    for _ in range(20):  # keep the shape visible
         if torch.dist(fg, bg) >= 0.35:
             break
-        if colors and not named_bg:
-            bg = _random_color(generator)
-        else:
-            fg = _random_color(generator)
+        fg = _random_color(generator)
     image = bg.view(3, 1, 1).expand(3, resolution, resolution).clone()  # [3, H, W]
-    if quoted_text(prompt or "") is not None or not shapes:
+    if quoted_text(text) is not None or not shapes:
         _draw_sign(image, yy, xx, generator, top=0.15 if shapes else -0.5)
         if not shapes:
             return image
@@ -95,9 +97,39 @@ def render_prompt(prompt: str | None, resolution: int, generator: torch.Generato
     for i in range(count):
         size = _size_for(words, generator) * (0.6 if count == 2 else 1.0)
         cx = _uniform(generator, -0.4, 0.4) if count == 1 else (-0.45 + 0.9 * i)
-        cy = _uniform(generator, -0.4, 0.4) if quoted_text(prompt or "") is None else -0.45
+        cy = _uniform(generator, -0.4, 0.4) if quoted_text(text) is None else -0.45
         mask = shape_mask(shapes[0], yy - cy, xx - cx, size)  # [H, W]
         image[:, mask] = fg.view(3, 1)
+    return image
+
+
+_AXES = {"left": (0.0, -1.0), "right": (0.0, 1.0), "top": (-1.0, 0.0), "bottom": (1.0, 0.0)}  # (y, x)
+
+
+def _render_object(
+    color: str,
+    shape: str,
+    position: str | None,
+    yy: torch.Tensor,
+    xx: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A colour prompt's image [3, H, W]: the `shape` in PALETTE[`color`] (slightly jittered) on a dark
+    grey background, centred in the `position` half of the image (in the middle when None)."""
+    grey = _uniform(generator, 0.0, 0.06)  # far from every palette colour under the colour kernel
+    image = torch.full((3, *yy.shape), grey)  # [3, H, W]
+    fg = (torch.tensor(PALETTE[color]) + (torch.rand(3, generator=generator) - 0.5) * 0.06).clamp(0, 1)
+    if position is None:
+        cy, cx = _uniform(generator, -0.1, 0.1), _uniform(generator, -0.1, 0.1)
+        size = _uniform(
+            generator, 0.5, 0.65
+        )  # a square at most 42% of the image: the background stays the median
+    else:
+        ay, ax = _AXES[position]
+        along, across = _uniform(generator, 0.45, 0.55), _uniform(generator, -0.15, 0.15)
+        cy, cx = ay * along + ax * across, ax * along + ay * across
+        size = _uniform(generator, 0.4, 0.5)
+    image[:, shape_mask(shape, yy - cy, xx - cx, size)] = fg.view(3, 1)
     return image
 
 
