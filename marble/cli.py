@@ -339,6 +339,23 @@ def _add_config_commands(sub) -> None:
     p.set_defaults(func=cmd_config_schema)
 
 
+def cmd_conditioning(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from marble.eval.conditioning import conditioning_accuracy, format_accuracy
+    from marble.model_cache import run_hub
+    from marble.models.loading import load_pipeline
+    from marble.models.lora import load_adapter_into_pipeline
+
+    cfg = _cfg(args)
+    pipe = load_pipeline(cfg.model, hub=run_hub(cfg, config_hint=args.config))
+    if args.adapter:
+        load_adapter_into_pipeline(pipe, args.adapter)
+    acc = conditioning_accuracy(pipe, cfg, images_per_prompt=args.images_per_prompt, seed=args.seed)
+    print(json.dumps(asdict(acc), indent=2) if args.json else format_accuracy(acc))
+    return 0
+
+
 STAGE_COMMANDS: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
     ("prepare", "stage 1: validate, mix and split prompt sources", cmd_prepare),
     ("cache-rewards", "stage 2: snapshot reward models into a verified cache", cmd_cache_rewards),
@@ -392,6 +409,18 @@ def _add_registry_and_reward_commands(sub) -> None:
     _add_config_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_rewards_check)
+
+    p = sub.add_parser(
+        "conditioning",
+        help="how often the model draws the named colour and position on colour x shape prompts held out "
+        "from the tiny model's pretraining (chance 12.5%% and 25%%)",
+    )
+    _add_config_args(p)
+    p.add_argument("--adapter", help="a trained adapter directory to measure instead of the base model")
+    p.add_argument("--images-per-prompt", type=int, default=2, help="seeds per held-out prompt (80 prompts)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=cmd_conditioning)
 
     p = sub.add_parser(
         "lock",
