@@ -28,7 +28,7 @@ TASK_END = re.compile(r"Task '?([\w.-]+)'? finished with status (\w+)")
 PROGRESS = re.compile(r"^\s*(?P<desc>[^:|]{1,40}):\s+(?P<pct>\d{1,3})%\|")
 # marble's own bars (marble/train/metrics.py, marble/models/tiny.py); the libraries' model-loading bars
 # go to the log only.
-SHOWN_BARS = frozenset({"train", "tiny VAE", "tiny transformer"})
+SHOWN_BARS = frozenset({"train", "tiny model"})
 TAIL_LINES = 40
 
 

@@ -64,7 +64,8 @@ def test_missing_local_directory_is_a_clear_error(tiny_config, tmp_path):
 def test_prompt_embeddings_are_deterministic_and_cached(tiny_pipeline, emb):
     again = encode_prompts(tiny_pipeline, PROMPTS, 32)
     assert torch.equal(emb.prompt_embeds, again.prompt_embeds) and torch.equal(emb.pooled, again.pooled)
-    assert emb.prompt_embeds.shape[:2] == (3, 77 + 32) and emb.pooled.shape == (3, 64)
+    # CLIP padded to the T5 length + 1 (marble.models.tiny.clip_length), then T5's 32 tokens
+    assert emb.prompt_embeds.shape[:2] == (3, 33 + 32) and emb.pooled.shape == (3, 64)
     cache = TextEmbeddingCache(tiny_pipeline, 32)
     got = cache.get([PROMPTS[1], PROMPTS[1], PROMPTS[0]])
     assert len(cache) == 2 and torch.equal(got.prompt_embeds[0], emb.prompt_embeds[1])

@@ -278,7 +278,7 @@ def train_vae(vae, tiny: TinyModelConfig, generator: torch.Generator, progress: 
     opt = torch.optim.AdamW(vae.parameters(), lr=tiny.vae_lr)
     vae.train()
     losses = []
-    progress.set_description("tiny model: VAE")
+    progress.set_postfix_str("VAE", refresh=False)
     for _ in range(tiny.vae_train_steps):
         prompts = sample_pretraining_prompts(tiny.vae_batch_size, generator)
         x = render_batch(prompts, tiny.resolution, generator) * 2 - 1  # [B, 3, H, W]
@@ -338,7 +338,7 @@ def _build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_leng
         )  # fmt: skip
         pretrain_stats = {}
         if tiny.pretrain_steps:
-            progress.set_description("tiny model: pretraining")
+            progress.set_postfix_str("pretraining", refresh=False)
             pretrain_stats = pretrain(pipe, tiny, max_sequence_length, generator, progress)
         for module in (pipe.transformer, pipe.vae, te1, te2, te3):
             module.eval()  # docs/library-notes.md: built-from-config models are in train mode (T5 dropout!)
