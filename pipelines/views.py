@@ -8,7 +8,9 @@
   and other artifacts by path.
 
 `python -m pipelines.views --run-dir outputs/kfp/marble-<timestamp> --out docs/kubeflow` writes
-`parameters.md`, `graph.md`, `graph.png` and `run-view.md` (the pictures in docs/kubeflow.md).
+`parameters.md`, `graph.md`, `graph.png`, and per run `run-view-<gate decision>.md` with its training
+curves as `training-curves-<gate decision>.png` (the pictures in docs/kubeflow.md); `--run-dir` may be
+given once per branch.
 """
 
 from __future__ import annotations
@@ -300,8 +302,21 @@ def _artifact_view(name: str, kind: str, path: Path, metadata: dict[str, Any], r
 
 
 # ------------------------------------------------------------------------------------------- main
-def write_views(spec_path: Path, out_dir: Path, run_dir: Path | None = None) -> list[Path]:
-    """parameters.md, graph.md, graph.png (from the compiled spec) and run-view.md (from a local run)."""
+def run_decision(run_dir: str | Path) -> str:
+    """The gate's decision in a local run ('champion' or 'candidate'), or 'unfinished' without one."""
+    result = Path(run_dir) / "gate" / "executor_output.json"
+    if not result.is_file():
+        return "unfinished"
+    return (
+        json.loads(result.read_text(encoding="utf-8"))
+        .get("parameterValues", {})
+        .get("decision", "unfinished")
+    )
+
+
+def write_views(spec_path: Path, out_dir: Path, run_dirs: list[Path] = ()) -> list[Path]:
+    """parameters.md, graph.md, graph.png (from the compiled spec) and, per local run,
+    run-view-<decision>.md and its training curves."""
     from marble.io import atomic_write_text
 
     spec = load_spec(spec_path)
@@ -314,11 +329,13 @@ def write_views(spec_path: Path, out_dir: Path, run_dir: Path | None = None) -> 
         atomic_write_text(out_dir / "graph.md", f"# Graph of `{name}`\n\n" + graph_mermaid(graph)),
         graph_png(graph, out_dir / "graph.png", f"pipeline '{name}' (compiled IR)"),
     ]
-    if run_dir is not None:
-        written.append(atomic_write_text(out_dir / "run-view.md", run_view(run_dir, spec)))
+    for run_dir in run_dirs:
+        decision = run_decision(run_dir)
+        written.append(atomic_write_text(out_dir / f"run-view-{decision}.md", run_view(run_dir, spec)))
         curves = run_dir / "train" / "training_curves"
         if curves.is_file():
-            written += _embedded_pngs(curves.read_text(encoding="utf-8"), out_dir / "training-curves.png")
+            page = curves.read_text(encoding="utf-8")
+            written += _embedded_pngs(page, out_dir / f"training-curves-{decision}.png")
     return written
 
 
@@ -339,10 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spec", default="pipelines/marble_pipeline.yaml", help="compiled pipeline (IR YAML)"
     )
-    parser.add_argument("--run-dir", help="a local run's directory, e.g. outputs/kfp/marble-<timestamp>")
+    parser.add_argument(
+        "--run-dir",
+        action="append",
+        default=[],
+        help="a local run's directory, e.g. outputs/kfp/marble-<timestamp> (repeatable: one per branch)",
+    )
     parser.add_argument("--out", default="docs/kubeflow", help="output directory")
     args = parser.parse_args(argv)
-    for path in write_views(Path(args.spec), Path(args.out), Path(args.run_dir) if args.run_dir else None):
+    for path in write_views(Path(args.spec), Path(args.out), [Path(d) for d in args.run_dir]):
         print(f"wrote {path}")
     return 0
 

@@ -21,6 +21,7 @@ import pytest
 
 from marble.configio import load_config
 from pipelines.local import LocalRunError, locate_outputs, run_local
+from pipelines.views import load_spec, run_view, write_views
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,6 +219,22 @@ def test_a_failing_gate_records_a_candidate(fake_stages, tmp_path):
     assert not (out.run_dir / "promote").exists()
     assert logged_metrics(out.run_dir, "record-candidate")["promoted"] == 0.0
     assert "failed" in (out.run_dir / "gate" / "gate_report").read_text()
+    # What docs/kubeflow.md shows is rendered from these artifacts: the branch taken, the one skipped.
+    view = run_view(out.run_dir, load_spec(REPO / "pipelines" / "marble_pipeline.yaml"))
+    promote = view.index("## promote\n")
+    assert (
+        view[promote:]
+        .split("## ", 2)[1]
+        .strip()
+        .endswith("Not run (a branch not taken, or an upstream task failed).")
+    )
+    assert 'Output parameters: `{"decision": "candidate"}`' in view
+    assert "#### Promotion gate failed: record as `candidate`" in view
+    assert "#### Registered as `candidate`" in view
+    assert "| `promoted` | 0 |" in view and "| `gate/passed` | 0 |" in view
+    written = write_views(REPO / "pipelines" / "marble_pipeline.yaml", tmp_path / "docs", [out.run_dir])
+    assert tmp_path / "docs" / "run-view-candidate.md" in written
+    assert (tmp_path / "docs" / "training-curves-candidate.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_local_run_reports_a_failing_task(fake_stages, tmp_path, capsys):
