@@ -20,6 +20,11 @@ Output-space vs parameter-space Gram: on each batch, the min-norm α from normal
 normalised H (`MinNormSolver`), their L1 distance, whether their largest weight is on the same reward,
 and the cosine between the two resulting parameter-space directions.
 
+Micro-batch size: `--micro-batch N` (with `--set sampling.prompts_per_epoch=...` for the samples of a
+step) measures the same comparison at another granularity, e.g. 8 (a rank's micro-batch in
+`configs/sd35m-marble.yaml`) or 64 (the global micro-batch of 8 GPUs x 8, whose Gram is all-reduced):
+a specialist reward is sparser or denser in each Gram the balancer sees.
+
 Run: `python -m bench.alignment [--epochs E]` -> bench/results/alignment.json and alignment.png.
 """
 
@@ -286,6 +291,11 @@ def run(
             "time_budget_s": time_budget_s,
             "driver": driver,
             "seed": world.cfg.train.seed,
+            "micro_batch_size": world.cfg.train.micro_batch_size,
+            "gradient_accumulation_steps": accum,
+            "samples_per_step": world.cfg.train.micro_batch_size * accum,
+            "samples_per_epoch": world.cfg.sampling.samples_per_epoch,
+            "train_timesteps": T,
             "torch_threads": threads,
             "rewards_trained": tr.reward_names,
             "batch": "one micro-batch at one timestep slot (train.micro_batch_size samples)",
@@ -316,25 +326,46 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     axes[0].axhline(0, color="k", lw=0.6)
     axes[0].set_ylabel("per batch: min over rewards of cos(d, g_k)")
     axes[0].set_title("distribution over batches (whiskers: min and max)", fontsize=9)
-    frac = [result["directions"][n]["all_batches"].get("frac_min_negative", float("nan")) for n in names]
-    later = [
-        result["directions"][n].get("later_batches", {}).get("frac_min_negative", float("nan")) for n in names
-    ]
     x = np.arange(len(names))
-    axes[1].bar(x - 0.2, frac, width=0.4, label="all batches")
-    axes[1].bar(x + 0.2, later, width=0.4, label="later batches (cached α)")
+    groups = (
+        ("all_batches", "micro-batches"),
+        ("later_batches", "micro-batches it did not refresh on"),
+        ("all_steps", "optimizer steps"),
+        ("later_steps", "optimizer steps it did not refresh on"),
+    )
+    for i, (key, label) in enumerate(groups):
+        frac = [result["directions"][n].get(key, {}).get("frac_min_negative", float("nan")) for n in names]
+        axes[1].bar(x + (i - 1.5) * 0.2, frac, width=0.2, label=label)
     axes[1].set_xticks(x, names, rotation=35, ha="right")
-    axes[1].set_ylabel("fraction of batches with min cos < 0")
+    axes[1].set_ylabel("fraction with min cos < 0")
     axes[1].legend(fontsize=7)
     fig.suptitle(
         f"gradient alignment, tiny world, {result['settings']['epochs']} epochs driven by "
-        f"{result['settings']['driver']}",
+        f"{result['settings']['driver']}, micro-batch {result['settings']['micro_batch_size']} x "
+        f"{result['settings']['gradient_accumulation_steps']} per optimizer step",
         fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def micro_batch_overrides(cfg, micro_batch: int) -> list[str]:
+    """`--set` overrides for micro-batches of `micro_batch` samples, one optimizer step per epoch.
+
+    A multi-GPU step's balancer sees the Gram summed over every rank's micro-batch (all-reduced), so
+    one process with the global micro-batch measures what N ranks of micro_batch / N would."""
+    samples = cfg.sampling.samples_per_epoch
+    if micro_batch < 1 or samples % micro_batch:
+        raise SystemExit(
+            f"--micro-batch {micro_batch} must divide the epoch's {samples} samples "
+            "(sampling.group_size x sampling.prompts_per_epoch; change them with --set)"
+        )
+    return [
+        f"train.micro_batch_size={micro_batch}",
+        f"train.gradient_accumulation_steps={samples // micro_batch}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -344,12 +375,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--time-budget", type=float, help="stop after the epoch that exceeds this many seconds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument(
+        "--micro-batch",
+        type=int,
+        help="samples per micro-batch (one rank's, or all ranks' of a multi-GPU step); the accumulation "
+        "is set so that one optimizer step still takes the whole epoch",
+    )
     ap.add_argument("--work", type=Path, default=common.WORK_DIR)
     ap.add_argument("--out", type=Path, default=OUT_JSON)
     ap.add_argument(
         "--save-grams", type=Path, help="also save every step's Grams here (.npz) for alignment_replay"
     )
     args = ap.parse_args(argv)
+    if args.micro_batch is not None:
+        args.overrides += micro_batch_overrides(
+            common.bench_config(args.driver, args.overrides), args.micro_batch
+        )
     cfg = common.bench_config(args.driver, args.overrides)
     result = run(
         cfg,

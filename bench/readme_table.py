@@ -56,6 +56,68 @@ def _fastest_micro(steps: list[dict[str, Any]]) -> str:
     return f"{_f(min(plain) if plain else None, '.0f')} / {_f(min(ref) if ref else None, '.0f')}"
 
 
+def _fractions(d: dict[str, Any], all_key: str, later_key: str) -> str:
+    """'48%' (a preset without a Gram), '20% / 3%' (cached), '20% / n/a' (every one feeds a refresh)."""
+    frac = _f(d.get(all_key, {}).get("frac_min_negative"), ".0%")
+    lt = d.get(later_key)
+    if lt is not None:
+        frac += f" / {_f(lt.get('frac_min_negative'), '.0%')}" if lt.get("batches") else " / n/a"
+    return frac
+
+
+def micro_batch_table(alis: dict[int, dict[str, Any]]) -> list[str]:
+    """min cos < 0 per micro-batch and per optimizer step at each micro-batch size measured."""
+    sizes = sorted(alis)
+    head = ["preset"]
+    for mb in sizes:
+        st = alis[mb]["settings"]
+        head += [
+            f"micro-batch {mb} x {st['gradient_accumulation_steps']}: per micro-batch",
+            f"micro-batch {mb}: per step",
+        ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in [*common.PRESETS, "fresh_mgda"]:
+        row = [f"`{p}`" if p in common.PRESETS else "fresh MGDA (each batch)"]
+        for mb in sizes:
+            d = alis[mb]["directions"].get(p, {})
+            row += [_fractions(d, "all_batches", "later_batches"), _fractions(d, "all_steps", "later_steps")]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def world_line(rb: dict[str, Any]) -> str:
+    """The conditioning accuracy of the tiny world, as measured by the reward study."""
+    c = rb.get("conditioning")
+    if not c:
+        return "World: conditioning accuracy not measured in this run."
+    return (
+        f"World: the base tiny model follows its prompts: nearest-colour accuracy {_f(c['color'], '.0%')} "
+        f"(chance {_f(c['color_chance'], '.1%')}) on {c['images']} images and position accuracy "
+        f"{_f(c['position'], '.0%')} (chance {_f(c['position_chance'], '.0%')}) on {c['positional_images']}, "
+        "colour x shape pairs held out from its pretraining, sampled as training samples "
+        "(`marble conditioning`, `marble/eval/conditioning.py`)."
+    )
+
+
+def paired_lines(rb: dict[str, Any]) -> list[str]:
+    held = set(rb["settings"]["rewards_held_out"])
+    out = []
+    for c in rb.get("paired", []):
+        cells = [
+            f"{n}{' (held out)' if n in held else ''} {_ci(c['rewards'][n]['diff'])}" for n in c["rewards"]
+        ]
+        better, worse = c["a_better_trained_ci"], c["a_worse_trained_ci"]
+        verdict = (
+            f"`{c['a']}` ahead with the interval above zero on {', '.join(better) or 'no trained reward'}; "
+            f"behind with the interval below zero on {', '.join(worse) or 'none'}"
+        )
+        out.append(
+            f"- `{c['a']}` - `{c['b']}`, paired on seeds {c['seeds']} (per-seed difference of the deltas, "
+            f"base-std units, mean [95% t-interval]): {'; '.join(cells)}. {verdict}."
+        )
+    return out
+
+
 def main_table(thr: dict | None, ali: dict | None, rb: dict | None) -> list[str]:
     presets = list(common.PRESETS)
     head = ["preset"]
@@ -69,7 +131,12 @@ def main_table(thr: dict | None, ali: dict | None, rb: dict | None) -> list[str]
             "peak tensor MB",
         ]
     if ali:
-        head += ["min cos < 0 (all / later batches)", "worst min cos", "cos variance"]
+        head += [
+            "min cos < 0 per micro-batch (all / not refreshed on)",
+            "min cos < 0 per optimizer step (all / not refreshed on)",
+            "worst min cos",
+            "cos variance",
+        ]
     if rb:
         head += ["trained rewards improved (mean / CI)", "mean Δ trained (std units)", "worst Δ trained"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -87,11 +154,13 @@ def main_table(thr: dict | None, ali: dict | None, rb: dict | None) -> list[str]
             ]
         if ali:
             d = ali["directions"].get(p, {})
-            a, lt = d.get("all_batches", {}), d.get("later_batches")
-            frac = _f(a.get("frac_min_negative"), ".0%")
-            if lt:  # presets refreshing on every batch have no later batches
-                frac += f" / {_f(lt.get('frac_min_negative'), '.0%')}" if lt.get("batches") else " / n/a"
-            row += [frac, _f(a.get("worst_min_cos"), "+.3f"), _f(a.get("mean_var_cos"), ".4f")]
+            a = d.get("all_batches", {})
+            row += [
+                _fractions(d, "all_batches", "later_batches"),
+                _fractions(d, "all_steps", "later_steps"),
+                _f(a.get("worst_min_cos"), "+.3f"),
+                _f(a.get("mean_var_cos"), ".4f"),
+            ]
         if rb:
             s = rb["presets"].get(p)
             if s is None:
@@ -110,18 +179,28 @@ def main_table(thr: dict | None, ali: dict | None, rb: dict | None) -> list[str]
 def reward_table(rb: dict[str, Any]) -> list[str]:
     names = list(next(iter(rb["presets"].values()))["rewards"])
     held = set(rb["settings"]["rewards_held_out"])
-    head = ["preset", *[f"{n} (held out)" if n in held else n for n in names], "all trained > 0"]
+    head = ["preset", "seeds", *[f"{n} (held out)" if n in held else n for n in names], "all trained > 0"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p, s in rb["presets"].items():
         cells = [_ci(s["rewards"][n]["delta_std_units"]) for n in names]
         flag = "yes" if s["improves_all_mean"] else "no"
         flag += " (CI: yes)" if s["improves_all_ci"] else " (CI: no)"
-        lines.append("| " + " | ".join([f"`{p}`", *cells, flag]) + " |")
+        lines.append("| " + " | ".join([f"`{p}`", str(len(s["seeds"])), *cells, flag]) + " |")
     return lines
+
+
+def _seeds(st: dict[str, Any]) -> str:
+    others = st.get("other_seeds", st["seeds"])
+    if others == st["seeds"]:
+        return str(st["seeds"])
+    return f"{st['seeds']} for {', '.join(f'`{p}`' for p in st['core_presets'])}, {others} for the others"
 
 
 def render(results: Path = common.RESULTS) -> str:
     thr, ali, rb = (_load(results, n) for n in ("throughput", "alignment", "reward_balance"))
+    alis = {mb: res for mb in (8, 64) if (res := _load(results, f"alignment_mb{mb}"))}
+    if ali and alis:
+        alis[ali["settings"]["micro_batch_size"]] = ali
     run_all = _load(results, "run_all")
     out = [
         "## Benchmarks (tiny world, CPU)",
@@ -135,11 +214,16 @@ def render(results: Path = common.RESULTS) -> str:
     for name, res in (("throughput", thr), ("alignment", ali), ("reward balance", rb)):
         if res:
             out.append(f"- {name}: {_env_line(res)}")
+    for mb in (8, 64):
+        if (res := _load(results, f"alignment_mb{mb}")) is not None:
+            out.append(f"- alignment, micro-batch {mb}: {_env_line(res)}")
     if run_all:
         out.append(
             f"- whole `make bench` run: {_f(run_all.get('wall_seconds', 0) / 60, '.1f')} min "
             f"(studies: {', '.join(f'{k} {v / 60:.1f} min' for k, v in run_all.get('study_seconds', {}).items())})"
         )
+    if rb:
+        out += ["", world_line(rb)]
     out += ["", *main_table(thr, ali, rb), ""]
     notes = []
     if thr:
@@ -153,10 +237,16 @@ def render(results: Path = common.RESULTS) -> str:
     if ali:
         st, g = ali["settings"], ali["gram_sources"]
         notes.append(
-            f"Cosines: {ali['directions']['marble']['all_batches']['batches']} micro-batches of "
-            f"{st['epochs']} training epochs (driven by `{st['driver']}`); 'later batches' excludes the batches"
-            " a cached preset refreshed on. Fresh MGDA direction: min cos < 0 on "
-            f"{_f(ali['directions']['fresh_mgda']['all_batches']['frac_min_negative'], '.0%')} of batches. "
+            f"Cosines: {ali['directions']['marble']['all_batches']['batches']} micro-batches "
+            f"({st['micro_batch_size']} samples at one timestep slot) and "
+            f"{ali['directions']['marble']['all_steps']['batches']} optimizer steps (the per-reward gradients "
+            f"and the applied direction summed over a step's micro-batches) of {st['epochs']} training epochs "
+            f"(driven by `{st['driver']}`). 'Not refreshed on': without the micro-batches (steps) whose Gram "
+            "the preset observed before applying its α; n/a: every one of them feeds its refresh (`marble` "
+            "sums every micro-step's output-space Gram into its step's solve), so its 'all' figure is the one"
+            " that applies. Fresh MGDA direction: min cos < 0 on "
+            f"{_f(ali['directions']['fresh_mgda']['all_batches']['frac_min_negative'], '.0%')} of micro-batches"
+            f" and {_f(ali['directions']['fresh_mgda']['all_steps']['frac_min_negative'], '.0%')} of steps. "
             f"Output-space vs parameter-space Gram: median L1 distance between their α "
             f"{_f(g['alpha_l1_median'], '.3f')} (max {_f(g['alpha_l1_max'], '.3f')}), same top reward on "
             f"{_f(g['argmax_agree_frac'], '.0%')} of batches, median cosine of the two directions "
@@ -165,7 +255,7 @@ def render(results: Path = common.RESULTS) -> str:
     if rb:
         st = rb["settings"]
         notes.append(
-            f"Rewards: {st['optimizer_steps']} optimizer steps per run, seeds {st['seeds']}, "
+            f"Rewards: {st['optimizer_steps']} optimizer steps per run, seeds {_seeds(st)}, "
             f"{st['eval_images']} held-out images ({st['eval_prompts']} prompts x {st['eval_images_per_prompt']}"
             f" seeds, {st['eval_num_steps']} Euler steps, {st['eval_weights']} weights); Δ = adapter - base in "
             "base-std units, mean over seeds [95% t-interval across seeds]."
@@ -175,6 +265,17 @@ def render(results: Path = common.RESULTS) -> str:
     if rb:
         out += ["", "Per-reward change on held-out prompts (adapter - base, base-std units):", ""]
         out += [*reward_table(rb), ""]
+        out += ["Paired comparisons (same seeds, same evaluation images):", "", *paired_lines(rb), ""]
+    if len(alis) > 1:
+        sizes = sorted(alis)
+        out += [
+            "",
+            f"Micro-batch size (the same alignment comparison at micro-batches of {', '.join(map(str, sizes))} "
+            "samples; fraction with min cos < 0, all / not refreshed on):",
+            "",
+            *micro_batch_table(alis),
+            "",
+        ]
     return "\n".join(out).rstrip() + "\n"
 
 

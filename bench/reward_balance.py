@@ -1,10 +1,14 @@
-"""Does every reward improve? Each balancer preset trained on the tiny world, three seeds.
+"""Does every reward improve? Each balancer preset trained on the tiny world, over several seeds.
 
 Training is the real `marble train` command (`python -m marble.cli train --config configs/tiny.yaml
 --set ...`), one subprocess per (preset, seed), `--workers` at a time with one torch thread each
 (the machine has few cores; runs are independent). Every preset trains the SAME number of optimizer
 steps (`--epochs`; configs/tiny.yaml has one step per epoch) from the same prepared prompts; only
 `balancer` (the preset's defaults) and `train.seed` change.
+
+Seeds: `--seeds` for the `--core` presets (marble, weighted_sum, gdpo), `--other-seeds` (default the
+same) for the rest, so that a budget too small for every preset at many seeds still separates the
+default from the baselines; every run's seeds are in the JSON.
 
 Evaluation uses the evaluate stage's own pieces (`marble.eval.evaluate`): the held-out split
 (`test.jsonl`), fixed per-image seeds and initial noise shared by base and adapter, the stock SD3
@@ -18,6 +22,10 @@ seeds: the mean delta and a 95% t-interval across seeds (seed-to-seed variation 
 bar: with 3 seeds t(0.975, 2) = 4.30, so the interval is wide). A preset "improves all trained
 rewards" when the seed-mean delta is > 0 for every trained reward (`improves_all_mean`), and
 significantly so when every lower bound of the across-seed interval is > 0 (`improves_all_ci`).
+Paired comparisons (`PAIRS`, e.g. marble vs weighted_sum): on the seeds both presets ran, the per-seed
+difference of their deltas (same seed, same evaluation images), its mean and 95% t-interval.
+The world itself: the base model's colour and position accuracy on held-out colour x shape prompts
+(`marble.eval.conditioning`), measured here so the README can state it.
 
 Run: `python -m bench.reward_balance [--epochs E --seeds 0 1 2]` -> bench/results/reward_balance.json/.png.
 """
@@ -87,6 +95,12 @@ def train_one(
     summary = json.loads((out / "train_summary.json").read_text())
     return {"preset": preset, "seed": seed, "dir": out, "wall_seconds": seconds, "train_summary": summary}
 
+
+# The presets the study runs on every seed when the budget cannot hold all presets at that many: the
+# default, the plain weighted sum it must beat, and GDPO (what users' other tools ship).
+CORE_PRESETS = ("marble", "weighted_sum", "gdpo")
+# Paired comparisons (same seeds, same evaluation images): (a, b) reports a - b per seed.
+PAIRS = (("marble", "weighted_sum"), ("marble", "gdpo"), ("gdpo", "weighted_sum"))
 
 EVAL_RESERVE_FACTOR = 2.0  # an adapter set costs about a base set plus LoRA loading; margin for load spikes
 TIME_MARGIN = 1.1  # the resumed phase must fit with 10% to spare
@@ -163,6 +177,23 @@ class Evaluator:
         return scores.reported
 
 
+def world_conditioning(pipe, cfg, images_per_prompt: int = 2, seed: int = 0) -> dict[str, Any]:
+    """How well the base tiny model follows its prompts (`marble.eval.conditioning`, the measure behind
+    `marble conditioning`): colour and position accuracy on colour x shape pairs held out from pretraining."""
+    import dataclasses
+
+    from marble.eval.conditioning import conditioning_accuracy
+
+    t0 = time.perf_counter()
+    acc = conditioning_accuracy(pipe, cfg, images_per_prompt=images_per_prompt, seed=seed)
+    return {
+        **dataclasses.asdict(acc),
+        "images_per_prompt": images_per_prompt,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def run_stats(cfg, base: np.ndarray, adapter: np.ndarray) -> dict[str, Any]:
     """Per reward: base/adapter means, paired delta with bootstrap CI, delta in base-std units."""
     from marble.eval.stats import bootstrap_mean_ci, paired_delta_ci
@@ -234,13 +265,51 @@ def aggregate(cfg, runs: list[dict[str, Any]], presets: list[str]) -> dict[str, 
     return out
 
 
+def paired(cfg, runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    """`a` minus `b` on the seeds both ran (same seed, same evaluation images): per reward, the per-seed
+    differences of the delta in base-std units, their mean and 95% t-interval. `a_better_all_ci`: every
+    trained reward's interval lies above zero."""
+    by = {(r["preset"], r["seed"]): r for r in runs}
+    seeds = sorted(s for (p, s) in by if p == a and (b, s) in by)
+    if not seeds:
+        return None
+    rewards = {}
+    for spec in cfg.rewards:
+        diffs = [
+            by[(a, s)]["eval"][spec.name]["delta_std_units"]
+            - by[(b, s)]["eval"][spec.name]["delta_std_units"]
+            for s in seeds
+        ]
+        rewards[spec.name] = {"held_out": spec.held_out, "per_seed": diffs, "diff": t_interval(diffs)}
+    trained = cfg.trained_reward_names
+    return {
+        "a": a,
+        "b": b,
+        "seeds": seeds,
+        "rewards": rewards,
+        "a_better_trained_ci": [n for n in trained if (rewards[n]["diff"]["ci_lo"] or float("nan")) > 0],
+        "a_worse_trained_ci": [n for n in trained if (rewards[n]["diff"]["ci_hi"] or float("nan")) < 0],
+    }
+
+
 # ---------------------------------------------------------------------------------------- run
+def job_list(presets: list[str], seeds: list[int], other_seeds: list[int] | None, core: list[str]) -> list:
+    """(preset, seed) pairs: every seed for the `core` presets, `other_seeds` (default: the same) for
+    the rest, seed-major so that each seed's runs of all presets train side by side."""
+    others = seeds if other_seeds is None else other_seeds
+    mine = {p: seeds if p in core else others for p in presets}
+    return [(p, s) for s in sorted({*seeds, *others}) for p in presets if s in mine[p]]
+
+
 def run(
     cfg,
     work: Path,
     *,
     presets: list[str],
     seeds: list[int],
+    other_seeds: list[int] | None = None,
+    core: list[str] = CORE_PRESETS,
+    paired_with: list[tuple[str, str]] = PAIRS,
     epochs: int,
     max_epochs: int | None = None,
     budget_s: float | None = None,
@@ -249,7 +318,8 @@ def run(
     threads: int = 2,
     extra: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train every (preset, seed) for `epochs`; then, if `max_epochs` and `budget_s` are given, extend
+    """Train every (preset, seed) for `epochs` (`seeds` for the `core` presets, `other_seeds` for the
+    rest); then, if `max_epochs` and `budget_s` are given, extend
     EVERY run (resuming its checkpoint) to the largest common epoch count <= max_epochs that the
     measured cost of the first phase says fits in what is left of `budget_s` (seconds from the start
     of this call, evaluation included). All runs always end with the same number of steps."""
@@ -263,7 +333,8 @@ def run(
         t0 = time.perf_counter()
         evaluator = Evaluator(eval_cfg, prompts)  # base images first: their cost sizes the eval reserve
         eval_base_s = time.perf_counter() - t0
-    jobs = [(p, s) for s in seeds for p in presets]
+        conditioning = world_conditioning(evaluator.pipe, eval_cfg)
+    jobs = job_list(presets, seeds, other_seeds, list(core))
     phases = []
 
     def train_all(n_epochs: int, resume: bool) -> list[dict]:
@@ -329,6 +400,9 @@ def run(
             "config": str(common.TINY_CONFIG.relative_to(common.REPO)),
             "presets": presets,
             "seeds": seeds,
+            "other_seeds": seeds if other_seeds is None else other_seeds,
+            "core_presets": list(core),
+            "seeds_per_preset": {p: [s for q, s in jobs if q == p] for p in presets},
             "epochs": final_epochs,
             "epochs_first_phase": epochs,
             "max_epochs": max_epochs,
@@ -352,9 +426,19 @@ def run(
         "base_means": base_means,
         "train_wall_seconds": t_trained - t_start,
         "wall_seconds": time.perf_counter() - t_start,
+        "conditioning": conditioning,
         "presets": aggregate(eval_cfg, runs, presets),
+        "paired": [c for a, b in paired_with if (c := paired(eval_cfg, runs, a, b)) is not None],
         "runs": runs,
     }
+
+
+def _seed_note(settings: dict[str, Any]) -> str:
+    """`[0, 1, 2]`, or `[0, ..., 5] (marble, weighted_sum, gdpo), [0, 1] (others)` when they differ."""
+    seeds, others = settings["seeds"], settings.get("other_seeds", settings["seeds"])
+    if others == seeds:
+        return str(seeds)
+    return f"{seeds} ({', '.join(settings['core_presets'])}), {others} (others)"
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -387,7 +471,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("adapter - base (base std units)")
     s = result["settings"]
     ax.set_title(
-        f"held-out prompts, {s['optimizer_steps']} optimizer steps, seeds {s['seeds']} "
+        f"held-out prompts, {s['optimizer_steps']} optimizer steps, seeds {_seed_note(s)} "
         "(bars: seed mean, whiskers: 95% t-interval, dots: runs)",
         fontsize=9,
     )
@@ -405,7 +489,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--max-epochs", type=int, help="extend every run up to this many epochs if --budget allows"
     )
     ap.add_argument("--budget", type=float, help="seconds this study may take (with --max-epochs)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the --core presets")
+    ap.add_argument(
+        "--other-seeds", type=int, nargs="+", help="seeds of the other presets (default: --seeds)"
+    )
+    ap.add_argument("--core", nargs="+", default=list(CORE_PRESETS), help="presets run on every --seeds")
     ap.add_argument("--presets", nargs="+", default=list(common.PRESETS))
     ap.add_argument("--workers", type=int, default=2, help="concurrent training processes (1 thread each)")
     ap.add_argument("--images-per-prompt", type=int, default=4)
@@ -416,14 +504,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     cfg = common.bench_config("marble", args.overrides)
     result = run(
-        cfg, args.work, presets=args.presets, seeds=args.seeds, epochs=args.epochs,
+        cfg, args.work, presets=args.presets, seeds=args.seeds, other_seeds=args.other_seeds,
+        core=args.core, epochs=args.epochs,
         max_epochs=args.max_epochs, budget_s=args.budget, workers=args.workers,
         images_per_prompt=args.images_per_prompt, threads=args.threads, extra=args.overrides,
     )  # fmt: skip
     common.write_json(args.out, result)
     plot(result, args.out.with_suffix(".png"))
     names = list(result["presets"][args.presets[0]]["rewards"])
-    print(f"reward balance: delta vs base in base-std units, mean over seeds {args.seeds} [95% t-interval]")
+    print("reward balance: delta vs base in base-std units, mean over seeds [95% t-interval across seeds]")
     print("  " + f"{'preset':13s}" + "".join(f"{n[:14]:>24s}" for n in names) + "  all>0  all CI>0")
     for p, s in result["presets"].items():
         cells = []
@@ -436,8 +525,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + "".join(f"{c:>24s}" for c in cells)
             + f"  {str(s['improves_all_mean']):5s}  {s['improves_all_ci']}"
         )
+    for c in result["paired"]:
+        cells = [f"{n} {_fmt(c['rewards'][n]['diff'])}" for n in names]
+        print(f"  paired {c['a']} - {c['b']} (seeds {c['seeds']}): " + ", ".join(cells))
+    cond = result["conditioning"]
+    print(
+        f"  world: colour accuracy {cond['color']:.0%}, position accuracy {cond['position']:.0%} (base model)"
+    )
     print(f"wrote {args.out}")
     return result
+
+
+def _fmt(d: dict[str, float]) -> str:
+    return f"{d['mean']:+.2f} [{d['ci_lo']:+.2f},{d['ci_hi']:+.2f}]"
 
 
 if __name__ == "__main__":

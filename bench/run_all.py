@@ -2,9 +2,11 @@
 
 Studies, in this order (each writes bench/results/<name>.json and .png):
 1. `balancer_overhead` (the balancer's own micro-benchmark, its own defaults);
-2. `alignment` (gradient cosines of every preset on the same batches);
+2. `alignment` (gradient cosines of every preset on the same batches), then `alignment_mb8` and
+   `alignment_mb64` (the same at micro-batches of 8 and 64 samples);
 3. `throughput` (interleaved step timing of every preset, one process, nothing else running);
-4. `reward_balance` (every preset trained with `marble train`, three seeds, evaluated on held-out prompts).
+4. `reward_balance` (every preset trained with `marble train` on several seeds, evaluated on held-out
+   prompts; the base model's conditioning accuracy).
 Then `bench/results/run_all.json` (wall time per study, the load average, the scale settings) and the
 section between the bench markers of README.md and bench/README.md (`bench.readme_table`).
 
@@ -29,16 +31,27 @@ log = logging.getLogger(__name__)
 # `max_epochs` as far as the measured cost fits in what is left of BUDGET_S for the whole run.
 # throughput and alignment stop early (recorded) when their own time budget runs out on a loaded machine.
 BUDGET_S = 25 * 60
+# The micro-batch experiment (`alignment_mb8`, `alignment_mb64`): 64 samples per optimizer step (8
+# prompts x 8) split into micro-batches of 8 (a rank's in configs/sd35m-marble.yaml) or taken as one
+# micro-batch of 64 (the all-reduced global micro-batch of 8 GPUs x 8).
+MICRO_BATCH_STEP = ["sampling.prompts_per_epoch=8", "sampling.batch_size=64"]
+MICRO_BATCHES = (8, 64)
 FULL = {
-    "throughput": {"repeats": 15, "time_budget_s": 300},
+    "throughput": {"repeats": 12, "time_budget_s": 240},
     "alignment": {"epochs": 20, "time_budget_s": 240},
-    "reward_balance": {"epochs": 2, "max_epochs": 40, "seeds": [0, 1, 2], "images_per_prompt": 2},
-}
+    "alignment_micro_batch": {"epochs": 10, "time_budget_s": 120},
+    "reward_balance": {
+        "epochs": 2, "max_epochs": 40, "seeds": [0, 1, 2, 3, 4, 5], "other_seeds": [0, 1], "images_per_prompt": 2,
+    },
+}  # fmt: skip
 QUICK = {
     "throughput": {"repeats": 2, "time_budget_s": 60},
     "alignment": {"epochs": 1, "time_budget_s": 60},
-    "reward_balance": {"epochs": 1, "max_epochs": 1, "seeds": [0], "images_per_prompt": 1},
-}
+    "alignment_micro_batch": {"epochs": 1, "time_budget_s": 60},
+    "reward_balance": {
+        "epochs": 1, "max_epochs": 1, "seeds": [0, 1], "other_seeds": [0], "images_per_prompt": 1,
+    },
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -87,6 +100,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ]
         ),  # fmt: skip
     )
+    amb = scale["alignment_micro_batch"]
+    for mb in MICRO_BATCHES:
+        study(
+            f"alignment_mb{mb}",
+            lambda mb=mb: alignment.main(
+                ["--epochs", str(amb["epochs"]), "--time-budget", str(amb["time_budget_s"]),
+                 "--micro-batch", str(mb), *(a for o in MICRO_BATCH_STEP for a in ("--set", o)),
+                 *out(f"alignment_mb{mb}")]
+            ),
+        )  # fmt: skip
     thr = scale["throughput"]
     study(
         "throughput",
@@ -100,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lambda: reward_balance.main(
             ["--epochs", str(rb["epochs"]), "--max-epochs", str(rb["max_epochs"]),
              "--budget", str(BUDGET_S - (time.perf_counter() - t0)), "--seeds", *map(str, rb["seeds"]),
+             "--other-seeds", *map(str, rb["other_seeds"]),
              "--images-per-prompt", str(rb["images_per_prompt"]), *out("reward_balance")]
         ),
     )  # fmt: skip

@@ -61,6 +61,12 @@ def test_alignment_keys(small_cfg, tmp_path):
     # magnitude: cosines within ~3e-4 of the exact solution, measured)
     assert res["directions"]["fresh_mgda"]["all_batches"]["worst_min_cos"] > -1e-3
     assert alignment.plot(res, tmp_path / "a.png").stat().st_size > 0
+    # the README renders the micro-batch comparison from the results at each size
+    common.write_json(tmp_path / "alignment.json", res)
+    other = {**res, "settings": {**res["settings"], "micro_batch_size": 8}}
+    common.write_json(tmp_path / "alignment_mb8.json", other)
+    text = readme_table.render(tmp_path)
+    assert "micro-batch 8 x" in text and "micro-batch 2 x" in text and "per optimizer step" in text
     # the replay on the saved Grams reproduces every preset's per-batch cosines of the run itself
     saved = alignment_replay.Saved(tmp_path / "grams.npz")
     assert len(res["raw_steps"]) == saved.S and n == saved.S * saved.M
@@ -91,6 +97,15 @@ def test_reward_balance_aggregate_and_readme(small_cfg, tmp_path):
         assert set(agg[p]["rewards"]) == {r.name for r in small_cfg.rewards}
         assert {"improves_all_mean", "improves_all_ci", "mean_delta_std_units_trained"} <= set(agg[p])
         assert agg[p]["rewards"][small_cfg.rewards[0].name]["delta"]["n"] == 2
+    pair = reward_balance.paired(small_cfg, runs, "marble", "weighted_sum")
+    name = small_cfg.rewards[0].name
+    by = {(r["preset"], r["seed"]): r["eval"][name]["delta_std_units"] for r in runs}
+    assert pair["seeds"] == [0, 1]  # per-seed differences, checked by hand
+    assert pair["rewards"][name]["per_seed"] == pytest.approx(
+        [by["marble", s] - by["weighted_sum", s] for s in (0, 1)]
+    )
+    assert pair["rewards"][name]["diff"]["mean"] == pytest.approx(np.mean(pair["rewards"][name]["per_seed"]))
+    assert reward_balance.paired(small_cfg, runs, "marble", "gdpo") is None  # no common seed
     cmd = reward_balance.train_command("marble", 1, 2, Path("p"), Path("o"), [])
     assert cmd[3:5] == ["train", "--config"] and "train.seed=1" in cmd and "train.epochs=2" in cmd
     # the README section renders from whatever results exist and replaces only the marked block
@@ -100,11 +115,14 @@ def test_reward_balance_aggregate_and_readme(small_cfg, tmp_path):
                            "eval_images_per_prompt": 2, "eval_num_steps": 4, "eval_weights": "ema",
                            "rewards_trained": small_cfg.trained_reward_names,
                            "rewards_held_out": [r.name for r in small_cfg.rewards if r.held_out]},
-              "presets": agg, "runs": runs}  # fmt: skip
+              "conditioning": {"color": 0.8, "color_chance": 0.125, "images": 32, "position": 0.6,
+                               "position_chance": 0.25, "positional_images": 16},
+              "presets": agg, "paired": [pair], "runs": runs}  # fmt: skip
     common.write_json(tmp_path / "reward_balance.json", result)
     assert reward_balance.plot(result, tmp_path / "r.png").stat().st_size > 0
     text = readme_table.render(tmp_path)
     assert "| `marble` |" in text and "Per-reward change" in text
+    assert "colour accuracy 80%" in text and "`marble` - `weighted_sum`, paired on seeds [0, 1]" in text
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\nkept\n")
     readme_table.update_readme(readme, text)
@@ -132,6 +150,25 @@ def test_epochs_that_fit_matches_brute_force(phase, epochs, startup, epoch_s, le
         phase_seconds=phase, epochs=epochs, run_startup_s=startup, run_epoch_s=epoch_s,
         seconds_left=left, max_epochs=max_epochs,
     ) == expected  # fmt: skip
+
+
+def test_reward_balance_jobs_give_the_core_presets_every_seed():
+    jobs = reward_balance.job_list(
+        ["marble", "equal", "weighted_sum"], [0, 1, 2], [0], ["marble", "weighted_sum"]
+    )
+    assert jobs == [("marble", 0), ("equal", 0), ("weighted_sum", 0), ("marble", 1), ("weighted_sum", 1),
+                    ("marble", 2), ("weighted_sum", 2)]  # fmt: skip
+    assert len(reward_balance.job_list(["marble", "equal"], [0, 1], None, ["marble"])) == 4
+
+
+def test_alignment_micro_batch_override(small_cfg):
+    # small_cfg: 4 samples per epoch
+    assert alignment.micro_batch_overrides(small_cfg, 4) == [
+        "train.micro_batch_size=4",
+        "train.gradient_accumulation_steps=1",
+    ]
+    with pytest.raises(SystemExit, match="--micro-batch 3 must divide the epoch's 4 samples"):
+        alignment.micro_batch_overrides(small_cfg, 3)
 
 
 def test_balancer_overhead_writes_json_and_plot(tmp_path):
