@@ -388,8 +388,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = ap.parse_args(argv)
     if args.micro_batch is not None:
+        # the epoch's samples, from a config any sampling override keeps valid (one sample per micro-step)
+        one = ["train.micro_batch_size=1", "train.gradient_accumulation_steps=1"]
         args.overrides += micro_batch_overrides(
-            common.bench_config(args.driver, args.overrides), args.micro_batch
+            common.bench_config(args.driver, [*args.overrides, *one]), args.micro_batch
         )
     cfg = common.bench_config(args.driver, args.overrides)
     result = run(
