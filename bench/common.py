@@ -178,12 +178,13 @@ def median(xs: list[float]) -> float:
 
 # ---------------------------------------------------------------------------------------- world
 def prepare_prompts(cfg: MarbleConfig, work: Path) -> Path:
-    """`marble prepare` into `work/prompts` once (the split depends only on the data section)."""
+    """`marble prepare` into `work/prompts`, on every call: it takes a second, and prompts prepared by
+    an earlier checkout (another prompt grammar or split) must never be reused. The output is
+    deterministic and replaced atomically."""
     from marble.stages import prepare_prompts as prepare
 
     out = work / "prompts"
-    if not (out / "manifest.json").is_file():
-        prepare(cfg, out)
+    prepare(cfg, out)
     return out
 
 
