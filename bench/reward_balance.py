@@ -108,29 +108,26 @@ TIME_MARGIN = 1.1  # the resumed phase must fit with 10% to spare
 
 def epochs_that_fit(
     *,
-    phase_seconds: float,
-    epochs: int,
     run_startup_s: float,
     run_epoch_s: float,
+    runs: int,
+    workers: int,
     seconds_left: float,
+    min_epochs: int,
     max_epochs: int,
 ) -> int:
-    """The common epoch count (>= `epochs`, <= `max_epochs`) that a resumed phase can reach in `seconds_left`.
+    """The largest common epoch count in [`min_epochs`, `max_epochs`] whose training fits in `seconds_left`.
 
-    A resumed phase to E epochs restarts every run (start-up: process, model, checkpoint) and trains
-    E - `epochs` more epochs. Its cost is the measured first phase scaled by the per-run split of
-    that phase, taken from the runs' own figures: `phase_seconds * (startup + (E - epochs) * epoch) /
-    (startup + epochs * epoch)`. Scaling the measured phase keeps the parallelism and the machine's
-    load in the estimate; charging start-up only per phase (not per epoch) is what lets the estimate
-    use the budget instead of counting the start-up again for every epoch.
+    `run_startup_s` (process, model, first rollout's set-up) and `run_epoch_s` are one run's wall-clock
+    figures measured by pilot runs trained `workers` at a time, so they carry the parallelism and the
+    machine's load; `runs` runs to E epochs, `workers` at a time, cost
+    `runs * (startup + E * epoch) / workers`, with TIME_MARGIN to spare.
     """
-    unit = run_startup_s + epochs * run_epoch_s
-    if phase_seconds <= 0 or unit <= 0 or run_epoch_s <= 0 or seconds_left <= 0:
-        return epochs
-    per_epoch = phase_seconds * run_epoch_s / unit  # one more epoch of every run
-    fixed = phase_seconds * run_startup_s / unit  # restarting every run
-    extra = int((seconds_left / TIME_MARGIN - fixed) // per_epoch)
-    return max(epochs, min(max_epochs, epochs + extra))
+    if run_epoch_s <= 0 or runs <= 0 or workers <= 0 or seconds_left <= 0:
+        return min_epochs
+    per_run = seconds_left / TIME_MARGIN * workers / runs
+    fit = int((per_run - run_startup_s) // run_epoch_s)
+    return max(min_epochs, min(max_epochs, fit))
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -318,11 +315,12 @@ def run(
     threads: int = 2,
     extra: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train every (preset, seed) for `epochs` (`seeds` for the `core` presets, `other_seeds` for the
-    rest); then, if `max_epochs` and `budget_s` are given, extend
-    EVERY run (resuming its checkpoint) to the largest common epoch count <= max_epochs that the
-    measured cost of the first phase says fits in what is left of `budget_s` (seconds from the start
-    of this call, evaluation included). All runs always end with the same number of steps."""
+    """Train every (preset, seed) (`seeds` for the `core` presets, `other_seeds` for the rest) for
+    `epochs`; or, with `max_epochs` and `budget_s`: train the first `workers` runs for `epochs` (a pilot
+    measuring one run's start-up and epoch cost here and now), then every run to the largest common
+    epoch count <= `max_epochs` that fits in what is left of `budget_s` (seconds from the start of this
+    call, evaluation included; the pilot runs resume their checkpoints). All runs end with the same
+    number of steps."""
     t_start = time.perf_counter()
     load_start = common.load_average()
     extra = list(extra or [])
@@ -337,35 +335,42 @@ def run(
     jobs = job_list(presets, seeds, other_seeds, list(core))
     phases = []
 
-    def train_all(n_epochs: int, resume: bool) -> list[dict]:
+    def train_jobs(todo: list[tuple[str, int]], n_epochs: int, resumed: set) -> list[dict]:
         t = time.perf_counter()
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [
-                pool.submit(train_one, p, s, n_epochs, prompts, runs_dir, extra, resume) for p, s in jobs
+                pool.submit(train_one, p, s, n_epochs, prompts, runs_dir, extra, (p, s) in resumed)
+                for p, s in todo
             ]
             out = [f.result() for f in futures]
-        phases.append({"epochs": n_epochs, "resume": resume, "seconds": time.perf_counter() - t})
+        phases.append({"runs": len(todo), "epochs": n_epochs, "seconds": time.perf_counter() - t})
         return out
 
-    trained = train_all(epochs, resume=False)
     final_epochs = epochs
     if max_epochs is not None and budget_s is not None and max_epochs > epochs:
+        # pilot: the first `workers` runs, side by side, measure what one run costs here and now
+        pilot = jobs[:workers]
+        piloted = train_jobs(pilot, epochs, set())
         eval_reserve = EVAL_RESERVE_FACTOR * evaluator.sample_seconds * len(jobs)
         left = budget_s - (time.perf_counter() - t_start) - eval_reserve
-        startup = float(np.mean([t["wall_seconds"] - t["train_summary"]["train_seconds"] for t in trained]))
-        per_epoch = float(np.mean([t["train_summary"]["train_seconds"] for t in trained])) / epochs
-        target = epochs_that_fit(
-            phase_seconds=phases[0]["seconds"], epochs=epochs, run_startup_s=startup,
-            run_epoch_s=per_epoch, seconds_left=left, max_epochs=max_epochs,
+        startup = float(np.mean([t["wall_seconds"] - t["train_summary"]["train_seconds"] for t in piloted]))
+        per_epoch = float(np.mean([t["train_summary"]["train_seconds"] for t in piloted])) / epochs
+        final_epochs = epochs_that_fit(
+            run_startup_s=startup, run_epoch_s=per_epoch, runs=len(jobs), workers=workers,
+            seconds_left=left, min_epochs=epochs, max_epochs=max_epochs,
         )  # fmt: skip
         log.info(
-            "reward balance: first phase %.0f s (per run: %.1f s start-up, %.1f s per epoch); %.0f s left "
-            "after a %.0f s evaluation reserve -> train to %d epochs",
-            phases[0]["seconds"], startup, per_epoch, left, eval_reserve, target,
+            "reward balance: pilot of %d runs (per run: %.1f s start-up, %.1f s per epoch); %.0f s left after "
+            "a %.0f s evaluation reserve -> %d runs to %d epochs",
+            len(pilot), startup, per_epoch, left, eval_reserve, len(jobs), final_epochs,
         )  # fmt: skip
-        if target > epochs:
-            final_epochs = target
-            trained = train_all(final_epochs, resume=True)
+        if final_epochs == epochs:
+            rest = train_jobs(jobs[len(pilot) :], epochs, set())
+            trained = [*piloted, *rest]
+        else:  # the pilot runs resume from their checkpoints; the others start fresh
+            trained = train_jobs(jobs, final_epochs, set(pilot))
+    else:
+        trained = train_jobs(jobs, epochs, set())
     t_trained = time.perf_counter()
     load_train = common.load_average()
     with pinned_threads(threads):
@@ -404,7 +409,7 @@ def run(
             "core_presets": list(core),
             "seeds_per_preset": {p: [s for q, s in jobs if q == p] for p in presets},
             "epochs": final_epochs,
-            "epochs_first_phase": epochs,
+            "epochs_pilot": epochs,
             "max_epochs": max_epochs,
             "budget_s": budget_s,
             "training_phases": phases,
@@ -484,9 +489,14 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=20, help="epochs = optimizer steps on configs/tiny.yaml")
     ap.add_argument(
-        "--max-epochs", type=int, help="extend every run up to this many epochs if --budget allows"
+        "--epochs",
+        type=int,
+        default=20,
+        help="epochs (= optimizer steps on configs/tiny.yaml); the pilot's with --max-epochs",
+    )
+    ap.add_argument(
+        "--max-epochs", type=int, help="train every run up to this many epochs if --budget allows"
     )
     ap.add_argument("--budget", type=float, help="seconds this study may take (with --max-epochs)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the --core presets")

@@ -132,23 +132,21 @@ def test_reward_balance_aggregate_and_readme(small_cfg, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("phase", "epochs", "startup", "epoch_s", "left", "max_epochs"),
-    [(142.0, 2, 6.7, 3.4, 600.0, 40), (60.0, 2, 5.0, 1.0, 10_000.0, 40), (100.0, 2, 2.0, 4.0, 30.0, 40),
-     (100.0, 3, 0.0, 4.0, 250.0, 40), (100.0, 2, 3.0, 4.0, -5.0, 40)],
+    ("startup", "epoch_s", "runs", "workers", "left", "min_epochs", "max_epochs"),
+    [(6.7, 3.4, 30, 2, 900.0, 2, 40), (5.0, 1.0, 30, 2, 10_000.0, 2, 40), (2.0, 4.0, 27, 2, 30.0, 2, 40),
+     (0.0, 4.0, 9, 3, 250.0, 3, 40), (3.0, 4.0, 30, 2, -5.0, 2, 40), (20.0, 1.5, 30, 2, 700.0, 2, 60)],
 )  # fmt: skip
-def test_epochs_that_fit_matches_brute_force(phase, epochs, startup, epoch_s, left, max_epochs):
-    """The resumed phase's predicted cost (the measured phase scaled by its start-up/epoch split) fits."""
+def test_epochs_that_fit_matches_brute_force(startup, epoch_s, runs, workers, left, min_epochs, max_epochs):
+    """`runs` runs to E epochs, `workers` at a time, fit with the margin to spare."""
 
-    def predicted_cost(target: int) -> float:
-        return phase * (startup + (target - epochs) * epoch_s) / (startup + epochs * epoch_s)
+    def cost(e: int) -> float:
+        return runs * (startup + e * epoch_s) / workers
 
-    fits = [
-        e for e in range(epochs + 1, max_epochs + 1) if reward_balance.TIME_MARGIN * predicted_cost(e) <= left
-    ]
-    expected = max(fits, default=epochs)
+    fits = [e for e in range(min_epochs, max_epochs + 1) if reward_balance.TIME_MARGIN * cost(e) <= left]
+    expected = max(fits, default=min_epochs)
     assert reward_balance.epochs_that_fit(
-        phase_seconds=phase, epochs=epochs, run_startup_s=startup, run_epoch_s=epoch_s,
-        seconds_left=left, max_epochs=max_epochs,
+        run_startup_s=startup, run_epoch_s=epoch_s, runs=runs, workers=workers, seconds_left=left,
+        min_epochs=min_epochs, max_epochs=max_epochs,
     ) == expected  # fmt: skip
 
 
