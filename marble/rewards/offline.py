@@ -1,6 +1,6 @@
 """Offline rewards of the tiny world: no weights, deterministic, batch-vectorised.
 
-Mirrors the paper's specialist structure (ARCHITECTURE.md, "The tiny world"):
+Mirrors the paper's specialist structure (docs/tiny-world.md):
 - general rewards, applying to every prompt: brightness, colorfulness, JPEG compressibility;
 - specialists returning NaN elsewhere: colour match (prompts naming a PALETTE colour, GenEval-like),
   position match (prompts naming a POSITIONS word) and edge detail (prompts with quoted text, OCR-like).
