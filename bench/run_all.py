@@ -1,6 +1,7 @@
 """`make bench`: every benchmark study on the tiny world, then the README table.
 
-Studies, in this order (each writes bench/results/<name>.json and .png):
+Studies, in this order (each writes bench/results/<name>.json and .png), after the tiny model is
+built (or found in its cache):
 1. `balancer_overhead` (the balancer's own micro-benchmark, its own defaults);
 2. `alignment` (gradient cosines of every preset on the same batches), then `alignment_mb8` and
    `alignment_mb64` (the same at micro-batches of 8 and 64 samples);
@@ -87,7 +88,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log.info("=== %s done in %.1f s ===", name, seconds[name])
 
     from bench import alignment, balancer_overhead, reward_balance, throughput
+    from marble.models.tiny import ensure_tiny_model
 
+    # the tiny model first (a fresh clone builds it here), so no study's own time budget pays for it
+    study("tiny_model", lambda: ensure_tiny_model(common.bench_config().model))
     study("balancer_overhead", lambda: balancer_overhead.main(out("balancer_overhead")))
     study(
         "alignment",
