@@ -91,7 +91,7 @@ def world_line(rb: dict[str, Any]) -> str:
     if not c:
         return "World: conditioning accuracy not measured in this run."
     return (
-        f"World: the base tiny model follows its prompts: nearest-colour accuracy {_f(c['color'], '.0%')} "
+        f"World: how well the base tiny model follows its prompts: nearest-colour accuracy {_f(c['color'], '.0%')} "
         f"(chance {_f(c['color_chance'], '.1%')}) on {c['images']} images and position accuracy "
         f"{_f(c['position'], '.0%')} (chance {_f(c['position_chance'], '.0%')}) on {c['positional_images']}, "
         "colour x shape pairs held out from its pretraining, sampled as training samples "
