@@ -47,6 +47,7 @@ def test_throughput_keys(small_cfg, tmp_path):
     json.dumps(common._clean(res), allow_nan=False)  # strict JSON
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_alignment_keys(small_cfg, tmp_path):
     res = alignment.run(small_cfg, tmp_path, epochs=1, grams_out=tmp_path / "grams.npz")
     n = len(res["raw_batches"])

@@ -49,6 +49,7 @@ def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_sources_are_read_through_dvc_at_a_revision_and_the_fingerprint_follows(tmp_path):
     """A Git+DVC project whose prompt file lives only on its (local) remote, as on a cluster."""

@@ -175,6 +175,7 @@ def test_evaluation_reports_each_papers_scale_with_the_training_scale_beside(wor
     assert np.nanmean(paper[:, 1]) == pytest.approx(gen.adapter.mean)
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_register_then_fetch_by_alias_reproduces_the_evaluated_images(world, monkeypatch):
     cfg, root, adapter, _ = world
     monkeypatch.setenv("MARBLE_RUN_ID", "e2e")

@@ -84,6 +84,7 @@ def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [target.name]
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_tiny_build_is_deterministic_whatever_the_callers_thread_count(tmp_path):
     """Two builds of one config save byte-identical files (weights, tokenizers, configs) although the
     callers use different torch thread counts (CPU reductions split by thread: unpinned, 1 and 2 threads

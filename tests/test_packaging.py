@@ -89,6 +89,7 @@ def test_installed_pipeline_is_the_wheel_and_defaults_to_the_shipped_tiny_config
     assert str(pretrained) == "tiny"
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_installed_bench_says_it_needs_a_checkout(installed):
     out = run([installed["marble"], "bench", "balancer_overhead"], installed["cwd"], check=False)
     assert out.returncode == 2

@@ -76,6 +76,7 @@ def _cpu_bf16_autocast() -> bool:
         return False
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 @pytest.mark.skipif(not _cpu_bf16_autocast(), reason="this torch build has no bf16 autocast on CPU")
 def test_bf16_mixed_precision_trains_on_cpu(tiny_config, tmp_path):
     prompts = tmp_path / "prompts"

@@ -76,6 +76,7 @@ def _assert_same_run(ref: Path, other: Path) -> None:
         assert ra["loss/policy"] == rb["loss/policy"], ra["step"]
 
 
+@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_sigkill_off_boundary_then_resume_is_bitwise_identical(setup, tmp_path):
     cfg, prompts, ref = setup
     out = tmp_path / "killed"
