@@ -191,6 +191,7 @@ TASKS = (
 )  # fmt: skip
 
 
+@pytest.mark.slow  # a whole local pipeline run, about 45 s on the 2-core machine: `make test-slow`
 def test_local_run_shows_tasks_and_progress_and_logs_the_rest(fake_stages, tmp_path, capsys):
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     out = run_local(cfg, pipeline_root=tmp_path / "kfp")
@@ -211,6 +212,7 @@ def test_local_run_shows_tasks_and_progress_and_logs_the_rest(fake_stages, tmp_p
     assert sum(line.strip().startswith("train:") for line in log.splitlines()) > len(bars)
 
 
+@pytest.mark.slow  # a whole local pipeline run, about 45 s on the 2-core machine: `make test-slow`
 def test_a_failing_gate_records_a_candidate(fake_stages, tmp_path):
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     out = run_local(cfg, pipeline_root=tmp_path / "kfp", params={"gate_max_monitor_shift": 0.5})
@@ -237,6 +239,7 @@ def test_a_failing_gate_records_a_candidate(fake_stages, tmp_path):
     assert (tmp_path / "docs" / "training-curves-candidate.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # a whole local pipeline run, about 45 s on the 2-core machine: `make test-slow`
 def test_local_run_reports_a_failing_task(fake_stages, tmp_path, capsys):
     # Make the fake train stage fail: the run must stop with a LocalRunError, not a traceback.
     (fake_stages / "sitecustomize.py").write_text(
