@@ -17,11 +17,10 @@ from urllib.parse import quote
 
 from marble.config import KubeflowRegistry, MarbleConfig
 from marble.eval.contract import EvalSummary
-from marble.eval.gate import evaluate_gate
 from marble.registry.base import CANDIDATE, CHAMPION, TAG_APPLIED, TAG_GATE, TAG_GATE_SUMMARY
 from marble.registry.register import (
-    _champion_for_gate,
     _check_adapter,
+    _decide,
     check_evaluated,
     open_registry,
     run_id,
@@ -50,8 +49,7 @@ def decide_promotion(
             v = existing[0]
             passed = v.tags.get(TAG_GATE) == "passed"
             return _decision(passed, v.tags.get(TAG_GATE_SUMMARY, ""), [], None, key, v.version)
-        champion = registry.get_alias(CHAMPION)
-        gate = evaluate_gate(summary, cfg.eval.gate, **_champion_for_gate(summary, champion))
+        champion, gate = _decide(cfg, registry, summary)
     checks = gate.to_json_dict()["checks"]
     return _decision(gate.passed, gate.summary(), checks, champion.version if champion else None, key, None)
 
