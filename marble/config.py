@@ -262,57 +262,59 @@ ApplicabilityRule = Literal["always", "quoted_text", "named_color", "named_posit
 
 
 class _RewardBase(StrictModel):
-    """A reward kind is declared once, by its config class below: `kind` (the config discriminator),
-    `implementation` (the class that scores it, "module:Class", imported on first use) and
-    `applicability` (the rule naming the prompts it scores; None when each reward chooses, `applies_when`).
-    The config union `RewardSpec`, the class table `marble.rewards.registry.REWARD_KINDS`, the rules of
-    `marble.data.applicability` and the evaluation lineage (through the class's `artifacts`) derive from it.
+    """A reward kind is declared once, by its config class below:
+    `class XReward(_RewardBase, scorer="module:Class", applies="rule")` with a `kind` literal (the config
+    discriminator). `scorer` is the class in `marble.rewards.<module>` that scores it (imported on first
+    use); `applies` is the rule naming the prompts it scores (left out when each reward chooses its own,
+    `applies_when`). A class with no parameters of its own may configure several kinds (`PixelReward`,
+    its `KINDS` table). The config union `RewardSpec`, the class table
+    `marble.rewards.registry.REWARD_KINDS`, the rules of `marble.data.applicability` and the evaluation
+    lineage (through the scorer's `artifacts`) derive from it.
     """
 
     implementation: ClassVar[str]
     applicability: ClassVar[ApplicabilityRule | None]
 
+    def __init_subclass__(
+        cls, *, scorer: str | None = None, applies: ApplicabilityRule | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if scorer is not None:
+            cls.implementation = f"marble.rewards.{scorer}"
+            cls.applicability = applies
+
     name: str = Field(description="Unique name; metrics are logged as train/reward/<name>.")
     held_out: bool = Field(False, description="Evaluated but never trained on.")
     batch_size: int = Field(16, ge=1, description="Images scored per forward pass.")
 
-
-class BrightnessReward(_RewardBase):
-    kind: Literal["brightness"] = "brightness"
-    implementation = "marble.rewards.offline:BrightnessScorer"
-    applicability = "always"
-
-
-class ColorfulnessReward(_RewardBase):
-    kind: Literal["colorfulness"] = "colorfulness"
-    implementation = "marble.rewards.offline:ColorfulnessScorer"
-    applicability = "always"
+    @classmethod
+    def declared_kinds(cls) -> dict[str, tuple[str, ApplicabilityRule | None]]:
+        """kind -> (implementation, applicability) of every kind this class configures."""
+        return {cls.model_fields["kind"].default: (cls.implementation, cls.applicability)}
 
 
-class JpegCompressibilityReward(_RewardBase):
+class JpegCompressibilityReward(_RewardBase, scorer="offline:JpegCompressibilityScorer", applies="always"):
     kind: Literal["jpeg_compressibility"] = "jpeg_compressibility"
-    implementation = "marble.rewards.offline:JpegCompressibilityScorer"
-    applicability = "always"
 
     quality: int = Field(95, ge=1, le=100, description="JPEG quality used to measure size [DDPO: 95].")
 
 
-class ColorMatchReward(_RewardBase):
-    kind: Literal["color_match"] = "color_match"
-    implementation = "marble.rewards.offline:ColorMatchScorer"
-    applicability = "named_color"
+class PixelReward(_RewardBase):
+    """The parameterless offline rewards of the tiny world, computed from the pixels (and the prompt's
+    named colour or position): one config class, `kind` picks the scorer and its prompts."""
 
+    kind: Literal["brightness", "colorfulness", "color_match", "edge_detail", "position_match"]
+    KINDS: ClassVar[dict[str, tuple[str, ApplicabilityRule]]] = {  # kind: (scorer, applies)
+        "brightness": ("offline:BrightnessScorer", "always"),
+        "colorfulness": ("offline:ColorfulnessScorer", "always"),
+        "color_match": ("offline:ColorMatchScorer", "named_color"),
+        "edge_detail": ("offline:EdgeDetailScorer", "quoted_text"),
+        "position_match": ("offline:PositionMatchScorer", "named_position"),
+    }
 
-class EdgeDetailReward(_RewardBase):
-    kind: Literal["edge_detail"] = "edge_detail"
-    implementation = "marble.rewards.offline:EdgeDetailScorer"
-    applicability = "quoted_text"
-
-
-class PositionMatchReward(_RewardBase):
-    kind: Literal["position_match"] = "position_match"
-    implementation = "marble.rewards.offline:PositionMatchScorer"
-    applicability = "named_position"
+    @classmethod
+    def declared_kinds(cls) -> dict[str, tuple[str, ApplicabilityRule | None]]:
+        return {kind: (f"marble.rewards.{scorer}", rule) for kind, (scorer, rule) in cls.KINDS.items()}
 
 
 class _HubModelReward(_RewardBase):
@@ -321,10 +323,8 @@ class _HubModelReward(_RewardBase):
     device: str | None = Field(None, description="Device for the reward model (default: the trainer's).")
 
 
-class PickScoreReward(_HubModelReward):
+class PickScoreReward(_HubModelReward, scorer="clip:PickScoreScorer", applies="always"):
     kind: Literal["pickscore"] = "pickscore"
-    implementation = "marble.rewards.clip:PickScoreScorer"
-    applicability = "always"
 
     model: str = "yuvalkirstain/PickScore_v1"
     processor: str = Field(
@@ -334,28 +334,22 @@ class PickScoreReward(_HubModelReward):
     scale: float = Field(26.0, gt=0, description="Training scale divisor of the raw score [NFT: /26].")
 
 
-class ClipScoreReward(_HubModelReward):
+class ClipScoreReward(_HubModelReward, scorer="clip:ClipScoreScorer", applies="always"):
     kind: Literal["clipscore"] = "clipscore"
-    implementation = "marble.rewards.clip:ClipScoreScorer"
-    applicability = "always"
 
     model: str = "openai/clip-vit-large-patch14"
 
 
-class HPSv21Reward(_HubModelReward):
+class HPSv21Reward(_HubModelReward, scorer="hps:HPSv21Scorer", applies="always"):
     kind: Literal["hpsv21"] = "hpsv21"
-    implementation = "marble.rewards.hps:HPSv21Scorer"
-    applicability = "always"
 
     model: str = "xswu/HPSv2"
     checkpoint_file: str = Field("HPS_v2.1_compressed.pt", description="State dict file inside the repo.")
     architecture: str = Field("ViT-H-14", description="open_clip architecture name.")
 
 
-class AestheticReward(_HubModelReward):
+class AestheticReward(_HubModelReward, scorer="clip:AestheticScorer", applies="always"):
     kind: Literal["aesthetic"] = "aesthetic"
-    implementation = "marble.rewards.clip:AestheticScorer"
-    applicability = "always"
 
     model: str = "openai/clip-vit-large-patch14"
     head: str = Field(
@@ -366,35 +360,25 @@ class AestheticReward(_HubModelReward):
     head_revision: str | None = Field(None, description="Hub revision (commit hash) of the MLP weights repo.")
 
 
-class ImageRewardReward(_HubModelReward):
+class ImageRewardReward(_HubModelReward, scorer="imagereward:ImageRewardScorer", applies="always"):
     kind: Literal["imagereward"] = "imagereward"
-    implementation = "marble.rewards.imagereward:ImageRewardScorer"
-    applicability = "always"
 
     model: str = "THUDM/ImageReward"
-    checkpoint_file: str = Field(
-        "ImageReward.pt", description="State dict file inside the repo (BLIP + MLP)."
-    )
-    config_file: str = Field(
-        "med_config.json", description="BLIP text-encoder (BERT) config inside the repo."
-    )
+    checkpoint_file: str = Field("ImageReward.pt", description="State dict (BLIP + MLP) in the repo.")
+    config_file: str = Field("med_config.json", description="BLIP text-encoder (BERT) config in the repo.")
     tokenizer: str = Field("google-bert/bert-base-uncased", description="BERT tokenizer hub id or directory.")
     tokenizer_revision: str | None = Field(None, description="Tokenizer revision to pin.")
 
 
-class OcrReward(_HubModelReward):
+class OcrReward(_HubModelReward, scorer="ocr:OcrScorer", applies="quoted_text"):
     kind: Literal["ocr"] = "ocr"
-    implementation = "marble.rewards.ocr:OcrScorer"
-    applicability = "quoted_text"
 
     backend: Literal["trocr", "easyocr", "paddle"] = Field("trocr", description="Recognizer backend.")
     model: str = "microsoft/trocr-base-printed"
 
 
-class GenEvalReward(_HubModelReward):
+class GenEvalReward(_HubModelReward, scorer="geneval:GenEvalScorer", applies="geneval_metadata"):
     kind: Literal["geneval"] = "geneval"
-    implementation = "marble.rewards.geneval:GenEvalScorer"
-    applicability = "geneval_metadata"
 
     model: str = Field("google/owlv2-base-patch16-ensemble", description="Object detector.")
     clip_model: str = Field("openai/clip-vit-large-patch14", description="CLIP for zero-shot colour.")
@@ -407,12 +391,10 @@ class GenEvalReward(_HubModelReward):
     )
 
 
-class HttpReward(_RewardBase):
+class HttpReward(_RewardBase, scorer="http:HttpScorer"):
     """A reward served over HTTP (JSON wire format `marble-reward/1`, see marble/rewards/http.py)."""
 
     kind: Literal["http"] = "http"
-    implementation = "marble.rewards.http:HttpScorer"
-    applicability = None  # `applies_when` below
 
     url: str = Field(
         description="http(s) endpoint receiving POST JSON {schema, prompts, metadata, images (base64 PNG)}; "
@@ -468,12 +450,8 @@ class HttpReward(_RewardBase):
 
 
 REWARD_SPECS: tuple[type[_RewardBase], ...] = (
-    BrightnessReward,
-    ColorfulnessReward,
+    PixelReward,
     JpegCompressibilityReward,
-    ColorMatchReward,
-    EdgeDetailReward,
-    PositionMatchReward,
     PickScoreReward,
     ClipScoreReward,
     HPSv21Reward,
@@ -485,7 +463,14 @@ REWARD_SPECS: tuple[type[_RewardBase], ...] = (
 )
 """Every reward kind's declaration (see `_RewardBase`): add a kind here and nowhere else."""
 
-REWARD_SPEC_BY_KIND: dict[str, type[_RewardBase]] = {c.model_fields["kind"].default: c for c in REWARD_SPECS}
+REWARD_SPEC_BY_KIND: dict[str, type[_RewardBase]] = {
+    kind: c for c in REWARD_SPECS for kind in c.declared_kinds()
+}
+
+REWARD_KIND_DECLARATIONS: dict[str, tuple[str, ApplicabilityRule | None]] = {
+    kind: declaration for c in REWARD_SPECS for kind, declaration in c.declared_kinds().items()
+}
+"""kind -> (implementing class "module:Class", applicability rule or None), for every reward kind."""
 
 RewardSpec = Annotated[Union[REWARD_SPECS], Field(discriminator="kind")]  # noqa: UP007 (a union of a tuple)
 

@@ -11,10 +11,10 @@ import typing
 import pytest
 
 from marble.config import (
+    REWARD_KIND_DECLARATIONS,
     REWARD_SPEC_BY_KIND,
     REWARD_SPECS,
     ApplicabilityRule,
-    HttpReward,
     MarbleConfig,
     RewardSpec,
 )
@@ -25,28 +25,30 @@ from marble.rewards.registry import REWARD_KINDS, build_reward, reward_class
 UNION_MEMBERS = typing.get_args(typing.get_args(RewardSpec)[0])
 
 
-def _kind(spec_cls) -> str:
-    (kind,) = typing.get_args(spec_cls.model_fields["kind"].annotation)
-    return kind
+def _kinds(spec_cls) -> tuple[str, ...]:
+    return typing.get_args(spec_cls.model_fields["kind"].annotation)
 
 
-def _default_spec(spec_cls):
-    required = {"url": "http://127.0.0.1:9/score"} if spec_cls is HttpReward else {}
-    return spec_cls(name=f"my_{_kind(spec_cls)}", **required)
+def _default_spec(kind: str):
+    required = {"url": "http://127.0.0.1:9/score"} if kind == "http" else {}
+    return REWARD_SPEC_BY_KIND[kind](kind=kind, name=f"my_{kind}", **required)
 
 
 def test_reward_kinds_match_the_config_union():
-    union_kinds = {_kind(m) for m in UNION_MEMBERS}
+    union_kinds = [kind for m in UNION_MEMBERS for kind in _kinds(m)]
     assert set(UNION_MEMBERS) == set(REWARD_SPECS)
-    assert len(union_kinds) == len(UNION_MEMBERS), "two config classes declare the same kind"
-    assert set(REWARD_KINDS) == union_kinds == set(REWARD_SPEC_BY_KIND)
-    # a config naming each kind validates and builds the class the table names
-    for spec_cls in REWARD_SPECS:
+    assert len(union_kinds) == len(set(union_kinds)), "two config classes declare the same kind"
+    assert set(REWARD_KINDS) == set(union_kinds) == set(REWARD_SPEC_BY_KIND)
+    for spec_cls in REWARD_SPECS:  # each class's table of kinds is exactly the kinds its field accepts
+        assert set(spec_cls.declared_kinds()) == set(_kinds(spec_cls)), spec_cls.__name__
+    # a config naming each kind validates, and builds the class the table names
+    for kind in union_kinds:
         cfg = MarbleConfig.model_validate(
-            {"rewards": [_default_spec(spec_cls).model_dump()], "sampling": {"resolution": 64}}
+            {"rewards": [_default_spec(kind).model_dump()], "sampling": {"resolution": 64}}
         )
+        assert cfg.rewards[0].kind == kind
         reward = build_reward(cfg.rewards[0])
-        module, name = REWARD_KINDS[_kind(spec_cls)].split(":")
+        module, name = REWARD_KINDS[kind].split(":")
         assert type(reward).__module__ == module and type(reward).__name__ == name
         assert isinstance(reward, BaseReward)
 
@@ -57,11 +59,10 @@ def test_unknown_kind_is_refused_by_the_config():
 
 
 def test_every_kind_has_exactly_one_applicability_source():
-    for spec_cls in REWARD_SPECS:
-        kind = _kind(spec_cls)
+    for kind, spec_cls in REWARD_SPEC_BY_KIND.items():
         configured = "applies_when" in spec_cls.model_fields
         # either the kind fixes its rule, or each reward of the kind chooses one (http), never both
-        assert (spec_cls.applicability is None) == configured, kind
+        assert (REWARD_KIND_DECLARATIONS[kind][1] is None) == configured, kind
         assert (kind in KIND_RULES) == (not configured), kind
         if not configured:
             assert KIND_RULES[kind] in RULES
@@ -80,9 +81,9 @@ def _model_fields_of(spec) -> dict[str, str | None]:
     return out
 
 
-@pytest.mark.parametrize("spec_cls", REWARD_SPECS, ids=_kind)
-def test_artifacts_cover_every_repo_the_spec_names(spec_cls):
-    spec = _default_spec(spec_cls)
+@pytest.mark.parametrize("kind", sorted(REWARD_SPEC_BY_KIND))
+def test_artifacts_cover_every_repo_the_spec_names(kind):
+    spec = _default_spec(kind)
     if hasattr(spec, "backend") and spec.backend != "trocr":
         pytest.skip("easyocr and paddle fetch their own weights")
     named = _model_fields_of(spec)

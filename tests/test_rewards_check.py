@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from marble.cli import main
-from marble.config import BrightnessReward, ColorMatchReward
+from marble.config import PixelReward
 from marble.configio import load_config
 from marble.errors import RewardError
 from marble.rewards import build_reward
@@ -58,8 +58,8 @@ class _OutOfRange(BaseReward):
 )
 def test_broken_rewards_are_refused_with_a_report(cls, message):
     cfg = load_config("configs/tiny.yaml")
-    good = build_reward(BrightnessReward(name="brightness"))
-    broken = cls(ColorMatchReward(name="broken"))  # a specialist: only colour prompts count
+    good = build_reward(PixelReward(kind="brightness", name="brightness"))
+    broken = cls(PixelReward(kind="color_match", name="broken"))  # a specialist: only colour prompts count
     with pytest.raises(RewardError, match=rf"\['broken'\][\s\S]*{message}") as err:
         check_rewards(cfg, rewards=[good, broken])
     assert "brightness" in str(err.value)  # the report lists the healthy rewards too

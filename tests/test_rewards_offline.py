@@ -7,14 +7,7 @@ import math
 import pytest
 import torch
 
-from marble.config import (
-    BrightnessReward,
-    ColorfulnessReward,
-    ColorMatchReward,
-    EdgeDetailReward,
-    JpegCompressibilityReward,
-    PositionMatchReward,
-)
+from marble.config import JpegCompressibilityReward, PixelReward
 from marble.configio import load_config
 from marble.data.tiny_world import PALETTE, POSITIONS, generate_prompts
 from marble.errors import RewardError
@@ -50,7 +43,7 @@ def checkerboard(size=16) -> torch.Tensor:
 
 
 def test_brightness_is_bt601_luma():
-    r = build_reward(BrightnessReward(name="b"))
+    r = build_reward(PixelReward(kind="brightness", name="b"))
     imgs = torch.cat([solid((0, 0, 0)), solid((1, 1, 1)), solid((1, 0, 0)), solid((0.2, 0.4, 0.6))])
     out = r(imgs, ["a"] * 4, [{}] * 4)
     assert isinstance(out, RewardOutput) and out.scores.dtype == torch.float64
@@ -95,7 +88,7 @@ def on_black(rgb, n=1, size=16, side=6) -> torch.Tensor:
 
 
 def test_color_match_is_named_minus_other_palette_colours_and_nan_elsewhere():
-    r = build_reward(ColorMatchReward(name="cm"))
+    r = build_reward(PixelReward(kind="color_match", name="cm"))
     red = on_black(PALETTE["red"], n=3)
     out = r(red, ["a red circle", "a blue circle", "a large circle"], [{}] * 3).scores
     others = [c for c in PALETTE if c != "red"]
@@ -141,7 +134,7 @@ def test_position_match_hand_computed_and_nan_elsewhere():
     # centre x = (0 + 0.5) / 4 * 2 - 1 = -0.75, y = (1 + 0.5) / 4 * 2 - 1 = -0.25
     img = _dot(4, 1, 0)
     assert object_centroid(img)[0].tolist() == pytest.approx([-0.75, -0.25])
-    r = build_reward(PositionMatchReward(name="pos"))
+    r = build_reward(PixelReward(kind="position_match", name="pos"))
     prompts = ["a red circle on the left", "a red circle on the right", "a red circle at the top",
                "a red circle at the bottom", "a red circle"]  # fmt: skip
     out = r(img.expand(5, -1, -1, -1), prompts, [{}] * 5).scores
@@ -159,8 +152,8 @@ def test_colour_and_position_rewards_are_zero_sum_over_their_attribute():
     """Any image's scores under the 8 colour names (4 positions) sum to zero, so a change that ignores the
     prompt cannot raise their mean over prompts that name every colour (position) equally often."""
     imgs = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    cm = build_reward(ColorMatchReward(name="cm"))
-    pm = build_reward(PositionMatchReward(name="pos"))
+    cm = build_reward(PixelReward(kind="color_match", name="cm"))
+    pm = build_reward(PixelReward(kind="position_match", name="pos"))
     colour_total = sum(cm(imgs, [f"a {c} ring"] * 5, [{}] * 5).scores for c in PALETTE)
     position_total = sum(pm(imgs, [f"a red ring on the {p}"] * 5, [{}] * 5).scores for p in POSITIONS)
     assert colour_total.abs().max().item() < 1e-12 and position_total.abs().max().item() < 1e-12
@@ -170,7 +163,7 @@ def test_edge_detail_hand_computed_and_specialist():
     assert edge_detail(solid((0.4, 0.4, 0.4)))[0].item() == 0.0
     assert edge_detail(stripes())[0].item() == pytest.approx(1.0, abs=1e-6)
     assert edge_detail(checkerboard())[0].item() == pytest.approx(math.sqrt(2.0), abs=1e-6)
-    r = build_reward(EdgeDetailReward(name="edge"))
+    r = build_reward(PixelReward(kind="edge_detail", name="edge"))
     out = r(torch.cat([stripes(), stripes()]), ['a sign that says "open"', "a small ring"], [{}, {}]).scores
     assert out[0].item() == pytest.approx(1.0, abs=1e-6) and math.isnan(out[1].item())
 
@@ -179,9 +172,9 @@ def test_batching_over_applicable_images_matches_one_batch():
     g = torch.Generator().manual_seed(1)
     imgs = torch.rand(12, 3, 16, 16, generator=g)
     prompts = [p for p, _ in generate_prompts(12, seed=3)]
-    for spec_cls in (ColorMatchReward, PositionMatchReward, EdgeDetailReward, ColorfulnessReward):
-        one = build_reward(spec_cls(name="x", batch_size=64))(imgs, prompts, [{}] * 12).scores
-        many = build_reward(spec_cls(name="x", batch_size=2))(imgs, prompts, [{}] * 12).scores
+    for kind in ("color_match", "position_match", "edge_detail", "colorfulness"):
+        one = build_reward(PixelReward(kind=kind, name="x", batch_size=64))(imgs, prompts, [{}] * 12).scores
+        many = build_reward(PixelReward(kind=kind, name="x", batch_size=2))(imgs, prompts, [{}] * 12).scores
         assert torch.equal(one.isnan(), many.isnan())
         torch.testing.assert_close(one.nan_to_num(-1), many.nan_to_num(-1))
 
@@ -220,8 +213,8 @@ class _Broken(BaseReward):
 
 
 def test_score_all_counts_unexpected_non_finite_scores(caplog):
-    broken = _Broken(BrightnessReward(name="broken"))
-    ok = build_reward(BrightnessReward(name="ok"))
+    broken = _Broken(PixelReward(kind="brightness", name="broken"))
+    ok = build_reward(PixelReward(kind="brightness", name="ok"))
     counts: dict[str, int] = {}
     R = score_all([ok, broken], torch.rand(3, 3, 8, 8), ["a", "b", "c"], None, nonfinite_counts=counts)
     assert counts == {"broken": 2}
@@ -232,7 +225,7 @@ def test_score_all_counts_unexpected_non_finite_scores(caplog):
 
 
 def test_bad_inputs_and_unknown_kind_are_refused():
-    r = build_reward(BrightnessReward(name="b"))
+    r = build_reward(PixelReward(kind="brightness", name="b"))
     with pytest.raises(RewardError, match="'b'.*\\[N, 3, H, W\\]"):
         r(torch.rand(3, 8, 8), ["a"], [{}])
     with pytest.raises(RewardError, match="2 images but 1 prompts"):
@@ -246,7 +239,7 @@ def test_bad_inputs_and_unknown_kind_are_refused():
     with pytest.raises(RewardError, match="'nope'"):
         build_reward(Spec())
     with pytest.raises(RewardError, match="unique"):
-        build_rewards([BrightnessReward(name="b"), BrightnessReward(name="b")])
+        build_rewards([PixelReward(kind="brightness", name="b"), PixelReward(kind="brightness", name="b")])
 
 
 def test_applicability_is_the_projects_single_rule():
@@ -257,5 +250,5 @@ def test_applicability_is_the_projects_single_rule():
     for reward in build_rewards(cfg.rewards):
         for prompt, meta in cases:
             assert reward.applies_to(prompt, meta) == reward_applies(reward.spec.kind, prompt, meta)
-    edge = build_reward(EdgeDetailReward(name="edge"))
+    edge = build_reward(PixelReward(kind="edge_detail", name="edge"))
     assert math.isnan(edge(stripes(), ['blank "  " quotes'], [{}]).scores[0].item())  # nothing to read

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from marble.config import REWARD_SPEC_BY_KIND
+from marble.config import REWARD_KIND_DECLARATIONS
 from marble.data.tiny_world import named_colors, named_position, quoted_text
 
 
@@ -57,7 +57,7 @@ RULES: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
 """Applicability rules by name (the names `http` rewards choose from with `applies_when`)."""
 
 KIND_RULES: dict[str, str] = {
-    kind: spec.applicability for kind, spec in REWARD_SPEC_BY_KIND.items() if spec.applicability is not None
+    kind: rule for kind, (_impl, rule) in REWARD_KIND_DECLARATIONS.items() if rule is not None
 }
 """The rule of each reward kind whose applicability is fixed by its kind (declared in `marble.config`)."""
 

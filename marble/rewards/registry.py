@@ -16,13 +16,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from marble.config import REWARD_SPEC_BY_KIND
+from marble.config import REWARD_KIND_DECLARATIONS
 from marble.errors import RewardError
 from marble.rewards.base import Reward
 
 log = logging.getLogger(__name__)
 
-REWARD_KINDS: dict[str, str] = {kind: spec.implementation for kind, spec in REWARD_SPEC_BY_KIND.items()}
+REWARD_KINDS: dict[str, str] = {kind: impl for kind, (impl, _rule) in REWARD_KIND_DECLARATIONS.items()}
 """`kind` -> implementing class ("module:Class"), from each kind's declaration in `marble.config`."""
 
 
