@@ -45,9 +45,8 @@ def register_for_branch(
 
     cfg = MarbleConfig.model_validate(config)
     store = Path(work_root) / "registry" if work_root else None
-    record = stages.register_adapter(
-        cfg, Path(adapter.path), Path(evaluation.path), Path(registration.path), registry_dir=store
-    )
+    promotion = stages.Promotion(cfg, Path(adapter.path), Path(evaluation.path), registry_dir=store)
+    record = stages.register_adapter(promotion, Path(registration.path))
     alias, link = registered_alias(record), registry_link(cfg, record["version"], store)
     note = branch_check(record, expected)
     if note:

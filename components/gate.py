@@ -31,9 +31,8 @@ def gate(
 
     cfg = MarbleConfig.model_validate(config)
     store = Path(work_root) / "registry" if work_root else None
-    decision = stages.gate(
-        cfg, Path(adapter.path), Path(evaluation.path), Path(gate_decision.path), registry_dir=store
-    )
+    promotion = stages.Promotion(cfg, Path(adapter.path), Path(evaluation.path), registry_dir=store)
+    decision = stages.gate(promotion, Path(gate_decision.path))
     Path(gate_report.path).write_text(gate_markdown(decision), encoding="utf-8")
     for name, value in gate_metrics(decision).items():
         metrics.log_metric(name, value)

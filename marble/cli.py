@@ -218,10 +218,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from marble import stages
 
     cfg, d = _dirs(args)
-    decision = stages.gate(
-        cfg, args.adapter or d().train / "adapter", args.eval_dir or d().eval,
-        args.out or d().eval.parent / "gate", registry_dir=args.registry_dir or d().registry,
-    )  # fmt: skip
+    adapter, eval_dir = args.adapter or d().train / "adapter", args.eval_dir or d().eval
+    promotion = stages.Promotion(cfg, adapter, eval_dir, registry_dir=args.registry_dir or d().registry)
+    decision = stages.gate(promotion, args.out or d().eval.parent / "gate")
     print(json.dumps(decision, indent=2, default=str))
     return 0
 
@@ -230,9 +229,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     from marble import stages
 
     cfg, d = _dirs(args)
-    record = stages.register_adapter(
-        cfg, args.adapter or d().train / "adapter", args.eval_dir or d().eval, args.out or d().registry
-    )
+    promotion = stages.Promotion(cfg, args.adapter or d().train / "adapter", args.eval_dir or d().eval)
+    record = stages.register_adapter(promotion, args.out or d().registry)
     print(json.dumps(record, indent=2, default=str))
     return 0
 

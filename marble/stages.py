@@ -12,6 +12,7 @@ anywhere in a stage (disk full, quota, read-only volume) is one `StorageError` n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,34 +100,35 @@ def evaluate(
         )
 
 
-def register_adapter(
-    cfg: MarbleConfig,
-    adapter_dir: str | Path,
-    eval_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    registry_dir: str | Path | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Promotion:
+    """An evaluated adapter on its way to the registry: what the gate and the registration both read.
+
+    `registry_dir` is where an embedded MLflow store lives (no `registry.tracking_uri`); the pipeline
+    points it at the cache PVC so `champion` carries over from one scheduled run to the next. None: the
+    gate reads a run-local store (which has no champion yet) and the registration keeps its store in
+    its `out_dir`.
+    """
+
+    cfg: MarbleConfig
+    adapter_dir: str | Path
+    eval_dir: str | Path
+    registry_dir: str | Path | None = None
+
+
+def register_adapter(promotion: Promotion, out_dir: str | Path) -> dict[str, Any]:
     """Register the adapter in the model registry; move `champion` only if the gate passes.
 
-    Returns the registration record (also written to `out_dir/registration.json`). An embedded MLflow
-    store (no `registry.tracking_uri`) lives in `registry_dir` (default `out_dir`): the pipeline points
-    it at the cache PVC so `champion` carries over from one scheduled run to the next.
+    Returns the registration record (also written to `out_dir/registration.json`).
     """
     from marble.registry.register import register_adapter as _impl
 
+    p = promotion
     with storage_errors(out_dir):
-        return _impl(cfg, Path(adapter_dir), Path(eval_dir), Path(out_dir), registry_dir=registry_dir)
+        return _impl(p.cfg, Path(p.adapter_dir), Path(p.eval_dir), Path(out_dir), registry_dir=p.registry_dir)
 
 
-def gate(
-    cfg: MarbleConfig,
-    adapter_dir: str | Path,
-    eval_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    registry_dir: str | Path | None = None,
-) -> dict[str, Any]:
+def gate(promotion: Promotion, out_dir: str | Path) -> dict[str, Any]:
     """Apply the promotion gate against the registry's champion, registering nothing.
 
     Returns the decision ('champion' or 'candidate', with every check), also written to
@@ -137,9 +139,9 @@ def gate(
     from marble.io import atomic_write_text
     from marble.registry.promotion import GATE_FILE, decide_promotion
 
+    p = promotion
+    registry_dir = Path(p.registry_dir) if p.registry_dir else None
     with storage_errors(out_dir):
-        decision = decide_promotion(
-            cfg, Path(adapter_dir), Path(eval_dir), Path(registry_dir) if registry_dir else None
-        )
+        decision = decide_promotion(p.cfg, Path(p.adapter_dir), Path(p.eval_dir), registry_dir)
         atomic_write_text(Path(out_dir) / GATE_FILE, json.dumps(decision, indent=2, sort_keys=True) + "\n")
     return decision

@@ -367,7 +367,7 @@ def test_gate_outputs_the_decision_the_pipeline_branches_on(config, calls, tmp_p
                 "checks": [{"rule": "regression", "subject": "b", "passed": False, "detail": "drop"},
                            {"rule": "improvement", "subject": "*", "passed": True, "detail": "up"}],
                 "champion_before": "2", "key": "k", "version": None}  # fmt: skip
-    calls.impl["gate"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: decision
+    calls.impl["gate"] = lambda promotion, out: decision
     outs = {
         "gate_decision": art(dsl.Artifact, tmp_path / "gate_decision"),
         "gate_report": art(dsl.Markdown, tmp_path / "gate_report"),
@@ -381,9 +381,9 @@ def test_gate_outputs_the_decision_the_pipeline_branches_on(config, calls, tmp_p
         **outs,
     )
     assert result.decision == "candidate"
-    (_, adapter, eval_dir, out), kwargs = calls.args["gate"]
-    assert kwargs == {"registry_dir": None}
-    assert (adapter, eval_dir, out) == (
+    (promotion, out), _ = calls.args["gate"]
+    assert promotion.registry_dir is None
+    assert (promotion.adapter_dir, promotion.eval_dir, out) == (
         tmp_path / "adapter",
         tmp_path / "evaluation",
         tmp_path / "gate_decision",
@@ -399,7 +399,7 @@ def test_each_branch_registers_and_shows_the_decision_and_link(config, calls, tm
     record = {"version": "3", "model_name": "marble-lora", "gate_passed": expected == "champion",
               "gate_summary": "s", "created": True, "champion": "3" if expected == "champion" else None,
               "candidate": None, "metrics": {"a": 1}}  # fmt: skip
-    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: record
+    calls.impl["register_adapter"] = lambda promotion, out: record
     outs = {
         "registration": art(dsl.Artifact, tmp_path / "registration"),
         "registration_report": art(dsl.Markdown, tmp_path / "report"),
@@ -412,8 +412,8 @@ def test_each_branch_registers_and_shows_the_decision_and_link(config, calls, tm
         evaluation=art(dsl.Artifact, tmp_path / "evaluation"),
         **outs,
     )
-    (_, adapter, eval_dir, out), _ = calls.args["register_adapter"]
-    assert (adapter, eval_dir, out) == (
+    (promotion, out), _ = calls.args["register_adapter"]
+    assert (promotion.adapter_dir, promotion.eval_dir, out) == (
         tmp_path / "adapter",
         tmp_path / "evaluation",
         tmp_path / "registration",
@@ -433,7 +433,7 @@ def test_a_branch_whose_registration_disagrees_says_why(config, calls, tmp_path,
     # The champion moved between the gate task and registration: promote registered a candidate.
     record = {"version": "4", "model_name": "m", "gate_passed": False, "gate_summary": "failed: pareto/*",
               "created": True, "champion_before": "3"}  # fmt: skip
-    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: record
+    calls.impl["register_adapter"] = lambda promotion, out: record
     report = art(dsl.Markdown, tmp_path / "report")
     promote.component.python_func(
         config=config,
@@ -493,9 +493,9 @@ def test_scalar_metadata_drops_nested_values():
 def test_the_gate_and_its_branches_use_the_embedded_store_on_the_pvc(config, calls, tmp_path):
     """champion carries over between runs: the gate reads, and the branch registers in, <work_root>/registry."""
     decision = {"decision": "champion", "passed": True, "summary": "passed", "checks": [], "version": None}
-    calls.impl["gate"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: decision
+    calls.impl["gate"] = lambda promotion, out: decision
     record = {"version": "1", "model_name": "marble-lora", "gate_passed": True, "created": True}
-    calls.impl["register_adapter"] = lambda cfg, adapter, eval_dir, out, registry_dir=None: record
+    calls.impl["register_adapter"] = lambda promotion, out: record
     inputs = {
         "adapter": art(dsl.Model, tmp_path / "adapter"),
         "evaluation": art(dsl.Artifact, tmp_path / "e"),
@@ -518,7 +518,9 @@ def test_the_gate_and_its_branches_use_the_embedded_store_on_the_pvc(config, cal
         **inputs,
     )
     store = tmp_path / "pvc" / "registry"
-    assert calls.args["gate"][1] == calls.args["register_adapter"][1] == {"registry_dir": store}
+    (gate_promotion, _), _ = calls.args["gate"]
+    (branch_promotion, _), _ = calls.args["register_adapter"]
+    assert gate_promotion.registry_dir == branch_promotion.registry_dir == store
     assert registration.metadata["registry_link"] == f"models:/marble-lora/1 (embedded store {store})"
 
 

@@ -95,8 +95,8 @@ FAKE_STAGES = textwrap.dedent(
         return cfg.eval.gate.max_monitor_shift >= 1.0
 
 
-    def gate(cfg, adapter_dir, eval_dir, out_dir, *, registry_dir=None):
-        passed = _passes(cfg)
+    def gate(promotion, out_dir):
+        passed = _passes(promotion.cfg)
         decision = {"decision": "champion" if passed else "candidate", "passed": passed,
                     "summary": "passed" if passed else "failed: monitor/saturation: shift", "key": "k",
                     "checks": [{"rule": "monitor", "subject": "saturation", "passed": passed, "detail": "d"}],
@@ -106,8 +106,9 @@ FAKE_STAGES = textwrap.dedent(
         return decision
 
 
-    def register_adapter(cfg, adapter_dir, eval_dir, out_dir, registry_dir=None):
-        evaluated = json.loads((Path(eval_dir) / "eval.json").read_text())["lineage"]["adapter_sha256"]
+    def register_adapter(promotion, out_dir):
+        cfg, adapter_dir = promotion.cfg, promotion.adapter_dir
+        evaluated = json.loads((Path(promotion.eval_dir) / "eval.json").read_text())["lineage"]["adapter_sha256"]
         record = {"adapter_sha256": _sha(Path(adapter_dir) / "pytorch_lora_weights.safetensors"),
                   "evaluated_sha256": evaluated, "version": "1", "model_name": "marble-lora",
                   "gate_passed": _passes(cfg), "gate_summary": "fake", "created": True,
