@@ -63,3 +63,55 @@ def t5_length_is_the_built_length():
     StableDiffusion3Pipeline._get_t5_prompt_embeds = checked
     yield
     StableDiffusion3Pipeline._get_t5_prompt_embeds = original
+
+
+# ------------------------------------------------------------------ the one-time tiny-model build
+# On a fresh clone the tiny model is not built yet and the build takes minutes on one core. It starts
+# in a background process as soon as the tests are collected, and the tests marked `tiny_model` (the
+# modules that load it) run last: the other tests run meanwhile on the other core. A test that needs the
+# model before it is ready waits on the builder's lock (`marble.models.tiny.ensure_tiny_model`), so a
+# missing mark costs time, never correctness; a failed background build is repeated in the test that
+# needs it, which then shows the error.
+_BACKGROUND_BUILD: dict = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("tiny_model") is not None)  # stable: order kept
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly or not any(
+        i.get_closest_marker("tiny_model") for i in session.items
+    ):
+        return
+    import subprocess
+    import sys
+
+    from marble.models.tiny import BUILD_INFO, tiny_model_dir
+
+    model_cfg = load_config(REPO / "configs" / "tiny.yaml", TINY_TEST_OVERRIDES).model
+    if (tiny_model_dir(model_cfg) / BUILD_INFO).is_file():
+        return
+    log_path = Path(model_cfg.cache_dir) / "background-build.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    build = (
+        "import sys; from marble.configio import load_config; from marble.models.tiny import ensure_tiny_model; "
+        "ensure_tiny_model(load_config(sys.argv[1], sys.argv[2:]).model)"
+    )
+    with open(log_path, "w") as log:
+        _BACKGROUND_BUILD["proc"] = subprocess.Popen(
+            [sys.executable, "-c", build, str(REPO / "configs" / "tiny.yaml"), *TINY_TEST_OVERRIDES],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+        )  # fmt: skip
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"building the tiny model in the background (log: {log_path})")
+
+
+def pytest_sessionfinish(session):
+    import signal
+
+    proc = _BACKGROUND_BUILD.pop("proc", None)
+    if proc is not None and proc.poll() is None:  # no test waited for it: stop it cleanly (its staging
+        proc.send_signal(signal.SIGINT)  # directory is removed on KeyboardInterrupt)
+        proc.wait()

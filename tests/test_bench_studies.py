@@ -12,6 +12,8 @@ import pytest
 from bench import alignment, alignment_replay, common, readme_table, reward_balance, throughput
 from tests._train_helpers import train_config
 
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def small_cfg(tiny_config):

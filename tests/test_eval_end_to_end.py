@@ -23,6 +23,8 @@ from marble.errors import CheckpointError
 from marble.eval.evaluate import eval_jobs, generate_images, initial_noise, latent_shape, run_evaluation
 from marble.registry.register import load_registered_pipeline, register_adapter
 
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 EVAL_OVERRIDES = {
     "data": {

@@ -33,6 +33,7 @@ def test_offline_hub_ids_are_looked_up_in_local_files_only(monkeypatch):
     assert Hub.create().locate("org/model", None) == ("org/model", {})
 
 
+@pytest.mark.tiny_model
 def test_model_offline_reaches_the_base_model_without_touching_the_environment(tiny_config, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     local = resolve_pretrained(tiny_config.model)[0]  # the built tiny pipeline, loaded as a local directory

@@ -29,6 +29,8 @@ from marble.models.loading import resolve_pretrained
 from marble.rewards import build_rewards
 from marble.rewards.registry import REWARD_KINDS, reward_class
 
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -16,6 +16,8 @@ from marble.models.sampling import decode_latents, predict_velocity, sample_late
 from marble.models.text import TextEmbeddingCache, encode_prompts
 from marble.models.tiny import BUILD_INFO, build_vae, decoded_brightness_std
 
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
+
 PROMPTS = ["a red circle", 'a sign that says "open"', "two small squares"]
 
 

@@ -10,6 +10,8 @@ from marble.models.loading import resolve_pretrained
 from marble.models.sampling import decode_latents, sample_latents
 from marble.models.text import PromptEmbeddings, encode_prompts
 
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
+
 PROMPTS = ["a blue ring", 'a poster with the word "stop"']
 
 

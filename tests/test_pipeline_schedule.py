@@ -18,7 +18,7 @@ from kfp_server_api import ApiException
 
 from marble.cli import main
 from marble.configio import load_config
-from pipelines import images
+from pipelines import images, marble_pipeline
 from pipelines.kfp_server import version_name
 from pipelines.marble_pipeline import pipeline_arguments
 from pipelines.schedule import ClusterError, check_cron
@@ -30,6 +30,30 @@ PINNED = {
     "cpu": "registry.example.com/team/marble-cpu@sha256:" + "1" * 64,
     "cuda": "registry.example.com/team/marble-cuda@sha256:" + "2" * 64,
 }
+
+
+_COMPILED: dict[tuple, bytes] = {}
+
+
+@pytest.fixture(autouse=True)
+def compile_once_per_input(monkeypatch):
+    """These tests are about what the commands send, not the compiler (tests/test_pipeline_compile.py):
+    each distinct input (config, lock, images) is compiled for real once, then its bytes are reused.
+    Compiling under pytest costs seconds (kfp walks `inspect.stack()` for every resource setter)."""
+    real = marble_pipeline.compile_pipeline
+
+    def compile_pipeline(cfg, out, lock=None):
+        key = (
+            cfg.model_dump_json(),
+            None if lock is None else repr(lock),
+            repr(sorted(images.IMAGES.items())),
+        )
+        if key not in _COMPILED:
+            _COMPILED[key] = real(cfg, out, lock=lock).read_bytes()
+        Path(out).write_bytes(_COMPILED[key])
+        return Path(out)
+
+    monkeypatch.setattr(marble_pipeline, "compile_pipeline", compile_pipeline)
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ import yaml
 from marble import cli
 from marble.config import MarbleConfig, StrictModel
 
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "cache-rewards", "train", "evaluate", "register"]
 SMALL = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
 import torch
 
 from marble.data.tiny_world import (
@@ -24,6 +25,8 @@ from marble.eval.conditioning import (
 )
 from marble.models.tiny_pretrain import pretraining_grammar
 from marble.models.tiny_render import render_batch
+
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
 
 
 def test_held_out_combinations_never_reach_pretraining():

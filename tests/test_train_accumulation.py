@@ -19,6 +19,8 @@ from marble.data.prepare import prepare_prompts
 from marble.train.stepping import EpochPlan
 from marble.train.trainer import Trainer
 
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
+
 N = 6  # 3 prompts x 4 images = 12 = 2N samples per epoch
 REWARDS = [
     {"kind": "brightness", "name": "brightness"},

@@ -15,6 +15,8 @@ from marble.models import lora
 from marble.train.stepping import EpochPlan
 from marble.train.trainer import Trainer, run_training
 
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def prompts_dir(tiny_config, tmp_path_factory):

@@ -26,6 +26,8 @@ from _train_helpers import (
 from marble.data.prepare import prepare_prompts
 from marble.train.trainer import Trainer, TrainingInterrupted, run_training
 
+pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4  # 2 optimizer steps per epoch -> 8 steps; checkpoints every 2 epochs (steps 4, 8)
 

@@ -49,17 +49,25 @@ def tiny_model_key(tiny: TinyModelConfig, max_sequence_length: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def tiny_model_dir(model_cfg: ModelConfig) -> Path:
+    """Where the tiny pipeline of `model_cfg` is saved once built (`<cache_dir>/tiny-<hash>`); it is
+    complete when it holds its build record (`BUILD_INFO`)."""
+    tiny = model_cfg.tiny or TinyModelConfig()
+    root = Path(model_cfg.cache_dir).expanduser()
+    return root / f"tiny-{tiny_model_key(tiny, model_cfg.max_sequence_length)}"
+
+
 def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
     """Directory of the saved tiny pipeline for `model_cfg.tiny`, building it once (cached by hash).
 
-    Safe against concurrent builders: each builds in its own temporary directory and the first rename
-    wins; the others discard their copy.
+    Safe against concurrent builders: they wait on one lock, and each builds in its own temporary
+    directory whose rename is atomic, so the first complete build wins.
     """
     tiny = model_cfg.tiny or TinyModelConfig()
-    root = Path(model_cfg.cache_dir).expanduser()
-    target = root / f"tiny-{tiny_model_key(tiny, model_cfg.max_sequence_length)}"
+    target = tiny_model_dir(model_cfg)
     if (target / BUILD_INFO).is_file():
         return target
+    root = target.parent
     root.mkdir(parents=True, exist_ok=True)
     with _build_lock(root / f".{target.name}.lock"):
         if (target / BUILD_INFO).is_file():  # another process finished it while we waited
