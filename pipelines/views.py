@@ -288,7 +288,14 @@ def run_view(run_dir: str | Path, spec: dict[str, Any]) -> str:
             (art,) = group["artifacts"]
             kind = types.get(task, {}).get(name, "system.Artifact")
             out += _artifact_view(name, kind, Path(art.get("uri", "")), art.get("metadata", {}), run_dir)
-    return "\n".join(out) + "\n"
+    return _run_relative("\n".join(out) + "\n", run_dir)
+
+
+def _run_relative(page: str, run_dir: Path) -> str:
+    """The run's own paths written `$RUN_DIR/...` (also where a report escaped them for Markdown), so a
+    page reads the same wherever the run was made."""
+    root = str(run_dir.resolve())
+    return page.replace(root, "$RUN_DIR").replace(root.replace("_", "\\_"), "$RUN_DIR")
 
 
 def _artifact_view(name: str, kind: str, path: Path, metadata: dict[str, Any], run_dir: Path) -> list[str]:

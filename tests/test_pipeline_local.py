@@ -235,6 +235,7 @@ def test_a_failing_gate_records_a_candidate(fake_stages, tmp_path):
     assert "#### Promotion gate failed: record as `candidate`" in view
     assert "#### Registered as `candidate`" in view
     assert "| `promoted` | 0 |" in view and "| `gate/passed` | 0 |" in view
+    assert str(out.run_dir.resolve()) not in view and "$RUN_DIR/" in view  # the page names no machine path
     written = write_views(REPO / "pipelines" / "marble_pipeline.yaml", tmp_path / "docs", [out.run_dir])
     assert tmp_path / "docs" / "run-view-candidate.md" in written
     assert (tmp_path / "docs" / "training-curves-candidate.png").read_bytes()[:4] == b"\x89PNG"

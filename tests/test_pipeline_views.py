@@ -54,3 +54,12 @@ def test_the_docs_show_the_compiled_pipeline():
     name = spec["pipelineInfo"]["name"]
     assert (DOCS / "parameters.md").read_text() == f"# Run parameters of `{name}`\n\n" + parameter_table(spec)
     assert (DOCS / "graph.md").read_text() == f"# Graph of `{name}`\n\n" + graph_mermaid(task_graph(spec))
+
+
+def test_a_run_view_writes_the_runs_own_paths_relative_to_it(tmp_path):
+    from pipelines.views import _run_relative
+
+    run = tmp_path / "kfp" / "marble_run"
+    page = f"dir `{run}/train` and, escaped by a report, | {str(run).replace('_', chr(92) + '_')}/adapter |"
+    assert _run_relative(page, run) == "dir `$RUN_DIR/train` and, escaped by a report, | $RUN_DIR/adapter |"
+    assert _run_relative("/elsewhere/x", run) == "/elsewhere/x"
