@@ -34,6 +34,13 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 SHAPES = ("circle", "square", "triangle", "ring", "stripe", "cross")
 POSITIONS = ("left", "right", "top", "bottom")
 """Where a positional colour prompt places its object; y grows downwards in images, so "top" is -y."""
+POSITION_DIRECTIONS: dict[str, tuple[float, float]] = {
+    "left": (-1.0, 0.0),
+    "right": (1.0, 0.0),
+    "top": (0.0, -1.0),
+    "bottom": (0.0, 1.0),
+}
+"""(x, y) unit vector of each of POSITIONS in image coordinates (the renderer and the position reward)."""
 WORDS = ("open", "stop", "cafe", "sale", "hello", "exit", "marble", "north", "zero", "tiny")
 FAMILIES = ("general", "color", "text")
 SIZES = ("small", "large", "tiny", "big", "thin", "bold")

@@ -11,7 +11,14 @@ import re
 
 import torch
 
-from marble.data.tiny_world import PALETTE, SHAPES, named_colors, named_position, quoted_text
+from marble.data.tiny_world import (
+    PALETTE,
+    POSITION_DIRECTIONS,
+    SHAPES,
+    named_colors,
+    named_position,
+    quoted_text,
+)
 
 _SMALL = {"small", "tiny", "thin"}
 _LARGE = {"large", "big", "bold"}
@@ -103,9 +110,6 @@ def render_prompt(prompt: str | None, resolution: int, generator: torch.Generato
     return image
 
 
-_AXES = {"left": (0.0, -1.0), "right": (0.0, 1.0), "top": (-1.0, 0.0), "bottom": (1.0, 0.0)}  # (y, x)
-
-
 def _render_object(
     color: str,
     shape: str,
@@ -125,7 +129,7 @@ def _render_object(
             generator, 0.5, 0.65
         )  # a square at most 42% of the image: the background stays the median
     else:
-        ay, ax = _AXES[position]
+        ax, ay = POSITION_DIRECTIONS[position]
         along, across = _uniform(generator, 0.45, 0.55), _uniform(generator, -0.15, 0.15)
         cy, cx = ay * along + ax * across, ax * along + ay * across
         size = _uniform(generator, 0.4, 0.5)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from marble.data.tiny_world import PALETTE, POSITIONS, named_colors, named_position
+from marble.data.tiny_world import PALETTE, POSITION_DIRECTIONS, POSITIONS, named_colors, named_position
 from marble.images import to_uint8_hwc
 from marble.rewards.base import BaseReward
 
@@ -36,8 +36,8 @@ to the named colour still scores (a useful signal for early, muddy samples), nar
 palette colours score low (the closest palette pair, red/orange, is 0.43 apart -> 0.36)."""
 
 PALETTE_RGB = torch.tensor(list(PALETTE.values()), dtype=torch.float64)  # [P, 3]
-POSITION_AXES = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]], dtype=torch.float64)
-"""(x, y) unit vector of each of POSITIONS (left, right, top, bottom); image y grows downwards."""
+POSITION_AXES = torch.tensor([POSITION_DIRECTIONS[p] for p in POSITIONS], dtype=torch.float64)  # [4, 2]
+"""(x, y) unit vector of each of POSITIONS, in their order; image y grows downwards."""
 
 
 # ------------------------------------------------------------------------------------ pure functions
