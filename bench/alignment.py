@@ -20,6 +20,13 @@ Output-space vs parameter-space Gram: on each batch, the min-norm α from normal
 normalised H (`MinNormSolver`), their L1 distance, whether their largest weight is on the same reward,
 and the cosine between the two resulting parameter-space directions.
 
+Cheaper Grams than G (`ProxyGrams`): how well can ANY balancer do on a batch without the K backward
+passes of the exact Gram? On every batch, the fresh min-norm direction of each cheaper Gram, formed
+from the exact gradients (`fresh_output`: H; `fresh_last_layer`: the gradients of the output
+projection's weight and bias; `fresh_last_block`: the gradients of the last transformer block's LoRA
+parameters), with the milliseconds each Gram took. A fresh solve on the batch itself is the best a
+Gram source allows; an amortized α of the same source does not do better on average.
+
 Micro-batch size: `--micro-batch N` (with `--set sampling.prompts_per_epoch=...` for the samples of a
 step) measures the same comparison at another granularity, e.g. 8 (a rank's micro-batch in
 `configs/sd35m-marble.yaml`) or 64 (the global micro-batch of 8 GPUs x 8, whose Gram is all-reduced):
@@ -45,7 +52,73 @@ from marble.threads import pinned_threads
 log = logging.getLogger(__name__)
 
 OUT_JSON = common.RESULTS / "alignment.json"
-DIRECTIONS_EXTRA = ("fresh_mgda",)
+PROXY_SOURCES = ("output", "last_layer", "last_block")
+DIRECTIONS_EXTRA = ("fresh_mgda", *(f"fresh_{s}" for s in PROXY_SOURCES))
+
+
+class ProxyGrams:
+    """Grams of the per-reward gradients of fewer parameters than the trained ones, on one batch.
+
+    - `last_layer`: the weight and bias of the transformer's output projection `proj_out` (frozen,
+      not trained: a feature of the batch, the "last shared layer" of GradNorm, Chen et al. 2018).
+      From its input z `[B, T, h]` (a forward hook on the first forward with a graph: the trained
+      adapter's) and each reward's gradient at its output `[B, T, o]` (a backward through the
+      un-patchify and the loss only): `E_k = Σ_tokens gy_k ⊗ [z, 1]`, `G_kl = <E_k, E_l>`.
+    - `last_block`: the LoRA parameters of the last transformer block (K backward passes that stop
+      at that block).
+    """
+
+    def __init__(self, model: Any, params: list[torch.Tensor]):
+        named = dict(model.named_modules())
+        outs = [
+            m for n, m in named.items() if n.split(".")[-1] == "proj_out" and "transformer_blocks" not in n
+        ]
+        if len(outs) != 1:
+            raise ValueError(f"ProxyGrams: expected one output projection proj_out, found {len(outs)}")
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        blocks = [
+            int(n.split("transformer_blocks.")[1].split(".")[0])
+            for n, _ in trained
+            if "transformer_blocks." in n
+        ]
+        last = f"transformer_blocks.{max(blocks)}."
+        self.block_params = [p for n, p in trained if last in n]
+        self._capture: dict[str, torch.Tensor] = {}
+        self._handle = outs[0].register_forward_hook(self._hook)
+
+    def _hook(self, module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if output.requires_grad and not self._capture:  # the trained adapter's forward, not old / ref
+            self._capture = {"z": inputs[0], "y": output}
+
+    def reset(self) -> None:
+        """Forget the captured forward: call before each batch's forward."""
+        self._capture = {}
+
+    def last_layer_gram(self, losses: torch.Tensor) -> torch.Tensor:
+        from marble.rl.gram import stacked_gram
+
+        z = self._capture["z"].detach().to(torch.float64)  # [B, T, h]
+        z1 = torch.cat([z, torch.ones_like(z[..., :1])], -1)  # [B, T, h + 1]: the bias's input is 1
+        y = self._capture["y"]
+        rows = []
+        for loss in losses:
+            gy = torch.autograd.grad(loss, y, retain_graph=True, allow_unused=True)[0]
+            gy = torch.zeros_like(y) if gy is None else gy
+            rows.append(torch.einsum("bto,bth->oh", gy.to(torch.float64), z1).reshape(-1))
+        return stacked_gram(torch.stack(rows))  # [K, K]
+
+    def grams(self, losses: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
+        """(Gram `[K, K]`, milliseconds) of the last layer and the last block."""
+        from marble.rl.gram import gram_from_params
+
+        ms_layer, layer = common.timed(lambda: self.last_layer_gram(losses))
+        ms_block, block = common.timed(
+            lambda: gram_from_params(losses, self.block_params, retain_graph=True).gram
+        )
+        return {"last_layer": (layer, ms_layer), "last_block": (block, ms_block)}
+
+    def close(self) -> None:
+        self._handle.remove()
 
 
 def _cos_record(stats: Any, refreshed: bool | None = None) -> dict[str, Any]:
@@ -66,10 +139,18 @@ def _mgda_alpha(G: torch.Tensor, solver: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def measure_batch(
-    world: common.World, mbs: dict[str, Any], balancers: dict[str, Any], step: int, micro: int, solver: Any
+    world: common.World,
+    mbs: dict[str, Any],
+    balancers: dict[str, Any],
+    step: int,
+    micro: int,
+    solver: Any,
+    proxies: ProxyGrams | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Everything of one diagnostic batch. `mbs[p]`: the batch with preset p's objectives. Returns the
-    record and the vectors the per-step figures add up (`grads [K, P]`, each direction `[P]`)."""
+    record and the vectors the per-step figures add up (`grads [K, P]`, each direction `[P]`; the
+    fresh directions of the cheaper Grams are summed per step like a preset's: what a balancer
+    solving each batch on that Gram would apply)."""
     from marble.rl.diagnostics import direction_cosines
     from marble.rl.gram import flat_grads, gram_from_output, gram_from_params
     from marble.rl.nft import combine_coefficients, combined_loss, per_reward_losses
@@ -77,12 +158,17 @@ def measure_batch(
     tr = world.trainer
     beta = world.cfg.nft.beta
     mb = mbs["equal"]  # per-reward objectives: c == c_raw, r == r_raw
+    if proxies is not None:
+        proxies.reset()
     terms, _, _ = tr.update.forward(mb, output_grads=True)
     losses = per_reward_losses(terms, mb.c_raw, mb.r_raw, beta)  # [K]
-    pg = gram_from_params(losses, tr.params, keep_grads=True, retain_graph=True)
+    ms_params, pg = common.timed(
+        lambda: gram_from_params(losses, tr.params, keep_grads=True, retain_graph=True)
+    )
     grads = pg.grads.to(torch.float64)  # [K, P]
-    H = gram_from_output(terms, mb.c_raw, mb.r_raw, beta)  # [K, K]
+    ms_output, H = common.timed(lambda: gram_from_output(terms, mb.c_raw, mb.r_raw, beta))  # [K, K]
     out: dict[str, Any] = {"step": step, "micro_step": micro, "directions": {}}
+    cheaper = {"output": (H, ms_output), **(proxies.grams(losses) if proxies is not None else {})}
     dirs: dict[str, torch.Tensor] = {}
     for name, bal in balancers.items():
         if bal.objective_names != tr.reward_names:  # weighted_sum, gdpo: one objective of their own
@@ -104,6 +190,12 @@ def measure_batch(
     d_p = torch.as_tensor(gamma_p) @ grads  # [P]
     d_o = torch.as_tensor(gamma_o) @ grads  # [P]
     out["directions"]["fresh_mgda"] = _cos_record(direction_cosines(d_p, grads))
+    out["gram_ms"] = {"params": ms_params}
+    for source, (gram, ms) in cheaper.items():
+        name = f"fresh_{source}"
+        dirs[name] = torch.as_tensor(_mgda_alpha(gram, solver)[1]) @ grads  # [P]
+        out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=False)
+        out["gram_ms"][source] = ms
     denom = float(d_p.norm() * d_o.norm())
     out["gram_sources"] = {
         "alpha_params": alpha_p.tolist(),
@@ -214,6 +306,7 @@ def run(
         common.install_balancer(world, driver_bal)
         balancers = {p: common.make_balancer(world, p) for p in presets}
         solver = MinNormSolver()
+        proxies = ProxyGrams(tr.model, tr.params)
         T, accum = world.cfg.num_train_timesteps, world.cfg.train.gradient_accumulation_steps
         batches: list[dict[str, Any]] = []
         steps: list[dict[str, Any]] = []
@@ -232,7 +325,7 @@ def run(
                 step, bi = step0 + b // accum, b % accum
                 for j in range(T):
                     mbs = {p: plans[p].micro_batch(b, j, tr.text_cache, tr.device) for p in presets}
-                    rec, vecs = measure_batch(world, mbs, balancers, step, bi * T + j, solver)
+                    rec, vecs = measure_batch(world, mbs, balancers, step, bi * T + j, solver, proxies)
                     rec["epoch"] = epoch
                     batches.append(rec)
                     totals.add(rec, vecs)
@@ -255,6 +348,7 @@ def run(
             if time_budget_s is not None and time.perf_counter() - t_budget > time_budget_s:
                 log.warning("alignment: time budget reached after %d epochs", epochs_done)
                 break
+        proxies.close()
         tr.cleanup()
     names = [*presets, *DIRECTIONS_EXTRA]
     summary: dict[str, Any] = {}
@@ -280,6 +374,9 @@ def run(
         "direction_cos_min": float(np.nanmin(dcos)),
         "alpha_params_mean": np.mean([g["alpha_params"] for g in gs], axis=0).tolist(),
         "alpha_output_mean": np.mean([g["alpha_output"] for g in gs], axis=0).tolist(),
+        "gram_ms_median": {
+            src: common.median([b["gram_ms"][src] for b in batches]) for src in ("params", *PROXY_SOURCES)
+        },
     }
     return {
         "benchmark": "alignment",
@@ -409,20 +506,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot(result, args.out.with_suffix(".png"))
     print(f"alignment over {result['directions']['marble']['all_batches']['batches']} batches")
     print(
-        f"  {'direction':13s} {'frac min<0':>10s} {'worst':>8s} {'var':>8s} {'later frac':>10s} | per step: all, later"
+        f"  {'direction':17s} {'frac min<0':>10s} {'worst':>8s} {'var':>8s} {'later frac':>10s} | per step: all, later"
     )
     nan = float("nan")
     for name, s in result["directions"].items():
         a, lt = s["all_batches"], s.get("later_batches", {})
         sa, sl = s["all_steps"], s.get("later_steps", {})
         print(
-            f"  {name:13s} {a['frac_min_negative']:10.2f} {a['worst_min_cos']:8.3f} {a['mean_var_cos']:8.4f} "
+            f"  {name:17s} {a['frac_min_negative']:10.2f} {a['worst_min_cos']:8.3f} {a['mean_var_cos']:8.4f} "
             f"{lt.get('frac_min_negative', nan):10.2f} | {sa.get('frac_min_negative', nan):5.2f} "
             f"{sl.get('frac_min_negative', nan):5.2f} ({sl.get('batches', 0)} later steps)"
         )
     g = result["gram_sources"]
     print(
         f"  output vs params Gram: α L1 median {g['alpha_l1_median']:.3f}, argmax agree {g['argmax_agree_frac']:.2f}"
+    )
+    print(
+        "  Gram ms per batch (median): " + ", ".join(f"{k} {v:.2f}" for k, v in g["gram_ms_median"].items())
     )
     print(f"wrote {args.out}")
     return result

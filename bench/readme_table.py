@@ -76,13 +76,41 @@ def micro_batch_table(alis: dict[int, dict[str, Any]]) -> list[str]:
             f"micro-batch {mb}: per step",
         ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in [*common.PRESETS, "fresh_mgda"]:
-        row = [f"`{p}`" if p in common.PRESETS else "fresh MGDA (each batch)"]
+    for p in [*common.PRESETS, *FRESH_LABELS]:
+        row = [f"`{p}`" if p in common.PRESETS else FRESH_LABELS[p]]
         for mb in sizes:
             d = alis[mb]["directions"].get(p, {})
             row += [_fractions(d, "all_batches", "later_batches"), _fractions(d, "all_steps", "later_steps")]
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+FRESH_LABELS = {
+    "fresh_mgda": "fresh MGDA on the exact Gram of the micro-batch (of the step)",
+    "fresh_output": "fresh MGDA per micro-batch on its output-space Gram",
+    "fresh_last_layer": "fresh MGDA per micro-batch on its last-layer Gram",
+    "fresh_last_block": "fresh MGDA per micro-batch on its last-block Gram",
+}
+CHEAPER_GRAMS = {"output": "output-space", "last_layer": "last-layer", "last_block": "last-block"}
+
+
+def cheaper_gram_line(ali: dict[str, Any], thr: dict[str, Any] | None) -> str:
+    """How well a fresh solve on each batch does with each Gram source, and what each Gram costs."""
+    d, ms = ali["directions"], ali["gram_sources"].get("gram_ms_median")
+    if not ms or "fresh_last_block" not in d:
+        return ""
+    cells = [
+        f"{label} Gram {_f(d[f'fresh_{src}']['all_batches']['frac_min_negative'], '.0%')} ({_f(ms[src], '.1f')} ms)"
+        for src, label in CHEAPER_GRAMS.items()
+    ]
+    micro = thr["presets"]["weighted_sum"]["micro_step_ms_median"] if thr else None
+    return (
+        "Cheaper Grams (`bench/alignment.py`, `ProxyGrams`): solved fresh on the micro-batch they are applied "
+        f"to, min cos < 0 with the exact Gram {_f(d['fresh_mgda']['all_batches']['frac_min_negative'], '.0%')}"
+        f" ({_f(ms['params'], '.1f')} ms per micro-batch for its K backward passes), then "
+        + ", ".join(cells)
+        + (f"; a weighted-sum micro-step takes {_f(micro, '.1f')} ms." if micro is not None else ".")
+    )
 
 
 def world_line(rb: dict[str, Any]) -> str:
@@ -252,6 +280,8 @@ def render(results: Path = common.RESULTS) -> str:
             f"{_f(g['argmax_agree_frac'], '.0%')} of batches, median cosine of the two directions "
             f"{_f(g['direction_cos_median'], '.3f')}."
         )
+        if line := cheaper_gram_line(ali, thr):
+            notes.append(line)
     if rb:
         st = rb["settings"]
         notes.append(
@@ -271,7 +301,8 @@ def render(results: Path = common.RESULTS) -> str:
         out += [
             "",
             f"Micro-batch size (the same alignment comparison at micro-batches of {', '.join(map(str, sizes))} "
-            "samples; fraction with min cos < 0, all / not refreshed on):",
+            "samples; fraction with min cos < 0, all / not refreshed on; the per-step figure of a fresh "
+            "solve per micro-batch is that of the sum of its directions over the step):",
             "",
             *micro_batch_table(alis),
             "",

@@ -54,9 +54,11 @@ def test_alignment_keys(small_cfg, tmp_path):
     res = alignment.run(small_cfg, tmp_path, epochs=1, grams_out=tmp_path / "grams.npz")
     n = len(res["raw_batches"])
     assert n > 0
-    for name in (*common.PRESETS, "fresh_mgda"):
+    for name in (*common.PRESETS, *alignment.DIRECTIONS_EXTRA):
         assert res["directions"][name]["all_batches"]["batches"] == n
+        assert res["directions"][name]["all_steps"]["batches"] == len(res["raw_steps"])
     assert "later_batches" in res["directions"]["marble"]
+    assert set(res["gram_sources"]["gram_ms_median"]) == {"params", *alignment.PROXY_SOURCES}
     for key in ("alpha_l1_median", "argmax_agree_frac", "direction_cos_median"):
         assert key in res["gram_sources"]
     # the fresh MGDA direction is the min-norm point: no reward gradient at an obtuse angle to it, up to
