@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from bench.reward_balance import seed_note
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -217,13 +218,6 @@ def reward_table(rb: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _seeds(st: dict[str, Any]) -> str:
-    others = st.get("other_seeds", st["seeds"])
-    if others == st["seeds"]:
-        return str(st["seeds"])
-    return f"{st['seeds']} for {', '.join(f'`{p}`' for p in st['core_presets'])}, {others} for the others"
-
-
 def render(results: Path = common.RESULTS) -> str:
     thr, ali, rb = (_load(results, n) for n in ("throughput", "alignment", "reward_balance"))
     alis = {mb: res for mb in (8, 64) if (res := _load(results, f"alignment_mb{mb}"))}
@@ -285,7 +279,7 @@ def render(results: Path = common.RESULTS) -> str:
     if rb:
         st = rb["settings"]
         notes.append(
-            f"Rewards: {st['optimizer_steps']} optimizer steps per run, seeds {_seeds(st)}, "
+            f"Rewards: {st['optimizer_steps']} optimizer steps per run, seeds {seed_note(st, markdown=True)}, "
             f"{st['eval_images']} held-out images ({st['eval_prompts']} prompts x {st['eval_images_per_prompt']}"
             f" seeds, {st['eval_num_steps']} Euler steps, {st['eval_weights']} weights); Δ = adapter - base in "
             "base-std units, mean over seeds [95% t-interval across seeds]."

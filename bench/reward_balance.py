@@ -326,6 +326,7 @@ def run(
     number of steps."""
     t_start = time.perf_counter()
     load_start = common.load_average()
+    other_seeds = seeds if other_seeds is None else other_seeds
     extra = list(extra or [])
     eval_cfg = common.bench_config("marble", [*extra, f"eval.images_per_prompt={images_per_prompt}"])
     prompts = common.prepare_prompts(eval_cfg, work)
@@ -408,7 +409,7 @@ def run(
             "config": str(common.TINY_CONFIG.relative_to(common.REPO)),
             "presets": presets,
             "seeds": seeds,
-            "other_seeds": seeds if other_seeds is None else other_seeds,
+            "other_seeds": other_seeds,
             "core_presets": list(core),
             "seeds_per_preset": {p: [s for q, s in jobs if q == p] for p in presets},
             "epochs": final_epochs,
@@ -441,12 +442,14 @@ def run(
     }
 
 
-def _seed_note(settings: dict[str, Any]) -> str:
-    """`[0, 1, 2]`, or `[0, ..., 5] (marble, weighted_sum, gdpo), [0, 1] (others)` when they differ."""
+def seed_note(settings: dict[str, Any], markdown: bool = False) -> str:
+    """`[0, 1, 2]`, or `[0, ..., 5] (marble, weighted_sum, gdpo), [0, 1] (others)` when they differ
+    (`markdown`: preset names as code, for the README)."""
     seeds, others = settings["seeds"], settings.get("other_seeds", settings["seeds"])
     if others == seeds:
         return str(seeds)
-    return f"{seeds} ({', '.join(settings['core_presets'])}), {others} (others)"
+    names = ", ".join(f"`{p}`" if markdown else p for p in settings["core_presets"])
+    return f"{seeds} ({names}), {others} (others)"
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -479,7 +482,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("adapter - base (base std units)")
     s = result["settings"]
     ax.set_title(
-        f"held-out prompts, {s['optimizer_steps']} optimizer steps, seeds {_seed_note(s)} "
+        f"held-out prompts, {s['optimizer_steps']} optimizer steps, seeds {seed_note(s)} "
         "(bars: seed mean, whiskers: 95% t-interval, dots: runs)",
         fontsize=9,
     )
