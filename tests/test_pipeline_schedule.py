@@ -99,7 +99,6 @@ def test_dry_run_prints_the_recurring_run_request(capsys, server):
     assert server.calls == []  # nothing was contacted
 
 
-@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_run_parameters_from_the_command_line_are_typed_and_checked_before_sending(capsys, server):
     argv = [
         "pipeline",
@@ -147,7 +146,6 @@ def test_placeholder_images_are_refused_before_contacting_the_server(capsys, ser
     assert server.calls == []
 
 
-@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_upload_creates_the_pipeline_then_versions_named_by_commit_and_config(capsys, server, pushed_images):
     cfg = load_config(TINY)
     assert main(["pipeline", "upload", "--config", TINY, "--host", HOST]) == 0
@@ -224,14 +222,12 @@ def test_schedule_twice_keeps_one_recurring_run(capsys, server, pushed_images):
     assert len(server.versions) == 2  # the version was uploaded once
 
 
-@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_schedules_of_other_names_are_left_alone(server, pushed_images):
     assert main(["pipeline", "schedule", "--config", TINY, "--host", HOST]) == 0
     assert main(["pipeline", "schedule", "--config", TINY, "--host", HOST, "--name", "nightly"]) == 0
     assert sorted(r.display_name for r in server.recurring_runs.values()) == ["marble-tiny", "nightly"]
 
 
-@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_a_failed_replacement_keeps_the_old_schedule_running(capsys, server, pushed_images):
     argv = ["pipeline", "schedule", "--config", TINY, "--host", HOST]
     assert main(argv) == 0
@@ -243,7 +239,6 @@ def test_a_failed_replacement_keeps_the_old_schedule_running(capsys, server, pus
     assert names(server)[-1] == "enable_recurring_run"
 
 
-@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_a_failed_delete_leaves_the_old_schedule_disabled(capsys, server, pushed_images):
     argv = ["pipeline", "schedule", "--config", TINY, "--host", HOST]
     assert main(argv) == 0
@@ -269,7 +264,6 @@ def test_compile_writes_ir_yaml_with_the_given_config(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
 
-@pytest.mark.slow  # over 10 s on the 2-core machine: `make test-slow`
 def test_namespace_reaches_the_client_and_every_experiment(capsys, server, pushed_images, monkeypatch):
     """Multi-user Kubeflow refuses runs and experiments without the profile's namespace."""
     args = ["--config", TINY, "--host", HOST, "--namespace", "team-vision"]
