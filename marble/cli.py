@@ -354,6 +354,21 @@ def cmd_conditioning(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    """Build the config's tiny model once (cached by config hash) and print its directory: a build
+    step of its own for a container image layer, a CI cache or a test session's background build."""
+    from marble.models.tiny import ensure_tiny_model
+
+    cfg = _cfg(args)
+    if not cfg.model.is_tiny:
+        raise ConfigError(
+            f"{args.config}: model.pretrained={cfg.model.pretrained!r} is not the tiny model; "
+            "`marble tiny-model` builds only `model.pretrained: tiny`"
+        )
+    print(ensure_tiny_model(cfg.model))
+    return 0
+
+
 STAGE_COMMANDS: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
     ("prepare", "stage 1: validate, mix and split prompt sources", cmd_prepare),
     ("cache-rewards", "stage 2: snapshot reward models into a verified cache", cmd_cache_rewards),
@@ -419,6 +434,14 @@ def _add_registry_and_reward_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_conditioning)
+
+    p = sub.add_parser(
+        "tiny-model",
+        help="build the config's tiny model now (once per config hash, under model.cache_dir) and print "
+        "its directory",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser(
         "lock",

@@ -94,13 +94,10 @@ def pytest_collection_finish(session):
         return
     log_path = Path(model_cfg.cache_dir) / "background-build.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    build = (
-        "import sys; from marble.configio import load_config; from marble.models.tiny import ensure_tiny_model; "
-        "ensure_tiny_model(load_config(sys.argv[1], sys.argv[2:]).model)"
-    )
+    overrides = [arg for item in TINY_TEST_OVERRIDES for arg in ("--set", item)]
     with open(log_path, "w") as log:
         _BACKGROUND_BUILD["proc"] = subprocess.Popen(
-            [sys.executable, "-c", build, str(REPO / "configs" / "tiny.yaml"), *TINY_TEST_OVERRIDES],
+            [sys.executable, "-m", "marble.cli", "tiny-model", "-c", str(REPO / "configs" / "tiny.yaml"), *overrides],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
         )  # fmt: skip
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

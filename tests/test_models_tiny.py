@@ -113,3 +113,24 @@ def test_tiny_build_is_deterministic_whatever_the_callers_thread_count(tmp_path)
         }
         digests.append({str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
     assert digests[0] == digests[1]
+
+
+def test_cli_builds_the_tiny_model_once_and_prints_its_directory(tmp_path, monkeypatch, capsys):
+    from marble.cli import main
+
+    calls: list = []
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", _fake_build(calls))
+    args = ["tiny-model", "-c", "tiny", "--set", f"model.cache_dir={tmp_path}"]
+    assert main(args) == 0
+    first = capsys.readouterr().out.strip()
+    assert main(args) == 0 and capsys.readouterr().out.strip() == first and len(calls) == 1
+    assert (tmp_path / first.rsplit("/", 1)[-1] / tiny.BUILD_INFO).is_file()
+
+
+def test_cli_refuses_a_config_whose_model_is_not_tiny(tmp_path, capsys):
+    from marble.cli import main
+
+    assert main(["tiny-model", "-c", "sd35m-marble", "--set", f"model.cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pretrained=" in err and "not the tiny model" in err
+    assert list(tmp_path.iterdir()) == []
