@@ -171,3 +171,34 @@ def test_no_input_leaves_the_simplex():
         ng = normalize_gram(M)
         res = solver.solve(ng.gram_hat, ng.valid, fallback=None if trial % 2 else np.full(K, 1 / K))
         _assert_simplex(res.alpha, K)
+
+
+def test_support_hint_gives_bitwise_the_osqp_answer():
+    """Along slowly changing Grams (a step's running sum), the hinted support is taken without osqp
+    most of the time, and every α is bit for bit the one of a solve without the hint."""
+    rng = np.random.default_rng(11)
+    used = 0
+    hinted, plain = MinNormSolver(), MinNormSolver()
+    for K in (3, 4, 5, 7):
+        for _ in range(10):
+            X = rng.normal(size=(K, 12))
+            X[1:] += rng.uniform(0, 1.5) * X[0]  # some agreement: supports of every size occur
+            prev = None
+            for _ in range(20):
+                X += 0.05 * rng.normal(size=X.shape)
+                ng = normalize_gram(X @ X.T)
+                a = hinted.solve(ng.gram_hat, ng.valid, support_hint=prev)
+                b = plain.solve(ng.gram_hat, ng.valid)
+                assert a.alpha.tobytes() == b.alpha.tobytes(), (a.alpha, b.alpha)
+                used += a.method == "support"
+                prev = a.alpha
+    assert used > 400  # of 800 solves: the hint usually holds
+
+
+def test_a_wrong_support_hint_falls_back_to_osqp():
+    Q = _random_gram(5, np.random.default_rng(2))
+    truth = MinNormSolver().solve(Q)
+    assert truth.alpha.min() == 0.0 < truth.alpha.max()  # the optimum leaves a reward out
+    for wrong in (np.ones(5), np.where(truth.alpha > 0, 0.0, 1.0) + np.eye(5)[0]):  # too wide; elsewhere
+        res = MinNormSolver().solve(Q, support_hint=wrong)
+        assert res.method == "osqp" and res.alpha.tobytes() == truth.alpha.tobytes()

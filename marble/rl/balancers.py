@@ -44,7 +44,7 @@ from torch import Tensor
 
 from marble.errors import CheckpointError
 from marble.rl.advantages import gdpo_advantages, group_advantages
-from marble.rl.gram import NormalizedGram, normalize_gram
+from marble.rl.gram import NormalizedGram, gram_norms, normalize_gram
 from marble.rl.qp import MinNormSolver
 
 log = logging.getLogger(__name__)
@@ -506,7 +506,11 @@ class MGDABalancer(GramBalancer):
         self.gamma_cap: float | None = cfg.gamma_cap
 
     def _fresh(self, ng, G):
-        res = self.solver.solve(ng.gram_hat, ng.valid, fallback=self._last_good)
+        # the previous α* hints the support: refreshes within a step solve a running sum that changes
+        # little, and the hint comes from the balancer's state, so a resumed run takes the same path
+        res = self.solver.solve(
+            ng.gram_hat, ng.valid, fallback=self._last_good, support_hint=self._fresh_last
+        )
         return res.alpha, res.fallback_reason, res.solve_ms, res.min_norm
 
     def _blend(self, prev, fresh, valid):
@@ -526,12 +530,12 @@ class MGDABalancer(GramBalancer):
             return super().batch_gamma(batch_gram)
         if batch_gram is None:
             raise ValueError(f"balancer {self.kind!r} (normalize=batch) needs the batch's output-space Gram")
-        ng = normalize_gram(batch_gram)
-        gamma = rescale_to_gamma(self._alpha(), ng.norms, ng.valid, self.gamma_cap)
+        norms, valid = gram_norms(batch_gram)
+        gamma = rescale_to_gamma(self._alpha(), norms, valid, self.gamma_cap)
         capped = np.zeros(len(gamma), dtype=bool)
-        if self.gamma_cap is not None and ng.valid.any():
-            capped = ng.valid & (ng.norms < ng.norms[ng.valid].mean() / self.gamma_cap)
-        return BatchGamma(gamma=_t(gamma), norms=_t(ng.norms), capped=torch.as_tensor(capped))
+        if self.gamma_cap is not None and valid.any():
+            capped = valid & (norms < norms[valid].mean() / self.gamma_cap)
+        return BatchGamma(gamma=_t(gamma), norms=_t(norms), capped=torch.as_tensor(capped))
 
 
 def mgda_gamma(gram: Tensor | np.ndarray, solver: MinNormSolver | None = None) -> Tensor:

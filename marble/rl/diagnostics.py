@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,17 +44,34 @@ def direction_cosines(direction: Tensor, grads: Tensor) -> CosineStats:
     return _summarise(torch.where(bad, torch.full_like(cos, float("nan")), cos))
 
 
-def gram_cosines(gram: Tensor, gamma: Tensor) -> CosineStats:
+def gram_cosines(gram: Tensor | np.ndarray, gamma: Tensor | np.ndarray) -> CosineStats:
     """The same cosines for `d = Σ_k γ_k g_k`, from the Gram alone:
-    `cos(d, g_k) = (G γ)_k / (sqrt(γᵀ G γ) sqrt(G_kk))`. Cheap: no flattened gradients needed."""
-    G = torch.as_tensor(gram).detach().to(torch.float64)  # [K, K]
-    w = torch.as_tensor(gamma).detach().to(torch.float64)  # [K]
-    diag = torch.diagonal(G)  # [K]
-    g_norm = diag.clamp_min(0).sqrt()  # [K]
-    d_norm = (w @ G @ w).clamp_min(0).sqrt()
-    cos = (G @ w) / (g_norm * d_norm)  # [K]
-    bad = ~torch.isfinite(diag) | (g_norm <= VALID_NORM_MIN) | ~(d_norm > VALID_NORM_MIN)
-    return _summarise(torch.where(bad, torch.full_like(cos, float("nan")), cos))
+    `cos(d, g_k) = (G γ)_k / (sqrt(γᵀ G γ) sqrt(G_kk))`. Cheap: no flattened gradients needed.
+
+    Computed in NumPy float64: the trainer calls it on every micro-step, and on a K x K matrix torch's
+    per-operation overhead (about 0.5 ms a call in the training loop, measured) is most of the cost."""
+    G = _float64(gram)  # [K, K]
+    w = _float64(gamma)  # [K]
+    diag = np.diagonal(G)  # [K]
+    g_norm = np.sqrt(np.clip(diag, 0.0, None))  # [K]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d_norm = float(np.sqrt(np.clip(w @ G @ w, 0.0, None)))  # NaN stays NaN, as in torch
+        cos = (G @ w) / (g_norm * d_norm)  # [K]
+    bad = ~np.isfinite(diag) | (g_norm <= VALID_NORM_MIN) | (not d_norm > VALID_NORM_MIN)
+    cos = np.where(bad, np.nan, cos)
+    ok = np.isfinite(cos)
+    per_reward = torch.from_numpy(cos)
+    if not ok.any():
+        nan = float("nan")
+        return CosineStats(nan, nan, nan, per_reward)
+    v = cos[ok]
+    return CosineStats(float(v.min()), float(v.mean()), float(v.var()), per_reward)
+
+
+def _float64(x: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
 
 
 def combine_directions(gamma: Tensor, grads: Tensor) -> Tensor:

@@ -140,15 +140,30 @@ class NormalizedGram(NamedTuple):
     valid: np.ndarray  # [K] bool: finite norm > VALID_NORM_MIN
 
 
-def normalize_gram(gram: Tensor | np.ndarray) -> NormalizedGram:
-    """Normalise a Gram to unit-norm gradients and flag the valid rewards (§4.2)."""
-    G = np.array(torch.as_tensor(gram).detach().cpu().to(torch.float64), dtype=np.float64)  # [K, K]
+def _as_gram(gram: Tensor | np.ndarray) -> np.ndarray:
+    """A float64 NumPy copy of a square Gram (the caller's matrix is never touched)."""
+    if isinstance(gram, Tensor):  # the trainer's Grams; NumPy directly for the balancer's own sums
+        gram = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
+    G = np.array(gram, dtype=np.float64)  # [K, K]
     if G.ndim != 2 or G.shape[0] != G.shape[1]:
         raise ValueError(f"Gram must be square [K, K], got shape {G.shape}")
-    diag = np.diag(G).copy()  # [K]
+    return G
+
+
+def gram_norms(gram: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(norms `[K]`, valid `[K]`) of a Gram's gradients: `|g_k| = sqrt(G_kk)` (NaN where the diagonal
+    is not finite), valid when finite and above `VALID_NORM_MIN` (§4.2). What γ's rescaling needs of
+    the batch it is applied to, without normalising the whole matrix."""
+    diag = np.diag(_as_gram(gram)).copy()  # [K]
     with np.errstate(invalid="ignore"):
         norms = np.where(np.isfinite(diag), np.sqrt(np.clip(diag, 0.0, None)), np.nan)  # [K]
-    valid = np.isfinite(norms) & (norms > VALID_NORM_MIN)  # [K]
+    return norms, np.isfinite(norms) & (norms > VALID_NORM_MIN)
+
+
+def normalize_gram(gram: Tensor | np.ndarray) -> NormalizedGram:
+    """Normalise a Gram to unit-norm gradients and flag the valid rewards (§4.2)."""
+    G = _as_gram(gram)  # [K, K]
+    norms, valid = gram_norms(G)  # [K], [K]
     safe = np.where(valid, norms, 1.0)  # [K]
     G_hat = np.where(np.outer(valid, valid), G / np.outer(safe, safe), 0.0)  # [K, K]
     return NormalizedGram(gram_hat=G_hat, norms=norms, valid=valid)

@@ -10,6 +10,10 @@
   (`[Ĝ_SS 1; 1ᵀ 0] [α_S; -λ] = [0; 1]`) when that solution is feasible and optimal. This makes α
   independent of the warm-start history (bitwise resume gives bitwise the same α) and accurate to
   rounding. Finally clip at 0 and renormalise.
+- With a support hint (the balancer passes its previous α: within a step it re-solves on a sum that
+  changes little), the KKT system on that support is tried first and taken when its margins make it
+  certainly THE optimum (Q_SS positive definite, strict complementarity): the osqp solve would give
+  that support and this same α, bit for bit (tested), at a fraction of the cost.
 - Invalid rewards (norm 0 or not finite) get weight 0; a non-finite Gram or a failed solve falls back
   to the caller's last good α, else uniform over the valid rewards; the reason is returned.
 """
@@ -27,11 +31,12 @@ import scipy.sparse as sp  # osqp's own dependency; its 1.x API takes scipy CSC 
 log = logging.getLogger(__name__)
 
 _SUPPORT_TOL = 1e-9  # α entries above this (after osqp) form the support of the exact refinement
+_CERTAIN_MARGIN = 1e-6  # margins under which a hinted support is not trusted without osqp
 
 
 class QPResult(NamedTuple):
     alpha: np.ndarray  # [K] float64 on the simplex, 0 on invalid rewards
-    method: str  # "one_hot" | "closed_form" | "osqp" | "fallback"
+    method: str  # "one_hot" | "closed_form" | "support" | "osqp" | "fallback"
     fallback_reason: str | None  # why the fallback was used (None if it was not)
     solve_ms: float  # wall time of this solve in milliseconds
     min_norm: float  # |Σ α ĝ| = sqrt(αᵀ Ĝ α) (NaN when the Gram is not finite)
@@ -55,14 +60,10 @@ def two_reward_closed_form(Q: np.ndarray) -> np.ndarray:
     return np.array([a, 1.0 - a])
 
 
-def _kkt_refine(Q: np.ndarray, alpha: np.ndarray) -> np.ndarray | None:
-    """Exact α on the support of `alpha` from the equality-constrained KKT system, or None if the
-    result is not feasible and optimal (then the caller keeps the iterative answer)."""
-    m = Q.shape[0]
-    S = np.flatnonzero(alpha > _SUPPORT_TOL)
-    if S.size == 0:
-        return None
-    s = S.size
+def _kkt_on_support(Q: np.ndarray, S: np.ndarray) -> np.ndarray | None:
+    """The minimiser on the face of the simplex spanned by `S` (indices), from the equality-constrained
+    KKT system `[Q_SS 1; 1ᵀ 0] [α_S; -λ] = [0; 1]`; None if it is not finite or not non-negative."""
+    m, s = Q.shape[0], S.size
     kkt = np.zeros((s + 1, s + 1))
     kkt[:s, :s] = Q[np.ix_(S, S)]
     kkt[:s, s] = 1.0
@@ -74,11 +75,43 @@ def _kkt_refine(Q: np.ndarray, alpha: np.ndarray) -> np.ndarray | None:
     cand[S] = sol[:s]
     if not np.all(np.isfinite(cand)) or cand.min() < -1e-10:
         return None
-    cand = project_to_simplex(cand)
+    return project_to_simplex(cand)
+
+
+def _kkt_refine(Q: np.ndarray, alpha: np.ndarray) -> np.ndarray | None:
+    """Exact α on the support of `alpha` from the equality-constrained KKT system, or None if the
+    result is not feasible and optimal (then the caller keeps the iterative answer)."""
+    S = np.flatnonzero(alpha > _SUPPORT_TOL)
+    if S.size == 0:
+        return None
+    cand = _kkt_on_support(Q, S)
+    if cand is None:
+        return None
     grad = Q @ cand  # [m]
     lam = cand @ grad
     tol = 1e-9 * max(1.0, float(np.abs(Q).max()))
     if grad.min() < lam - tol or lam > alpha @ Q @ alpha + tol:
+        return None
+    return cand
+
+
+def _certain_on_support(Q: np.ndarray, S: np.ndarray) -> np.ndarray | None:
+    """The minimiser when it lies on the face `S` with margins that make it THE minimiser: Q_SS
+    positive definite, every α_S clearly positive, every other reward's gradient clearly above the
+    multiplier (strict complementarity). Then the optimum is unique and supported exactly on S, so
+    the iterative solve would find this support and its refinement this same α. None otherwise."""
+    if S.size < 2:
+        return None
+    if np.linalg.eigvalsh(Q[np.ix_(S, S)]).min() <= _CERTAIN_MARGIN:
+        return None
+    cand = _kkt_on_support(Q, S)
+    if cand is None or cand[S].min() <= _CERTAIN_MARGIN:
+        return None
+    grad = Q @ cand  # [m]
+    lam = cand @ grad
+    others = np.ones(Q.shape[0], dtype=bool)
+    others[S] = False
+    if others.any() and grad[others].min() <= lam + _CERTAIN_MARGIN * max(1.0, float(np.abs(Q).max())):
         return None
     return cand
 
@@ -136,13 +169,19 @@ class MinNormSolver:
 
     # ------------------------------------------------------------------------------------ api
     def solve(
-        self, gram_hat: np.ndarray, valid: np.ndarray | None = None, fallback: np.ndarray | None = None
+        self,
+        gram_hat: np.ndarray,
+        valid: np.ndarray | None = None,
+        fallback: np.ndarray | None = None,
+        support_hint: np.ndarray | None = None,
     ) -> QPResult:
         """Min-norm α for a normalised Gram `[K, K]`; `valid [K]` masks rewards out (weight 0).
 
         `fallback` is the last good α `[K]` (used, after projection, when the Gram is not finite or
-        the solver fails; uniform over the valid rewards otherwise). Never returns off-simplex or
-        non-finite weights.
+        the solver fails; uniform over the valid rewards otherwise). `support_hint` (`[K]`, e.g. the
+        previous α of a slowly changing Gram): its support is tried first, and its KKT solution is
+        taken without osqp when it is certainly the optimum (`_certain_on_support`; method
+        "support"). Never returns off-simplex or non-finite weights.
         """
         t0 = time.perf_counter()
         Q_full = np.asarray(gram_hat, dtype=np.float64)
@@ -163,6 +202,8 @@ class MinNormSolver:
             sub, method = np.ones(1), "one_hot"
         elif idx.size == 2:
             sub, method = two_reward_closed_form(Q), "closed_form"
+        elif (hinted := self._from_hint(Q, idx, support_hint)) is not None:
+            sub, method = hinted, "support"
         else:
             x, status = self._osqp(Q)
             if x is None or not np.all(np.isfinite(x)):
@@ -182,6 +223,16 @@ class MinNormSolver:
         a_sub = alpha[idx]  # [K_valid]; invalid rewards carry no weight in the min-norm value
         mn = float(np.sqrt(max(a_sub @ Q @ a_sub, 0.0))) if np.all(np.isfinite(Q)) else float("nan")
         return QPResult(alpha, method, reason, (time.perf_counter() - t0) * 1e3, mn)
+
+    @staticmethod
+    def _from_hint(Q: np.ndarray, idx: np.ndarray, hint: np.ndarray | None) -> np.ndarray | None:
+        """α on the valid rewards `idx` from the hinted support, when certain (see `solve`)."""
+        if hint is None:
+            return None
+        h = np.asarray(hint, dtype=np.float64)[idx]
+        if not np.all(np.isfinite(h)):
+            return None
+        return _certain_on_support(Q, np.flatnonzero(h > _SUPPORT_TOL))
 
     @staticmethod
     def _fallback(K: int, valid: np.ndarray, last_good: np.ndarray | None) -> np.ndarray:
