@@ -86,6 +86,20 @@ def micro_batch_table(alis: dict[int, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _speed(thr: dict[str, Any], preset: str) -> str:
+    """'0.92x [0.84, 0.96]': the amortised speed ratio and its 95% paired bootstrap interval over the
+    interleaved rounds (`throughput.speed_interval`, from the raw steps)."""
+    from bench.throughput import speed_interval
+
+    s, raw = thr["presets"].get(preset, {}), thr.get("raw_steps", {})
+    point = _f(s.get("speed_vs_weighted_sum"), ".2f", "x")
+    if preset == "weighted_sum" or preset not in raw or "weighted_sum" not in raw:
+        return point
+    base_f = thr["presets"]["weighted_sum"]["refresh_fraction"]
+    lo, hi = speed_interval(raw["weighted_sum"], raw[preset], base_f, s["refresh_fraction"])
+    return f"{point} [{lo:.2f}, {hi:.2f}]"
+
+
 FRESH_LABELS = {
     "fresh_mgda": "fresh MGDA on the exact Gram of the micro-batch (of the step)",
     "fresh_output": "fresh MGDA per micro-batch on its output-space Gram",
@@ -175,7 +189,7 @@ def main_table(thr: dict | None, ali: dict | None, rb: dict | None) -> list[str]
             s = thr["presets"].get(p, {})
             row += [
                 _f(s.get("step_ms_amortized"), ".0f"),
-                _f(s.get("speed_vs_weighted_sum"), ".2f", "x"),
+                _speed(thr, p),
                 _f(s.get("micro_step_ms_median"), ".1f"),
                 _fastest_micro(thr["raw_steps"].get(p, [])),
                 _f(s.get("balancer_ms_amortized_per_step"), ".1f"),
@@ -251,7 +265,8 @@ def render(results: Path = common.RESULTS) -> str:
     if thr:
         st = thr["settings"]
         notes.append(
-            f"Step time: median over {st['repeats']} interleaved rounds, amortised over the refresh cycle, "
+            f"Step time: median over {st['repeats']} interleaved rounds, amortised over the refresh cycle "
+            "(speed: [95% paired bootstrap interval over the rounds]), "
             f"{st['torch_threads']} torch threads; {st['micro_batch_size'] * st['gradient_accumulation_steps']}"
             f" samples x {st['train_timesteps']} timesteps per optimizer step. Peak tensor MB: live CPU tensor"
             " bytes during the first micro-step of a refresh step above those at its start (torch profiler)."

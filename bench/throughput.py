@@ -14,7 +14,8 @@ Reported per preset (medians over the measured steps):
 - `step_ms`: optimizer step; for a preset that refreshes every n-th step, also the medians of refresh
   and cached steps and the amortised cost `(refresh + (n-1) cached) / n` (a plain median would hide
   the one-in-n refresh); `speed_vs_weighted_sum` = weighted-sum time / this preset's amortised time
-  (the paper's "0.97x": higher is faster);
+  (the paper's "0.97x": higher is faster), with a 95% paired bootstrap interval over the rounds
+  (`speed_vs_weighted_sum_ci95`);
 - `micro_step_ms`: one micro-step, from the start of `NFTUpdate.micro_step` to the end of its
   backward (building the micro-batch excluded), split into refresh and plain micro-steps;
 - balancer overhead: Gram + QP time inside the update (`time/balance_s`), the QP/EMA/rescale part
@@ -38,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench import common
 from marble.threads import pinned_threads
@@ -194,6 +197,41 @@ def _memory(world: common.World, run: PresetRun, probe: MicroStepProbe, state: c
 
 
 # ---------------------------------------------------------------------------------------- summary
+def amortized_ms(steps: list[dict[str, Any]], refresh_fraction: float) -> float:
+    """A preset's step time over its refresh cycle: `f · median(refresh steps) + (1 - f) · median(cached
+    steps)` (a plain median when it always or never refreshes, or one kind of step is missing)."""
+    all_ms = [s["step_ms"] for s in steps]
+    ref = [s["step_ms"] for s in steps if s["refreshes"] > 0]
+    cached = [s["step_ms"] for s in steps if s["refreshes"] == 0]
+    f = refresh_fraction
+    if f >= 1.0 or not cached:
+        return common.median(ref or all_ms)
+    if f == 0.0 or not ref:
+        return common.median(cached)
+    return f * common.median(ref) + (1 - f) * common.median(cached)
+
+
+def speed_interval(
+    base: list[dict[str, Any]],
+    steps: list[dict[str, Any]],
+    f_base: float,
+    f: float,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95% paired bootstrap interval of `amortized(base) / amortized(steps)`: the rounds (index i of
+    both lists ran in the same interleaved round) are resampled together, so what the machine did
+    during a round moves both. Deterministic for a seed."""
+    n = min(len(base), len(steps))
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        ratios.append(amortized_ms([base[i] for i in idx], f_base) / amortized_ms([steps[i] for i in idx], f))
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def summarize(run: PresetRun) -> dict[str, Any]:
     """Medians of one preset's measured steps (see the module docstring)."""
     steps = run.steps
@@ -201,12 +239,7 @@ def summarize(run: PresetRun) -> dict[str, Any]:
     ref = [s["step_ms"] for s in steps if s["refreshes"] > 0]
     cached = [s["step_ms"] for s in steps if s["refreshes"] == 0]
     f = run.refresh_fraction
-    if f >= 1.0 or not cached:
-        amortized = common.median(ref or all_ms)
-    elif f == 0.0 or not ref:
-        amortized = common.median(cached)
-    else:
-        amortized = f * common.median(ref) + (1 - f) * common.median(cached)
+    amortized = amortized_ms(steps, f)
     micro = [m for s in steps for m in s["micro_ms"]]
     micro_ref = [m for s in steps for m, r in zip(s["micro_ms"], s["micro_refresh"], strict=True) if r]
     micro_plain = [m for s in steps for m, r in zip(s["micro_ms"], s["micro_refresh"], strict=True) if not r]
@@ -304,6 +337,9 @@ def run(
     for name, s in summary.items():
         if base is not None:
             s["speed_vs_weighted_sum"] = base["step_ms_amortized"] / s["step_ms_amortized"]
+            s["speed_vs_weighted_sum_ci95"] = speed_interval(
+                runs["weighted_sum"].steps, runs[name].steps, base["refresh_fraction"], s["refresh_fraction"]
+            )
             s["time_ratio_vs_weighted_sum"] = s["step_ms_amortized"] / base["step_ms_amortized"]
             s["micro_step_time_ratio_vs_weighted_sum"] = (
                 s["micro_step_ms_median"] / base["micro_step_ms_median"]

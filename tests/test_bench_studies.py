@@ -39,6 +39,7 @@ def test_throughput_keys(small_cfg, tmp_path):
             "speed_vs_weighted_sum",
             "micro_step_ms_median",
             "gram_ms_per_refresh",
+            "speed_vs_weighted_sum_ci95",
         ):
             assert key in s
         assert s["steps_measured"] == 1
