@@ -186,16 +186,17 @@ def measure_batch(
         dirs[name] = gamma.to(torch.float64) @ grads  # [P] = the applied direction (affine identity)
         out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=refreshed)
     alpha_p, gamma_p = _mgda_alpha(pg.gram, solver)
-    alpha_o, gamma_o = _mgda_alpha(H, solver)
     d_p = torch.as_tensor(gamma_p) @ grads  # [P]
-    d_o = torch.as_tensor(gamma_o) @ grads  # [P]
     out["directions"]["fresh_mgda"] = _cos_record(direction_cosines(d_p, grads))
     out["gram_ms"] = {"params": ms_params}
+    alphas: dict[str, np.ndarray] = {}
     for source, (gram, ms) in cheaper.items():
         name = f"fresh_{source}"
-        dirs[name] = torch.as_tensor(_mgda_alpha(gram, solver)[1]) @ grads  # [P]
+        alphas[source], gamma = _mgda_alpha(gram, solver)
+        dirs[name] = torch.as_tensor(gamma) @ grads  # [P]
         out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=False)
         out["gram_ms"][source] = ms
+    alpha_o, d_o = alphas["output"], dirs["fresh_output"]  # the output-space Gram's fresh solve
     denom = float(d_p.norm() * d_o.norm())
     out["gram_sources"] = {
         "alpha_params": alpha_p.tolist(),

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from marble.errors import CheckpointError
 from marble.rl.advantages import gdpo_advantages, group_advantages
-from marble.rl.gram import NormalizedGram, gram_norms, normalize_gram
+from marble.rl.gram import NormalizedGram, as_gram, gram_norms, normalize_gram
 from marble.rl.qp import MinNormSolver
 
 log = logging.getLogger(__name__)
@@ -354,7 +354,7 @@ class GramBalancer(Balancer):
     # ------------------------------------------------------------------------------ refreshes
     def observe(self, gram: Tensor, step: int, micro_step: int = 0) -> BalanceStats:
         """Consume the Gram `[K', K']` of one observed micro-step (see the class docstring)."""
-        G = np.array(torch.as_tensor(gram).detach().cpu().to(torch.float64), dtype=np.float64)  # [K, K]
+        G = as_gram(gram)  # [K, K]
         if G.shape != (len(self.objective_names),) * 2:
             raise ValueError(f"Gram must be [{len(self.objective_names)}]*2, got {G.shape}")
         if self._first_refresh_step is None:

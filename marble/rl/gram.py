@@ -140,11 +140,17 @@ class NormalizedGram(NamedTuple):
     valid: np.ndarray  # [K] bool: finite norm > VALID_NORM_MIN
 
 
-def _as_gram(gram: Tensor | np.ndarray) -> np.ndarray:
+def float64_array(x: Tensor | np.ndarray) -> np.ndarray:
+    """A tensor or array as a float64 NumPy array on the CPU (K x K work is cheaper in NumPy than in
+    torch's small operations); may share memory with `x`."""
+    if isinstance(x, Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def as_gram(gram: Tensor | np.ndarray) -> np.ndarray:
     """A float64 NumPy copy of a square Gram (the caller's matrix is never touched)."""
-    if isinstance(gram, Tensor):  # the trainer's Grams; NumPy directly for the balancer's own sums
-        gram = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
-    G = np.array(gram, dtype=np.float64)  # [K, K]
+    G = np.array(float64_array(gram))  # [K, K]
     if G.ndim != 2 or G.shape[0] != G.shape[1]:
         raise ValueError(f"Gram must be square [K, K], got shape {G.shape}")
     return G
@@ -154,7 +160,7 @@ def gram_norms(gram: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(norms `[K]`, valid `[K]`) of a Gram's gradients: `|g_k| = sqrt(G_kk)` (NaN where the diagonal
     is not finite), valid when finite and above `VALID_NORM_MIN` (§4.2). What γ's rescaling needs of
     the batch it is applied to, without normalising the whole matrix."""
-    diag = np.diag(_as_gram(gram)).copy()  # [K]
+    diag = np.diag(as_gram(gram))  # [K] (a view of the copy)
     with np.errstate(invalid="ignore"):
         norms = np.where(np.isfinite(diag), np.sqrt(np.clip(diag, 0.0, None)), np.nan)  # [K]
     return norms, np.isfinite(norms) & (norms > VALID_NORM_MIN)
@@ -162,7 +168,7 @@ def gram_norms(gram: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def normalize_gram(gram: Tensor | np.ndarray) -> NormalizedGram:
     """Normalise a Gram to unit-norm gradients and flag the valid rewards (§4.2)."""
-    G = _as_gram(gram)  # [K, K]
+    G = as_gram(gram)  # [K, K]
     norms, valid = gram_norms(G)  # [K], [K]
     safe = np.where(valid, norms, 1.0)  # [K]
     G_hat = np.where(np.outer(valid, valid), G / np.outer(safe, safe), 0.0)  # [K, K]
