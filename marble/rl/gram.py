@@ -1,12 +1,15 @@
 """Gram matrices of the per-reward gradients (docs/algorithm.md §4.1) and their normalisation (§4.2).
 
-Two sources:
+Three sources:
 - `params` (exact, MARBLE arXiv 2605.06507 §3.2): K backward passes of the masked per-reward losses
   with a retained graph, gradients flattened over the trainable parameters, non-finite entries zeroed,
   optionally all-reduced across ranks, `G_kl = <g_k, g_l>` accumulated in float64.
 - `output` (ours, MGDA-UB style, Sener & Koltun 2018 §3.3): gradients with respect to the model output,
   from three detached scalars per sample (`nft.nft_terms`). No backward; ignores the coupling of samples
   through the parameters, so it approximates the `params` Gram.
+- `per_sample` (ours, `per_sample.py`): the `params` Gram from ONE backward, through per-sample
+  gradients of the trained Linear layers; exact up to the collinearity residual of the NFT output
+  gradients (measured below 1e-4 in training, docs/algorithm.md §4.1).
 """
 
 from __future__ import annotations
@@ -99,6 +102,15 @@ def gram_from_params(
                 view.zero_()
             else:
                 view.copy_(g.reshape(-1))
+    return gram_of_grads(grads, all_reduce=all_reduce, keep_grads=keep_grads)
+
+
+def gram_of_grads(
+    grads: Tensor, *, all_reduce: Callable[[Tensor], Tensor] | None = None, keep_grads: bool = False
+) -> ParamGram:
+    """The `ParamGram` of stacked per-reward gradients `[K, P]`: non-finite entries zeroed and counted,
+    then the optional all-reduce (see `gram_from_params`), then `G = grads gradsᵀ` in float64."""
+    K = grads.shape[0]
     nonfinite = torch.zeros(K, dtype=torch.float64, device=grads.device)  # [K]
     # Fast check (one reduction, no [K, P] mask): a row sum is finite when every entry is (or a finite
     # row overflowed, which then also takes the exact path).

@@ -1,0 +1,107 @@
+"""Every reward's gradient from one backward (`marble.rl.per_sample`) against brute force: K backward
+passes of the masked per-reward NFT losses (`nft.per_reward_losses`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from marble.rl.gram import stacked_gram
+from marble.rl.nft import nft_terms, per_reward_losses
+from marble.rl.per_sample import PerRewardLinearGrads, collinearity_residual, per_sample_coefficients
+
+B, T, D, K, BETA = 6, 5, 4, 3, 0.1
+
+
+class Toy(nn.Module):
+    """Frozen layers with trained bias-free Linear adapters beside them (LoRA's shape), one used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(D, D)
+        self.base.requires_grad_(False)
+        self.down = nn.Linear(D, 2, bias=False)
+        self.up = nn.Linear(2, D, bias=False)
+        self.head = nn.Linear(D, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        h = torch.tanh(self.base(x) + self.up(self.down(x)))
+        return self.head(h) + x
+
+
+def _batch(gen: torch.Generator):
+    x0 = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
+    eps = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
+    t = torch.rand(B, generator=gen, dtype=torch.float64) * 0.9 + 0.05
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+    mask = torch.rand(B, K, generator=gen) < 0.7
+    mask[:, 0] = True
+    c = mask.double() / mask.double().sum(0).clamp_min(1)
+    r = torch.where(mask, torch.rand(B, K, generator=gen, dtype=torch.float64), torch.nan)  # NaN where masked
+    return x0, x_t, t, c, r
+
+
+def _brute(model, params, x0, x_t, t, c, r, v_old):
+    terms = nft_terms(model(x_t), v_old, x_t, x0, t, BETA)
+    losses = per_reward_losses(terms, c, r, BETA)
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(L, params, retain_graph=True)]) for L in losses
+    ]
+    return torch.stack(rows)
+
+
+def _one_backward(model, x0, x_t, t, c, r, v_old):
+    grads = PerRewardLinearGrads.of_trained(model)
+    with grads.capture():
+        v = model(x_t)
+        with torch.no_grad():
+            model(x_t)  # an old / reference forward without a graph is ignored
+        terms = nft_terms(v, v_old, x_t, x0, t, BETA)
+        grads.coefficients = per_sample_coefficients(terms, c, r, BETA)
+        torch.autograd.grad(terms.N.sum(), [m.weight for m in grads.modules])
+    return grads.stacked(), terms
+
+
+def test_one_backward_equals_k_backward_passes_when_old_equals_trained():
+    gen = torch.Generator().manual_seed(0)
+    model = Toy().double()
+    params = [m.weight for m in (model.down, model.up, model.head)]
+    x0, x_t, t, c, r = _batch(gen)
+    with torch.no_grad():
+        v_old = model(x_t)  # the trained adapter at the old one: p_i and q_i collinear
+    got, terms = _one_backward(model, x0, x_t, t, c, r, v_old)
+    expected = _brute(model, params, x0, x_t, t, c, r, v_old)
+    assert float(collinearity_residual(terms).max()) < 1e-7
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stacked_gram(got), stacked_gram(expected), rtol=1e-9, atol=1e-12)
+
+
+def test_error_is_bounded_by_the_collinearity_residual():
+    gen = torch.Generator().manual_seed(1)
+    model = Toy().double()
+    params = [m.weight for m in (model.down, model.up, model.head)]
+    x0, x_t, t, c, r = _batch(gen)
+    with torch.no_grad():
+        v_old = model(x_t) + 0.05 * torch.randn(B, T, D, generator=gen, dtype=torch.float64)
+    got, terms = _one_backward(model, x0, x_t, t, c, r, v_old)
+    expected = _brute(model, params, x0, x_t, t, c, r, v_old)
+    resid = float(collinearity_residual(terms).max())
+    assert 1e-4 < resid < 0.1  # the drift is visible...
+    rel = float((got - expected).norm() / expected.norm())
+    assert 0 < rel < 2 * resid  # ...and the gradients are off by at most about that much
+
+
+def test_refuses_a_trained_bias_and_unseen_layers():
+    with pytest.raises(ValueError, match="bias"):
+        PerRewardLinearGrads([nn.Linear(2, 2)])
+    model = Toy()
+    model.base.requires_grad_(True)
+    with pytest.raises(ValueError, match="outside Linear weights"):
+        PerRewardLinearGrads.of_trained(model)  # base.bias is trained but not a Linear weight
+    model = Toy()
+    grads = PerRewardLinearGrads.of_trained(model)
+    with grads.capture(), torch.no_grad():
+        model(torch.randn(B, T, D))
+    with pytest.raises(RuntimeError, match="got no gradient"):
+        grads.stacked()
