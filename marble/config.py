@@ -476,10 +476,16 @@ RewardSpec = Annotated[Union[REWARD_SPECS], Field(discriminator="kind")]  # noqa
 
 
 # ---------------------------------------------------------------------------------------- balancers
+GramSource = Literal["params", "output", "per_sample"]
+"""params: K backward passes (exact); output: output-space gradients (free, approximate); per_sample:
+the params Gram from the ONE backward the update needs anyway (docs/algorithm.md §4.1)."""
+
+
 class _GramBalancer(StrictModel):
-    gram_source: Literal["params", "output"] = Field(
+    gram_source: GramSource = Field(
         "params",
-        description="Gram of parameter gradients (exact, K backwards) or of output gradients (free).",
+        description="Gram of parameter gradients (exact, K backwards), of output gradients (free), or "
+        "per_sample: of parameter gradients from the update's own backward (exact, one backward).",
     )
     refresh_every: int = Field(10, ge=1, description="Optimizer steps between Gram refreshes [MARBLE: N=10].")
     ema_decay: float | None = Field(
@@ -540,7 +546,7 @@ class MarbleBalancer(_MGDABalancer):
     `gram_source: params, refresh_every: 10, refresh_micro_steps: first_slot`."""
 
     kind: Literal["marble"] = "marble"
-    gram_source: Literal["params", "output"] = Field(
+    gram_source: GramSource = Field(
         "output", description="Gram of output gradients (free, every micro-step) or of parameters [ours]."
     )
     refresh_every: int = Field(1, ge=1, description="Optimizer steps between Gram refreshes [ours: 1].")
@@ -560,6 +566,9 @@ class MarblePaperBalancer(_MGDABalancer):
 
 class MarbleFullBalancer(_MGDABalancer):
     kind: Literal["marble_full"] = "marble_full"
+    gram_source: GramSource = Field(
+        "per_sample", description="per_sample: the exact Gram from the update's own backward [ours]."
+    )
     refresh_every: int = Field(1, ge=1, description="Exact MGDA every micro-step [MARBLE w/o amortization].")
     ema_decay: float | None = Field(None, ge=0, lt=1, description="EMA ρ; null = exact fresh weights.")
     refresh_micro_steps: Literal["first", "first_slot", "all"] = "all"

@@ -69,3 +69,28 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def checkpoint_balancer(ckpt: Path) -> dict:
     return torch.load(ckpt / "objects.pt", weights_only=True)["balancer"]
+
+
+def first_step_gradient(cfg: MarbleConfig, prompts_dir: Path, out_dir: Path):
+    """(gradient per trained parameter at the first `optimizer.step`, the epoch's rollout latents, the
+    step's metrics), through the trainer's own optimizer step."""
+    from marble.train.stepping import EpochPlan
+    from marble.train.trainer import Trainer
+
+    tr = Trainer(cfg, prompts_dir, out_dir)
+    tr.setup()
+    grads: dict[str, torch.Tensor] = {}
+    step = tr.optimizer.step
+
+    def capture(*args, **kwargs):
+        grads.update({n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad})
+        return step(*args, **kwargs)
+
+    tr.optimizer.step = capture
+    try:
+        buf = tr.rollout(0)
+        plan = EpochPlan(cfg, buf, 1, 0, tr.grid)
+        metrics = tr.optimizer_step(plan, range(cfg.train.gradient_accumulation_steps))
+    finally:
+        tr.cleanup()
+    return grads, buf.latents, metrics

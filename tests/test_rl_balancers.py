@@ -106,7 +106,7 @@ def _balanced_grad(balancer, R, gids, terms, flat, params):
 def test_every_preset_builds_with_the_trainer_interface(cfg):
     b = build_balancer(cfg, NAMES)
     assert type(b) is BALANCERS[cfg.kind]
-    assert b.gram_source in (None, "params", "output")
+    assert b.gram_source in (None, "params", "output", "per_sample")
     K = len(b.objective_names)
     R = torch.randn(6, 3, dtype=torch.float64)
     assert b.objective_advantages(R, torch.arange(6) // 3, "global").shape == (6, K)
@@ -236,7 +236,7 @@ def test_refresh_every_n_steps(steps, n, accum):
 
 
 def test_full_and_ub_refresh_every_micro_step():
-    for cfg, source in ((MarbleFullBalancer(), "params"), (MarbleUBBalancer(), "output")):
+    for cfg, source in ((MarbleFullBalancer(), "per_sample"), (MarbleUBBalancer(), "output")):
         b = build_balancer(cfg, NAMES)
         assert b.gram_source == source
         calls = 0

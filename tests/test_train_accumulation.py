@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _train_helpers import train_config
+from _train_helpers import first_step_gradient, train_config
 
 from marble.configio import validate_config
 from marble.data.prepare import prepare_prompts
-from marble.train.stepping import EpochPlan
-from marble.train.trainer import Trainer
 
 pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
 
@@ -42,34 +40,13 @@ def _config(tiny_config, micro_batch_size: int, accumulation: int):
     return validate_config({**cfg.model_dump(mode="json"), "balancer": {"kind": "equal"}}, "test")
 
 
-def _first_step_gradient(cfg, prompts_dir, out_dir) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
-    """The gradient the optimizer sees at the first step (captured at `optimizer.step`)."""
-    tr = Trainer(cfg, prompts_dir, out_dir)
-    tr.setup()
-    grads: dict[str, torch.Tensor] = {}
-    step = tr.optimizer.step
-
-    def capture(*args, **kwargs):
-        grads.update({n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad})
-        return step(*args, **kwargs)
-
-    tr.optimizer.step = capture
-    try:
-        buf = tr.rollout(0)
-        plan = EpochPlan(cfg, buf, 1, 0, tr.grid)
-        metrics = tr.optimizer_step(plan, range(cfg.train.gradient_accumulation_steps))
-    finally:
-        tr.cleanup()
-    return grads, buf.latents, metrics
-
-
 def test_one_micro_batch_of_2n_equals_two_accumulated_micro_batches_of_n(tiny_config, tmp_path):
     whole_cfg = _config(tiny_config, micro_batch_size=2 * N, accumulation=1)
     split_cfg = _config(tiny_config, micro_batch_size=N, accumulation=2)
     prompts = tmp_path / "prompts"
     prepare_prompts(whole_cfg, prompts)
-    whole, latents_a, metrics_a = _first_step_gradient(whole_cfg, prompts, tmp_path / "whole")
-    split, latents_b, metrics_b = _first_step_gradient(split_cfg, prompts, tmp_path / "split")
+    whole, latents_a, metrics_a = first_step_gradient(whole_cfg, prompts, tmp_path / "whole")
+    split, latents_b, metrics_b = first_step_gradient(split_cfg, prompts, tmp_path / "split")
 
     assert torch.equal(latents_a, latents_b), "both runs must train on the same rollouts"
     assert whole.keys() == split.keys() and whole

@@ -167,6 +167,7 @@ class StepAccumulator:
         self.balance_s = 0.0
         self.applied: list[Any] = []
         self.cos_output: list[Tensor] = []
+        self.cos_space = "output"
         self.diag: dict[str, float] = {}
 
     def add(self, res: MicroStepResult) -> None:
@@ -182,6 +183,8 @@ class StepAccumulator:
             self.applied.append(res.applied)
         if res.cos_output is not None:
             self.cos_output.append(res.cos_output)
+        if res.policy_grads is not None:  # per_sample: the cosines come from the exact Gram
+            self.cos_space = "params"
 
     def add_step_end(self, stats: Any | None) -> None:
         """The refresh the balancer committed at the end of the step (step-accumulated), if any."""
@@ -202,7 +205,7 @@ class StepAccumulator:
                 if getattr(self.refresh, key) is not None:
                     out[f"balance/{key}"] = float(getattr(self.refresh, key))
         out.update(applied_metrics(self.applied, names))
-        out.update(output_cosine_metrics(self.cos_output, names))
+        out.update(output_cosine_metrics(self.cos_output, names, self.cos_space))
         out["time/balance_s"] = self.balance_s
         out["train/skipped_steps"] = counters["skipped_steps"]
         if self.diag:
@@ -232,20 +235,32 @@ def applied_metrics(applied: list[Any], names: list[str]) -> dict[str, float]:
     return out
 
 
-def output_cosine_metrics(cosines: list[Tensor], names: list[str]) -> dict[str, float]:
-    """Alignment of the applied direction every step, free: per micro-step `cos(d, g_k)` in output
-    space (`diagnostics.gram_cosines` of the batch's output-space Gram); means over the step, the mean
-    per-micro-step minimum and the fraction of micro-steps with a reward at an obtuse angle."""
+def output_cosine_metrics(cosines: list[Tensor], names: list[str], space: str = "output") -> dict[str, float]:
+    """Alignment of the applied direction every step, free: per micro-step `cos(d, g_k)` from the Gram
+    the micro-step had (`diagnostics.gram_cosines`): the batch's output-space Gram (`space="output"`)
+    or, with the per_sample Gram source, the exact parameter-space one (`space="params"`); means over
+    the step, the mean per-micro-step minimum and the fraction of micro-steps with a reward at an
+    obtuse angle."""
     if not cosines:
         return {}
     cos = torch.stack(cosines).to(torch.float64)  # [M, K'] NaN = invalid reward on that micro-step
-    out = {f"balance/cos_output/{n}": float(v) for n, v in zip(names, cos.nanmean(0), strict=True)}
+    out = {f"balance/cos_{space}/{n}": float(v) for n, v in zip(names, cos.nanmean(0), strict=True)}
     ok = torch.isfinite(cos).any(1)  # [M]
     if ok.any():
         mins = torch.where(torch.isfinite(cos), cos, torch.full_like(cos, math.inf)).min(1).values[ok]
-        out["balance/cos_output_min"] = float(mins.mean())
-        out["balance/cos_output_negative_frac"] = float((mins < 0).to(torch.float64).mean())
+        out[f"balance/cos_{space}_min"] = float(mins.mean())
+        out[f"balance/cos_{space}_negative_frac"] = float((mins < 0).to(torch.float64).mean())
     return out
+
+
+def add_grads(pairs: list[tuple[Tensor, Tensor]], scale: float) -> None:
+    """`p.grad += scale g` for each (parameter, gradient): a gradient formed outside autograd, scaled as
+    accelerate scales a backward's loss under gradient accumulation (1 / accumulation steps)."""
+    for p, g in pairs:
+        if p.grad is None:
+            p.grad = g * scale
+        else:
+            p.grad.add_(g, alpha=scale)
 
 
 def sync_and_clip(accelerator: Any, params: list[Tensor], max_norm: float, world: int) -> float:

@@ -345,7 +345,10 @@ class Trainer:
                     acc.add_diagnostics(self.update.diagnose(mb, stepping.direction_cosines()))
                 with self.accelerator.accumulate(self.model):
                     res = self.update.micro_step(mb, self.step, micro)
-                    self.accelerator.backward(res.loss)
+                    if res.loss is not None:
+                        self.accelerator.backward(res.loss)
+                    if res.policy_grads is not None:  # formed without a backward of its own (per_sample)
+                        stepping.add_grads(res.policy_grads, 1 / self.accelerator.gradient_accumulation_steps)
                 acc.add(res)
         acc.add_step_end(self.update.end_step(self.step))
         if not self.accelerator.sync_gradients:

@@ -24,8 +24,9 @@ from torch import Tensor
 
 from marble.rl.balancers import mgda_gamma
 from marble.rl.diagnostics import gram_cosines
-from marble.rl.gram import flat_grads, gram_from_output, gram_from_params
+from marble.rl.gram import flat_grads, gram_from_output, gram_from_params, gram_of_grads
 from marble.rl.nft import NFTTerms, combine_coefficients, combined_loss, kl_loss, nft_terms, per_reward_losses
+from marble.rl.per_sample import PerRewardLinearGrads, per_sample_coefficients
 from marble.rl.qp import MinNormSolver
 
 Reduce = Callable[[Tensor], Tensor]
@@ -54,6 +55,9 @@ class MicroStepResult:
     balance_s: float
     applied: Any | None = None  # BatchGamma: the γ this micro-step applied (and the batch norms)
     cos_output: Tensor | None = None  # [K'] cos(applied direction, g_k) in output space (free), NaN = invalid
+    # per_sample Gram source: the policy gradient, already formed, for the caller to add to `.grad`
+    # (then `loss` is λ KL alone, or None when λ = 0)
+    policy_grads: list[tuple[Tensor, Tensor]] | None = None
 
 
 @contextmanager
@@ -100,6 +104,7 @@ class NFTUpdate:
         self.reduce_sum = reduce_sum
         self.autocast = autocast
         self._solver = MinNormSolver()
+        self._per_sample: PerRewardLinearGrads | None = None
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, mb: MicroBatch, output_grads: bool) -> tuple[NFTTerms, Tensor, Tensor]:
@@ -139,6 +144,8 @@ class NFTUpdate:
     def micro_step(self, mb: MicroBatch, step: int, micro_step: int) -> MicroStepResult:
         """Forward, optional balancer refresh, and the loss of ONE backward (caller backprops)."""
         bal = self.balancer
+        if bal.gram_source == "per_sample":
+            return self.per_sample_micro_step(mb, step, micro_step)
         refresh = bal.needs_gram(step, micro_step) and bal.gram_source is not None
         output = bal.needs_batch_gram or (refresh and bal.gram_source == "output")
         terms, v, v_ref = self.forward(mb, output_grads=output)
@@ -160,6 +167,46 @@ class NFTUpdate:
         return MicroStepResult(
             loss, float(policy.detach()), float(kl.detach()), stats, balance_s, applied, cos
         )
+
+    def per_sample_micro_step(self, mb: MicroBatch, step: int, micro_step: int) -> MicroStepResult:
+        """The update's own backward gives every reward's gradient (`marble.rl.per_sample`): ONE backward
+        of `Σ_i N_i`, scaled per reward at the trained layers; the balancer sees their exact Gram and its
+        γ combines them into the policy gradient, returned for the caller to add to `.grad`. The
+        caller backprops λ KL alone (a second backward, skipped when λ = 0: the KL's per-sample output
+        gradients are not multiples of the policy's)."""
+        bal = self.balancer
+        grads = self._per_sample_grads()
+        weights = [m.weight for m in grads.modules]
+        with grads.capture():
+            terms, v, v_ref = self.forward(mb, output_grads=True)
+            t0 = time.perf_counter()
+            grads.coefficients = per_sample_coefficients(terms, mb.c, mb.r, self.beta)
+            torch.autograd.grad(terms.N.sum(), weights, retain_graph=self.kl_weight > 0)
+            pg = gram_of_grads(grads.stacked(), all_reduce=self.reduce_mean, keep_grads=True)
+        stats = (
+            bal.observe(pg.gram, step=step, micro_step=micro_step)
+            if bal.needs_gram(step, micro_step)
+            else None
+        )
+        applied = bal.batch_gamma(pg.gram)
+        cos = gram_cosines(pg.gram, applied.gamma).per_reward
+        policy_grad = applied.gamma.to(pg.grads.device, pg.grads.dtype) @ pg.grads  # [P]
+        pairs = [
+            (w, g.view_as(w).to(w.dtype))
+            for w, g in zip(weights, torch.split(policy_grad, [w.numel() for w in weights]), strict=True)
+        ]
+        balance_s = time.perf_counter() - t0
+        with torch.no_grad():
+            omega, rho = combine_coefficients(applied.gamma.to(mb.c.device), mb.c, mb.r)
+            policy = float(combined_loss(terms, omega, rho, self.beta))
+        kl = kl_loss(v, v_ref)
+        loss = self.kl_weight * kl if self.kl_weight > 0 else None
+        return MicroStepResult(loss, policy, float(kl.detach()), stats, balance_s, applied, cos, pairs)
+
+    def _per_sample_grads(self) -> PerRewardLinearGrads:
+        if self._per_sample is None:
+            self._per_sample = PerRewardLinearGrads.of_trained(self.model)
+        return self._per_sample
 
     def end_step(self, step: int) -> Any | None:
         """After the step's last micro-step: the balancer commits a step-accumulated refresh (if any)."""
