@@ -47,12 +47,13 @@ import numpy as np
 import torch
 
 from bench import common
+from marble.rl.per_sample import PerRewardLinearGrads
 from marble.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
 OUT_JSON = common.RESULTS / "alignment.json"
-PROXY_SOURCES = ("output", "last_layer", "last_block")
+PROXY_SOURCES = ("output", "last_layer", "last_block", "per_sample")
 DIRECTIONS_EXTRA = ("fresh_mgda", *(f"fresh_{s}" for s in PROXY_SOURCES))
 
 
@@ -66,6 +67,11 @@ class ProxyGrams:
       un-patchify and the loss only): `E_k = Σ_tokens gy_k ⊗ [z, 1]`, `G_kl = <E_k, E_l>`.
     - `last_block`: the LoRA parameters of the last transformer block (K backward passes that stop
       at that block).
+    - `per_sample`: every trained parameter, from ONE backward of `Σ_i N_i` whose per-sample output
+      gradients are scaled per reward at each LoRA layer (`marble.rl.per_sample`). Exact up to the
+      collinearity residual of the NFT output gradients, recorded per batch. Its milliseconds are
+      those of that backward minus a plain backward of the same loss: the cost a trainer would add to
+      the backward it already runs (`backward_ms` records the plain one).
     """
 
     def __init__(self, model: Any, params: list[torch.Tensor]):
@@ -83,6 +89,7 @@ class ProxyGrams:
         ]
         last = f"transformer_blocks.{max(blocks)}."
         self.block_params = [p for n, p in trained if last in n]
+        self.per_sample = PerRewardLinearGrads.of_trained(model)
         self._capture: dict[str, torch.Tensor] = {}
         self._handle = outs[0].register_forward_hook(self._hook)
 
@@ -106,6 +113,26 @@ class ProxyGrams:
             gy = torch.zeros_like(y) if gy is None else gy
             rows.append(torch.einsum("bto,bth->oh", gy.to(torch.float64), z1).reshape(-1))
         return stacked_gram(torch.stack(rows))  # [K, K]
+
+    def per_sample_gram(self, terms: Any, c: torch.Tensor, r: torch.Tensor, beta: float) -> dict[str, Any]:
+        """The per-sample Gram of a batch whose forward ran inside `self.per_sample.capture()`: a plain
+        backward of `Σ_i N_i` (timed), then the same backward with the per-reward scaling (timed)."""
+        from marble.rl.gram import stacked_gram
+        from marble.rl.per_sample import collinearity_residual, per_sample_coefficients
+
+        weights = [m.weight for m in self.per_sample.modules]
+        loss = terms.N.sum()
+        ms_plain, _ = common.timed(lambda: torch.autograd.grad(loss, weights, retain_graph=True))
+        self.per_sample.coefficients = per_sample_coefficients(terms, c, r, beta)
+
+        def gram() -> torch.Tensor:
+            torch.autograd.grad(loss, weights, retain_graph=True)
+            return stacked_gram(self.per_sample.stacked())
+
+        ms, G = common.timed(gram)
+        resid = collinearity_residual(terms)
+        return {"gram": G, "ms": max(ms - ms_plain, 0.0), "backward_ms": ms_plain,
+                "residual_max": float(resid[torch.isfinite(resid)].max()) if torch.isfinite(resid).any() else 0.0}  # fmt: skip
 
     def grams(self, losses: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
         """(Gram `[K, K]`, milliseconds) of the last layer and the last block."""
@@ -158,9 +185,14 @@ def measure_batch(
     tr = world.trainer
     beta = world.cfg.nft.beta
     mb = mbs["equal"]  # per-reward objectives: c == c_raw, r == r_raw
-    if proxies is not None:
+    per_sample = None
+    if proxies is None:
+        terms, _, _ = tr.update.forward(mb, output_grads=True)
+    else:
         proxies.reset()
-    terms, _, _ = tr.update.forward(mb, output_grads=True)
+        with proxies.per_sample.capture():
+            terms, _, _ = tr.update.forward(mb, output_grads=True)
+            per_sample = proxies.per_sample_gram(terms, mb.c_raw, mb.r_raw, beta)
     losses = per_reward_losses(terms, mb.c_raw, mb.r_raw, beta)  # [K]
     ms_params, pg = common.timed(
         lambda: gram_from_params(losses, tr.params, keep_grads=True, retain_graph=True)
@@ -169,6 +201,8 @@ def measure_batch(
     ms_output, H = common.timed(lambda: gram_from_output(terms, mb.c_raw, mb.r_raw, beta))  # [K, K]
     out: dict[str, Any] = {"step": step, "micro_step": micro, "directions": {}}
     cheaper = {"output": (H, ms_output), **(proxies.grams(losses) if proxies is not None else {})}
+    if per_sample is not None:
+        cheaper["per_sample"] = (per_sample["gram"], per_sample["ms"])
     dirs: dict[str, torch.Tensor] = {}
     for name, bal in balancers.items():
         if bal.objective_names != tr.reward_names:  # weighted_sum, gdpo: one objective of their own
@@ -181,14 +215,20 @@ def measure_batch(
         # the trainer's protocol (NFTUpdate.micro_step): observe the Gram if asked, then γ for this batch
         refreshed = bool(bal.needs_gram(step, micro)) and bal.gram_source is not None
         if refreshed:
-            bal.observe(pg.gram if bal.gram_source == "params" else H, step, micro)
-        gamma = bal.batch_gamma(H if bal.needs_batch_gram else None).gamma
+            bal.observe(H if bal.gram_source == "output" else pg.gram, step, micro)
+        batch = pg.gram if bal.gram_source == "per_sample" else H  # what the trainer passes (NFTUpdate)
+        gamma = bal.batch_gamma(batch if bal.needs_batch_gram else None).gamma
         dirs[name] = gamma.to(torch.float64) @ grads  # [P] = the applied direction (affine identity)
         out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=refreshed)
     alpha_p, gamma_p = _mgda_alpha(pg.gram, solver)
     d_p = torch.as_tensor(gamma_p) @ grads  # [P]
     out["directions"]["fresh_mgda"] = _cos_record(direction_cosines(d_p, grads))
     out["gram_ms"] = {"params": ms_params}
+    if per_sample is not None:
+        out["per_sample"] = {
+            "backward_ms": per_sample["backward_ms"],
+            "residual_max": per_sample["residual_max"],
+        }
     alphas: dict[str, np.ndarray] = {}
     for source, (gram, ms) in cheaper.items():
         name = f"fresh_{source}"

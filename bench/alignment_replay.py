@@ -85,9 +85,10 @@ def replay(saved: Saved, balancer: Any) -> tuple[list[tuple[float, bool]], list[
         for m in range(M):
             G, H = saved.gram(s, m), torch.as_tensor(saved.output[s][m])
             if balancer.gram_source is not None and balancer.needs_gram(s, m):
-                balancer.observe(torch.as_tensor(G) if balancer.gram_source == "params" else H, s, m)
+                balancer.observe(H if balancer.gram_source == "output" else torch.as_tensor(G), s, m)
                 observed[m] = True
-            gammas[m] = balancer.batch_gamma(H if balancer.needs_batch_gram else None).gamma.numpy()
+            batch = torch.as_tensor(G) if balancer.gram_source == "per_sample" else H  # as NFTUpdate passes
+            gammas[m] = balancer.batch_gamma(batch if balancer.needs_batch_gram else None).gamma.numpy()
             micro.append((_min_cos(G, gammas[m]), bool(observed[m])))
         balancer.end_step(s)
         # per step: <g_j(step), d> = Σ_{m, m'} <g_j(m'), Σ_k γ_k(m) g_k(m)>; |d|² = Γᵀ B Γ

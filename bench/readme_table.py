@@ -105,14 +105,20 @@ FRESH_LABELS = {
     "fresh_output": "fresh MGDA per micro-batch on its output-space Gram",
     "fresh_last_layer": "fresh MGDA per micro-batch on its last-layer Gram",
     "fresh_last_block": "fresh MGDA per micro-batch on its last-block Gram",
+    "fresh_per_sample": "fresh MGDA per micro-batch on its per-sample Gram (exact, one backward)",
 }
-CHEAPER_GRAMS = {"output": "output-space", "last_layer": "last-layer", "last_block": "last-block"}
+CHEAPER_GRAMS = {
+    "output": "output-space",
+    "last_layer": "last-layer",
+    "last_block": "last-block",
+    "per_sample": "per-sample (exact, from the update's own backward; ms added to that backward)",
+}
 
 
 def cheaper_gram_line(ali: dict[str, Any], thr: dict[str, Any] | None) -> str:
     """How well a fresh solve on each batch does with each Gram source, and what each Gram costs."""
     d, ms = ali["directions"], ali["gram_sources"].get("gram_ms_median")
-    if not ms or "fresh_last_block" not in d:
+    if not ms or any(f"fresh_{src}" not in d or src not in ms for src in CHEAPER_GRAMS):
         return ""
     cells = [
         f"{label} Gram {_f(d[f'fresh_{src}']['all_batches']['frac_min_negative'], '.0%')} ({_f(ms[src], '.1f')} ms)"

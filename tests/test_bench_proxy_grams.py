@@ -12,11 +12,12 @@ from bench.alignment import ProxyGrams
 
 
 class Toy(nn.Module):
-    """Two trained blocks and a frozen output projection, named like the SD3 transformer's."""
+    """Two trained bias-free blocks (LoRA's shape) and a frozen output projection, named like the SD3
+    transformer's."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.transformer_blocks = nn.ModuleList([nn.Linear(3, 4), nn.Linear(4, 5)])
+        self.transformer_blocks = nn.ModuleList([nn.Linear(3, 4, bias=False), nn.Linear(4, 5, bias=False)])
         self.proj_out = nn.Linear(5, 2)
         self.proj_out.requires_grad_(False)
 
