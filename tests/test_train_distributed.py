@@ -27,15 +27,32 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
+# the shared training config's amortized parameter Gram; exact MGDA on the per-sample Gram, whose
+# per-reward gradients are all-reduced before the Gram and whose policy gradient bypasses the backward
+EXACT_PER_SAMPLE = {
+    "kind": "marble_full",
+    "gram_source": "per_sample",
+    "refresh_every": 1,
+    "ema_decay": None,
+    "refresh_micro_steps": "all",
+    "refresh": "micro_batch",
+    "normalize": "refresh",
+    "gamma_cap": None,
+}
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(tiny_config, tmp_path):
+@pytest.mark.parametrize("balancer", [{}, EXACT_PER_SAMPLE], ids=["marble_params", "marble_full_per_sample"])
+def test_two_processes_match_one(tiny_config, tmp_path, balancer):
     # global batch: 4 prompts x 4 images; global micro-batch 8 (1 x 8 or 2 x 4) -> 2 steps per epoch
     common = {
         "sampling": {"prompts_per_epoch": 4, "group_size": 4},
         "train": {"epochs": 3, "checkpoint_every": 1},
+        "balancer": balancer,
     }
     one = train_config(tiny_config, **{**common, "train": {**common["train"], "micro_batch_size": 8}})
     two = train_config(tiny_config, **{**common, "train": {**common["train"], "micro_batch_size": 4}})
+    assert one.balancer.kind == (balancer.get("kind") or "marble")
     prompts = tmp_path / "prompts"
     prepare_prompts(one, prompts)
 
@@ -65,6 +82,10 @@ def test_two_processes_match_one(tiny_config, tmp_path):
     assert b1["num_refreshes"] == b2["num_refreshes"]
     torch.testing.assert_close(torch.tensor(b1["coeffs"]), torch.tensor(b2["coeffs"]), rtol=1e-4, atol=1e-5)
     t1, t2 = checkpoint_tensors(c1), checkpoint_tensors(c2)
+    # A fresh solve on every micro-step sees Grams that differ by float sums in another order (1e-7);
+    # AdamW's per-coordinate normalisation turns that into up to 1.4e-5 over the 6 steps (measured),
+    # 0.1% of one step at lr 1e-2, where the amortized Gram stays within 1e-5.
+    atol = 5e-5 if balancer else 1e-5
     for name in ("trainable", "old"):
         for k in t1[name]:
-            torch.testing.assert_close(t1[name][k], t2[name][k], rtol=1e-3, atol=1e-5, msg=f"{name}:{k}")
+            torch.testing.assert_close(t1[name][k], t2[name][k], rtol=1e-3, atol=atol, msg=f"{name}:{k}")

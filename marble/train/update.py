@@ -3,7 +3,10 @@
 Wiring only: the math lives in `marble.rl` (nft.py, gram.py, balancers.py, diagnostics.py). Per
 micro-step (docs/algorithm.md §3-§5): three velocities (trainable adapter with graph; old adapter and
 reference without), the per-sample NFT terms, the Gram when the balancer asks for one, the balancer
-update, γ -> (ω, ρ), and ONE scalar `combined + λ KL` for the caller to backprop.
+update, γ -> (ω, ρ), and ONE scalar `combined + λ KL` for the caller to backprop. With the
+per_sample Gram source the micro-step runs the policy's backward itself (it yields every reward's
+gradient, `marble.rl.per_sample`), returns the balanced policy gradient for the caller to add to
+`.grad`, and leaves only `λ KL` to backprop.
 
 Multi-process: the weights `c` arrive already normalised over the GLOBAL micro-batch and multiplied by
 the world size, so averaging gradients over ranks gives exactly the global micro-batch's gradient; the
