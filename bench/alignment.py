@@ -90,6 +90,8 @@ class ProxyGrams:
         last = f"transformer_blocks.{max(blocks)}."
         self.block_params = [p for n, p in trained if last in n]
         self.per_sample = PerRewardLinearGrads.of_trained(model)
+        if [id(m.weight) for m in self.per_sample.modules] != [id(p) for p in params if p.requires_grad]:
+            raise ValueError("ProxyGrams: the per-sample layers are not the trained parameters, in order")
         self._capture: dict[str, torch.Tensor] = {}
         self._handle = outs[0].register_forward_hook(self._hook)
 
@@ -125,13 +127,14 @@ class ProxyGrams:
         ms_plain, _ = common.timed(lambda: torch.autograd.grad(loss, weights, retain_graph=True))
         self.per_sample.coefficients = per_sample_coefficients(terms, c, r, beta)
 
-        def gram() -> torch.Tensor:
+        def gram() -> tuple[torch.Tensor, torch.Tensor]:
             torch.autograd.grad(loss, weights, retain_graph=True)
-            return stacked_gram(self.per_sample.stacked())
+            grads = self.per_sample.stacked()  # [K, P]
+            return stacked_gram(grads), grads
 
-        ms, G = common.timed(gram)
+        ms, (G, grads) = common.timed(gram)
         resid = collinearity_residual(terms)
-        return {"gram": G, "ms": max(ms - ms_plain, 0.0), "backward_ms": ms_plain,
+        return {"gram": G, "grads": grads.to(torch.float64), "ms": max(ms - ms_plain, 0.0), "backward_ms": ms_plain,
                 "residual_max": float(resid[torch.isfinite(resid)].max()) if torch.isfinite(resid).any() else 0.0}  # fmt: skip
 
     def grams(self, losses: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
@@ -214,11 +217,16 @@ def measure_batch(
             continue
         # the trainer's protocol (NFTUpdate.micro_step): observe the Gram if asked, then γ for this batch
         refreshed = bool(bal.needs_gram(step, micro)) and bal.gram_source is not None
+        # per_sample: the Gram and the per-reward gradients the trainer would form (exact up to the
+        # collinearity residual), so its row measures what training applies
+        own = per_sample if bal.gram_source == "per_sample" and per_sample is not None else None
+        G_own = own["gram"] if own is not None else pg.gram
         if refreshed:
-            bal.observe(H if bal.gram_source == "output" else pg.gram, step, micro)
-        batch = pg.gram if bal.gram_source == "per_sample" else H  # what the trainer passes (NFTUpdate)
+            bal.observe(H if bal.gram_source == "output" else G_own, step, micro)
+        batch = G_own if bal.gram_source == "per_sample" else H  # what the trainer passes (NFTUpdate)
         gamma = bal.batch_gamma(batch if bal.needs_batch_gram else None).gamma
-        dirs[name] = gamma.to(torch.float64) @ grads  # [P] = the applied direction (affine identity)
+        formed = own["grads"] if own is not None else grads  # [K, P]
+        dirs[name] = gamma.to(torch.float64) @ formed  # [P] = the applied direction (affine identity)
         out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=refreshed)
     alpha_p, gamma_p = _mgda_alpha(pg.gram, solver)
     d_p = torch.as_tensor(gamma_p) @ grads  # [P]
@@ -233,7 +241,9 @@ def measure_batch(
     for source, (gram, ms) in cheaper.items():
         name = f"fresh_{source}"
         alphas[source], gamma = _mgda_alpha(gram, solver)
-        dirs[name] = torch.as_tensor(gamma) @ grads  # [P]
+        # the per-sample source forms its direction from its own gradients too (as training would)
+        formed = per_sample["grads"] if source == "per_sample" and per_sample is not None else grads
+        dirs[name] = torch.as_tensor(gamma) @ formed  # [P]
         out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=False)
         out["gram_ms"][source] = ms
     alpha_o, d_o = alphas["output"], dirs["fresh_output"]  # the output-space Gram's fresh solve
