@@ -9,7 +9,7 @@ Three sources:
   through the parameters, so it approximates the `params` Gram.
 - `per_sample` (ours, `per_sample.py`): the `params` Gram from ONE backward, through per-sample
   gradients of the trained Linear layers; exact up to the collinearity residual of the NFT output
-  gradients (measured below 1e-4 in training, docs/algorithm.md §4.1).
+  gradients (at most 1.7e-4 in the committed alignment runs, docs/algorithm.md §4.1).
 """
 
 from __future__ import annotations
