@@ -63,29 +63,28 @@ def _one_backward(model, x0, x_t, t, c, r, v_old):
     return grads.stacked(), terms
 
 
-def test_one_backward_equals_k_backward_passes_when_old_equals_trained():
-    gen = torch.Generator().manual_seed(0)
+def _both(seed: int, drift: float):
+    """(one-backward gradients, K-backward gradients, terms) with the old adapter's velocity off the
+    trained one by `drift` x noise."""
+    gen = torch.Generator().manual_seed(seed)
     model = Toy().double()
     params = [m.weight for m in (model.down, model.up, model.head)]
     x0, x_t, t, c, r = _batch(gen)
     with torch.no_grad():
-        v_old = model(x_t)  # the trained adapter at the old one: p_i and q_i collinear
+        v_old = model(x_t) + drift * torch.randn(B, T, D, generator=gen, dtype=torch.float64)
     got, terms = _one_backward(model, x0, x_t, t, c, r, v_old)
-    expected = _brute(model, params, x0, x_t, t, c, r, v_old)
+    return got, _brute(model, params, x0, x_t, t, c, r, v_old), terms
+
+
+def test_one_backward_equals_k_backward_passes_when_old_equals_trained():
+    got, expected, terms = _both(seed=0, drift=0.0)  # p_i and q_i collinear
     assert float(collinearity_residual(terms).max()) < 1e-7
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(stacked_gram(got), stacked_gram(expected), rtol=1e-9, atol=1e-12)
 
 
 def test_error_is_bounded_by_the_collinearity_residual():
-    gen = torch.Generator().manual_seed(1)
-    model = Toy().double()
-    params = [m.weight for m in (model.down, model.up, model.head)]
-    x0, x_t, t, c, r = _batch(gen)
-    with torch.no_grad():
-        v_old = model(x_t) + 0.05 * torch.randn(B, T, D, generator=gen, dtype=torch.float64)
-    got, terms = _one_backward(model, x0, x_t, t, c, r, v_old)
-    expected = _brute(model, params, x0, x_t, t, c, r, v_old)
+    got, expected, terms = _both(seed=1, drift=0.05)
     resid = float(collinearity_residual(terms).max())
     assert 1e-4 < resid < 0.1  # the drift is visible...
     rel = float((got - expected).norm() / expected.norm())
