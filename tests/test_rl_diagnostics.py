@@ -54,7 +54,7 @@ def test_step_output_cosine_metrics_against_brute_force():
     """The per-step alignment figures the trainer logs from each micro-step's output-space Gram equal
     the explicit cosines of `Σ γ_k g_k` with every g_k (a reward with no gradient on a micro-step
     is left out of that micro-step's figures)."""
-    from marble.train.stepping import output_cosine_metrics
+    from marble.train.stepping import applied_cosine_metrics
 
     rng = np.random.default_rng(3)
     names = ["a", "b", "c"]
@@ -68,7 +68,7 @@ def test_step_output_cosine_metrics_against_brute_force():
         d = gamma @ X
         brute.append([d @ x / (np.linalg.norm(d) * np.linalg.norm(x)) if x.any() else np.nan for x in X])
     brute = np.array(brute)  # [M, K]
-    out = output_cosine_metrics(cosines, names)
+    out = applied_cosine_metrics(cosines, names)
     for k, n in enumerate(names):
         assert out[f"balance/cos_output/{n}"] == pytest.approx(np.nanmean(brute[:, k]), abs=1e-12)
     mins = np.nanmin(brute, axis=1)

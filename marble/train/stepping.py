@@ -166,7 +166,7 @@ class StepAccumulator:
         self.observed = 0
         self.balance_s = 0.0
         self.applied: list[Any] = []
-        self.cos_output: list[Tensor] = []
+        self.cos: list[Tensor] = []
         self.cos_space = "output"
         self.diag: dict[str, float] = {}
 
@@ -181,10 +181,9 @@ class StepAccumulator:
             self.observed += 1
         if res.applied is not None:
             self.applied.append(res.applied)
-        if res.cos_output is not None:
-            self.cos_output.append(res.cos_output)
-        if res.policy_grads is not None:  # per_sample: the cosines come from the exact Gram
-            self.cos_space = "params"
+        if res.cos is not None:
+            self.cos.append(res.cos)
+            self.cos_space = res.cos_space
 
     def add_step_end(self, stats: Any | None) -> None:
         """The refresh the balancer committed at the end of the step (step-accumulated), if any."""
@@ -205,7 +204,7 @@ class StepAccumulator:
                 if getattr(self.refresh, key) is not None:
                     out[f"balance/{key}"] = float(getattr(self.refresh, key))
         out.update(applied_metrics(self.applied, names))
-        out.update(output_cosine_metrics(self.cos_output, names, self.cos_space))
+        out.update(applied_cosine_metrics(self.cos, names, self.cos_space))
         out["time/balance_s"] = self.balance_s
         out["train/skipped_steps"] = counters["skipped_steps"]
         if self.diag:
@@ -235,7 +234,9 @@ def applied_metrics(applied: list[Any], names: list[str]) -> dict[str, float]:
     return out
 
 
-def output_cosine_metrics(cosines: list[Tensor], names: list[str], space: str = "output") -> dict[str, float]:
+def applied_cosine_metrics(
+    cosines: list[Tensor], names: list[str], space: str = "output"
+) -> dict[str, float]:
     """Alignment of the applied direction every step, free: per micro-step `cos(d, g_k)` from the Gram
     the micro-step had (`diagnostics.gram_cosines`): the batch's output-space Gram (`space="output"`)
     or, with the per_sample Gram source, the exact parameter-space one (`space="params"`); means over

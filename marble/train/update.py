@@ -57,10 +57,11 @@ class MicroStepResult:
     balance: Any | None  # BalanceStats of a refresh on this micro-step, else None
     balance_s: float
     applied: Any | None = None  # BatchGamma: the γ this micro-step applied (and the batch norms)
-    cos_output: Tensor | None = None  # [K'] cos(applied direction, g_k) in output space (free), NaN = invalid
+    cos: Tensor | None = None  # [K'] cos(applied direction, g_k) from the micro-step's Gram, NaN = invalid
     # per_sample Gram source: the policy gradient, already formed, for the caller to add to `.grad`
     # (then `loss` is λ KL alone, or None when λ = 0)
     policy_grads: list[tuple[Tensor, Tensor]] | None = None
+    cos_space: str = "output"  # the Gram `cos` comes from: "output" (free), "params" (per_sample, exact)
 
 
 @contextmanager
@@ -204,7 +205,9 @@ class NFTUpdate:
             policy = float(combined_loss(terms, omega, rho, self.beta))
         kl = kl_loss(v, v_ref)
         loss = self.kl_weight * kl if self.kl_weight > 0 else None
-        return MicroStepResult(loss, policy, float(kl.detach()), stats, balance_s, applied, cos, pairs)
+        return MicroStepResult(
+            loss, policy, float(kl.detach()), stats, balance_s, applied, cos, pairs, cos_space="params"
+        )
 
     def _per_sample_grads(self) -> PerRewardLinearGrads:
         if self._per_sample is None:
