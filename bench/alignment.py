@@ -133,9 +133,15 @@ class ProxyGrams:
             return stacked_gram(grads), grads
 
         ms, (G, grads) = common.timed(gram)
-        resid = collinearity_residual(terms)
-        return {"gram": G, "grads": grads.to(torch.float64), "ms": max(ms - ms_plain, 0.0), "backward_ms": ms_plain,
-                "residual_max": float(resid[torch.isfinite(resid)].max()) if torch.isfinite(resid).any() else 0.0}  # fmt: skip
+        resid = collinearity_residual(terms)  # [B], NaN where p_i = 0
+        resid = resid[torch.isfinite(resid)]
+        return {
+            "gram": G,
+            "grads": grads.to(torch.float64),
+            "ms": max(ms - ms_plain, 0.0),
+            "backward_ms": ms_plain,
+            "residual_max": float(resid.max()) if resid.numel() else 0.0,
+        }
 
     def grams(self, losses: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
         """(Gram `[K, K]`, milliseconds) of the last layer and the last block."""
@@ -206,6 +212,9 @@ def measure_batch(
     cheaper = {"output": (H, ms_output), **(proxies.grams(losses) if proxies is not None else {})}
     if per_sample is not None:
         cheaper["per_sample"] = (per_sample["gram"], per_sample["ms"])
+    # what a per_sample balancer works with: the Gram and per-reward gradients the trainer would form
+    # (exact up to the collinearity residual), so its rows measure what training applies
+    ps_gram, ps_grads = (per_sample["gram"], per_sample["grads"]) if per_sample else (pg.gram, grads)
     dirs: dict[str, torch.Tensor] = {}
     for name, bal in balancers.items():
         if bal.objective_names != tr.reward_names:  # weighted_sum, gdpo: one objective of their own
@@ -217,15 +226,12 @@ def measure_batch(
             continue
         # the trainer's protocol (NFTUpdate.micro_step): observe the Gram if asked, then γ for this batch
         refreshed = bool(bal.needs_gram(step, micro)) and bal.gram_source is not None
-        # per_sample: the Gram and the per-reward gradients the trainer would form (exact up to the
-        # collinearity residual), so its row measures what training applies
-        own = per_sample if bal.gram_source == "per_sample" and per_sample is not None else None
-        G_own = own["gram"] if own is not None else pg.gram
+        own = bal.gram_source == "per_sample"
         if refreshed:
-            bal.observe(H if bal.gram_source == "output" else G_own, step, micro)
-        batch = G_own if bal.gram_source == "per_sample" else H  # what the trainer passes (NFTUpdate)
+            bal.observe(H if bal.gram_source == "output" else ps_gram if own else pg.gram, step, micro)
+        batch = ps_gram if own else H  # the batch Gram the trainer passes (NFTUpdate)
         gamma = bal.batch_gamma(batch if bal.needs_batch_gram else None).gamma
-        formed = own["grads"] if own is not None else grads  # [K, P]
+        formed = ps_grads if own else grads  # [K, P]
         dirs[name] = gamma.to(torch.float64) @ formed  # [P] = the applied direction (affine identity)
         out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=refreshed)
     alpha_p, gamma_p = _mgda_alpha(pg.gram, solver)
@@ -241,8 +247,7 @@ def measure_batch(
     for source, (gram, ms) in cheaper.items():
         name = f"fresh_{source}"
         alphas[source], gamma = _mgda_alpha(gram, solver)
-        # the per-sample source forms its direction from its own gradients too (as training would)
-        formed = per_sample["grads"] if source == "per_sample" and per_sample is not None else grads
+        formed = ps_grads if source == "per_sample" else grads  # [K, P], as training would form it
         dirs[name] = torch.as_tensor(gamma) @ formed  # [P]
         out["directions"][name] = _cos_record(direction_cosines(dirs[name], grads), refreshed=False)
         out["gram_ms"][source] = ms
