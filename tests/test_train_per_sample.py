@@ -14,7 +14,7 @@ from marble.data.prepare import prepare_prompts
 pytestmark = pytest.mark.tiny_model  # loads the built tiny model (tests/conftest.py)
 
 
-def _config(tiny_config, gram_source: str, kl_weight: float):
+def _config(tiny_config, gram_source: str, kl_weight: float, **balancer_keys):
     cfg = train_config(
         tiny_config,
         nft={"kl_weight": kl_weight},
@@ -22,10 +22,10 @@ def _config(tiny_config, gram_source: str, kl_weight: float):
             "micro_batch_size": 6,
             "gradient_accumulation_steps": 2,
             "max_grad_norm": 1e9,
-            "diagnostics_every": 0,
+            "diagnostics_every": 1 if balancer_keys else 0,
         },
     )
-    balancer = {"kind": "marble_full", "gram_source": gram_source}
+    balancer = {"kind": "marble_full", "gram_source": gram_source, **balancer_keys}
     return validate_config({**cfg.model_dump(mode="json"), "balancer": balancer}, "test")
 
 
@@ -52,3 +52,38 @@ def test_per_sample_step_equals_the_k_backward_step(tiny_config, tmp_path, kl_we
     assert m_b["loss/kl"] == pytest.approx(m_a["loss/kl"], rel=1e-6, abs=1e-12)
     assert "balance/cos_params_min" in m_b and "balance/cos_output_min" not in m_b
     assert m_b["balance/cos_params_negative_frac"] == 0.0  # fresh MGDA on the exact Gram of each batch
+
+
+def test_per_sample_diagnostics_apply_the_parameter_gram_norms(tiny_config, tmp_path):
+    """With normalize=batch, the applied direction the diagnostics report takes the batch norms from the
+    Gram the balancer trains on: for per_sample the parameter-space one, not the output-space one."""
+    from marble.rl.gram import gram_from_params
+    from marble.rl.nft import per_reward_losses
+    from marble.train import stepping
+    from marble.train.trainer import Trainer
+
+    cfg = _config(tiny_config, "per_sample", 0.0, normalize="batch")
+    prompts = tmp_path / "prompts"
+    prepare_prompts(cfg, prompts)
+    tr = Trainer(cfg, prompts, tmp_path / "run")
+    tr.setup()
+    try:
+        buf = tr.rollout(0)
+        mb = stepping.EpochPlan(cfg, buf, 1, 0, tr.grid).micro_batch(0, 0, tr.text_cache, tr.device)
+        cosines = stepping.direction_cosines()
+        diag = tr.update.diagnose(mb, cosines)
+        terms, _, _ = tr.update.forward(mb, output_grads=True)
+        pg = gram_from_params(
+            per_reward_losses(terms, mb.c_raw, mb.r_raw, cfg.nft.beta), tr.update.params, keep_grads=True
+        )
+
+        def applied_min(gram):
+            gamma = tr.balancer.batch_gamma(gram).gamma.to(pg.grads.dtype)
+            return float(cosines(gamma @ pg.grads, pg.grads).min)
+
+        expected = applied_min(pg.gram)
+        assert diag["diag/cos_applied/min"] == pytest.approx(expected, abs=1e-5)
+        # the check can fail: the output-space norms give another direction on this batch
+        assert abs(applied_min(tr.update.output_gram(terms, mb.c, mb.r)) - expected) > 1e-4
+    finally:
+        tr.cleanup()

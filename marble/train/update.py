@@ -225,12 +225,20 @@ class NFTUpdate:
         """Cosines of the per-reward gradients g_k (masked, KL excluded) with three directions:
         the applied one (the γ the balancer gives this batch before this step's refresh, through (ω, ρ)), the fresh MGDA one, the equal-weight sum
         (docs/algorithm.md §6). Costs K + 1 extra backward passes; touches no `.grad` and no state."""
-        batch = self.balancer.needs_batch_gram
+        # The batch norms the balancer applies come from the Gram its source gives in training: the
+        # output-space one, or (per_sample) the parameter-space one, which the K backwards below give.
+        per_sample = self.balancer.gram_source == "per_sample"
+        batch = self.balancer.needs_batch_gram and not per_sample
         terms, _, _ = self.forward(mb, output_grads=batch)
         losses = per_reward_losses(terms, mb.c_raw, mb.r_raw, self.beta)  # [K]
         pg = gram_from_params(losses, self.params, all_reduce=self.reduce_mean, keep_grads=True)
         grads = pg.grads  # [K, P]
         H = self.output_gram(terms, mb.c, mb.r) if batch else None
+        if per_sample and self.balancer.needs_batch_gram:
+            same = (
+                mb.c.shape == mb.c_raw.shape and torch.equal(mb.c, mb.c_raw) and torch.equal(mb.r, mb.r_raw)
+            )
+            H = pg.gram if same else self.gram(terms, mb.c, mb.r)[0]  # the balancer's objectives' Gram
         gamma = self.balancer.batch_gamma(H).gamma.to(mb.c.device)
         omega, rho = combine_coefficients(gamma, mb.c, mb.r)
         applied = flat_grads(combined_loss(terms, omega, rho, self.beta), self.params, retain_graph=False)
