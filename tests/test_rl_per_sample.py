@@ -60,6 +60,7 @@ def _one_backward(model, x0, x_t, t, c, r, v_old):
         terms = nft_terms(v, v_old, x_t, x0, t, BETA)
         grads.coefficients = per_sample_coefficients(terms, c, r, BETA)
         torch.autograd.grad(terms.N.sum(), [m.weight for m in grads.modules])
+    assert grads.seconds > 0  # the hooks' own time, reported in time/balance_s
     return grads.stacked(), terms
 
 
@@ -102,5 +103,6 @@ def test_refuses_a_trained_bias_and_unseen_layers():
     grads = PerRewardLinearGrads.of_trained(model)
     with grads.capture(), torch.no_grad():
         model(torch.randn(B, T, D))
+    assert grads.seconds == 0.0  # no backward, no hook time
     with pytest.raises(RuntimeError, match="got no gradient"):
         grads.stacked()

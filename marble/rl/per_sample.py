@@ -17,6 +17,7 @@ einsums per trained layer (LoRA's are rank-r wide), no K backward passes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -67,6 +68,7 @@ class PerRewardLinearGrads:
         self.modules = list(modules)
         self.per_reward: dict[nn.Linear, Tensor] = {}
         self.coefficients: Tensor | None = None  # [B, K], read when the backward reaches a layer
+        self.seconds = 0.0  # wall time spent in the per-reward hooks since the last capture()
         self._handles: list[Any] = []
 
     @classmethod
@@ -85,6 +87,7 @@ class PerRewardLinearGrads:
         by `coefficients[i]` (set them between the two)."""
         self.coefficients = None
         self.per_reward = {}
+        self.seconds = 0.0
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
         try:
             yield self
@@ -102,6 +105,7 @@ class PerRewardLinearGrads:
             s = self.coefficients
             if s is None:  # a backward before the coefficients are known gives no per-reward gradient
                 return
+            t0 = time.perf_counter()
             B = gy.shape[0]
             dt = torch.promote_types(gy.dtype, torch.float32)  # bf16 is upcast; the Gram is float64 later
             g = gy.reshape(B, -1, gy.shape[-1]).to(dt)  # [B, T, out]
@@ -109,6 +113,7 @@ class PerRewardLinearGrads:
             per_sample = torch.bmm(g.transpose(1, 2), xx).reshape(B, -1)  # [B, out*in]
             per_reward = s.detach().to(device=g.device, dtype=dt).T @ per_sample  # [K, out*in]
             self.per_reward[module] = per_reward.reshape(-1, *module.weight.shape)
+            self.seconds += time.perf_counter() - t0
 
         self.per_reward[module] = torch.empty(0)  # placeholder: the first graph forward only
         output.register_hook(on_grad)

@@ -183,9 +183,11 @@ class NFTUpdate:
         weights = [m.weight for m in grads.modules]
         with grads.capture():
             terms, v, v_ref = self.forward(mb, output_grads=True)
-            t0 = time.perf_counter()
             grads.coefficients = per_sample_coefficients(terms, mb.c, mb.r, self.beta)
             torch.autograd.grad(terms.N.sum(), weights, retain_graph=self.kl_weight > 0)
+            # balance_s: the per-reward work inside the backward (its hooks) and everything after it,
+            # not the backward itself, which the policy gradient needs with any balancer
+            t0 = time.perf_counter() - grads.seconds
             pg = gram_of_grads(grads.stacked(), all_reduce=self.reduce_mean, keep_grads=True)
         stats = (
             bal.observe(pg.gram, step=step, micro_step=micro_step)
