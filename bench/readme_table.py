@@ -87,16 +87,14 @@ def micro_batch_table(alis: dict[int, dict[str, Any]]) -> list[str]:
 
 
 def _speed(thr: dict[str, Any], preset: str) -> str:
-    """'0.92x [0.84, 0.96]': the amortised speed ratio and its 95% paired bootstrap interval over the
-    interleaved rounds (`throughput.speed_interval`, from the raw steps)."""
-    from bench.throughput import speed_interval
-
-    s, raw = thr["presets"].get(preset, {}), thr.get("raw_steps", {})
+    """'0.92x [0.84, 0.96]': the amortised speed ratio and the 95% paired bootstrap interval over the
+    interleaved rounds that `bench.throughput` computed (`speed_vs_weighted_sum_ci95`)."""
+    s = thr["presets"].get(preset, {})
     point = _f(s.get("speed_vs_weighted_sum"), ".2f", "x")
-    if preset == "weighted_sum" or preset not in raw or "weighted_sum" not in raw:
+    interval = s.get("speed_vs_weighted_sum_ci95")
+    if preset == "weighted_sum" or interval is None:
         return point
-    base_f = thr["presets"]["weighted_sum"]["refresh_fraction"]
-    lo, hi = speed_interval(raw["weighted_sum"], raw[preset], base_f, s["refresh_fraction"])
+    lo, hi = interval
     return f"{point} [{lo:.2f}, {hi:.2f}]"
 
 
