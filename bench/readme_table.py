@@ -142,7 +142,16 @@ def world_line(rb: dict[str, Any]) -> str:
         f"(chance {_f(c['color_chance'], '.1%')}) on {c['images']} images and position accuracy "
         f"{_f(c['position'], '.0%')} (chance {_f(c['position_chance'], '.0%')}) on {c['positional_images']}, "
         "colour x shape pairs held out from its pretraining, sampled as training samples "
-        "(`marble conditioning`, `marble/eval/conditioning.py`)."
+        "(`marble conditioning`, `marble/eval/conditioning.py`)." + _ceiling(c.get("vae_round_trip"))
+    )
+
+
+def _ceiling(v: dict[str, float] | None) -> str:
+    if not v:
+        return ""
+    return (
+        f" Its VAE's ceiling (the renderer's own images of those prompts, encoded and decoded): colour "
+        f"{_f(v['color'], '.0%')}, position {_f(v['position'], '.0%')}."
     )
 
 

@@ -182,12 +182,14 @@ def world_conditioning(pipe, cfg, images_per_prompt: int = 2, seed: int = 0) -> 
     `marble conditioning`): colour and position accuracy on colour x shape pairs held out from pretraining."""
     import dataclasses
 
-    from marble.eval.conditioning import conditioning_accuracy
+    from marble.eval.conditioning import conditioning_accuracy, vae_round_trip_accuracy
 
     t0 = time.perf_counter()
     acc = conditioning_accuracy(pipe, cfg, images_per_prompt=images_per_prompt, seed=seed)
+    ceiling = vae_round_trip_accuracy(pipe.vae, cfg.sampling.resolution, seed=seed)
     return {
         **dataclasses.asdict(acc),
+        "vae_round_trip": {"color": ceiling.color, "position": ceiling.position},
         "images_per_prompt": images_per_prompt,
         "seed": seed,
         "seconds": time.perf_counter() - t0,

@@ -340,7 +340,7 @@ def _add_config_commands(sub) -> None:
 def cmd_conditioning(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from marble.eval.conditioning import conditioning_accuracy, format_accuracy
+    from marble.eval.conditioning import conditioning_accuracy, format_accuracy, vae_round_trip_accuracy
     from marble.model_cache import run_hub
     from marble.models.loading import load_pipeline
     from marble.models.lora import load_adapter_into_pipeline
@@ -350,7 +350,15 @@ def cmd_conditioning(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter_into_pipeline(pipe, args.adapter)
     acc = conditioning_accuracy(pipe, cfg, images_per_prompt=args.images_per_prompt, seed=args.seed)
-    print(json.dumps(asdict(acc), indent=2) if args.json else format_accuracy(acc))
+    ceiling = vae_round_trip_accuracy(pipe.vae, cfg.sampling.resolution, seed=args.seed)
+    if args.json:
+        print(json.dumps({**asdict(acc), "vae_round_trip": asdict(ceiling)}, indent=2))
+    else:
+        print(format_accuracy(acc))
+        print(
+            f"VAE round trip of the renderer's own images (the ceiling): colour {ceiling.color:.1%}, "
+            f"position {ceiling.position:.1%}"
+        )
     return 0
 
 

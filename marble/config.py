@@ -127,7 +127,14 @@ class TinyModelConfig(StrictModel):
     vocab_size: int = Field(400, ge=64, description="Vocabulary size of the locally trained tokenizers.")
     resolution: int = Field(64, ge=32, description="Image size the tiny VAE is trained at, px.")
     vae_train_steps: int = Field(
-        400, ge=0, description="AdamW steps training the tiny VAE on synthetic shapes."
+        600, ge=0, description="AdamW steps training the tiny VAE on synthetic shapes (docs/tiny-world.md)."
+    )
+    vae_object_weight: float = Field(
+        5.0,
+        ge=1,
+        description="Weight of the object's pixels in the VAE's reconstruction loss (1: plain MSE). The "
+        "dark background is most of each image; unweighted, the VAE kept where objects are but not "
+        "their hue (docs/tiny-world.md).",
     )
     vae_batch_size: int = Field(32, ge=1, description="Batch size of the VAE training.")
     vae_lr: float = Field(

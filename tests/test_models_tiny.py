@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from marble.config import ModelConfig, TinyModelConfig
 from marble.models import tiny
@@ -134,3 +135,13 @@ def test_cli_refuses_a_config_whose_model_is_not_tiny(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.pretrained=" in err and "not the tiny model" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_object_weights_weigh_the_object_not_the_background():
+    x = -torch.ones(2, 3, 8, 8)  # dark background
+    x[0, :, 2:4, 2:4] = torch.tensor([0.8, -0.8, -0.8]).view(3, 1, 1)  # a red object, 4 pixels
+    w = tiny.object_weights(x, 5.0)  # [2, 1, 8, 8]
+    assert w.shape == (2, 1, 8, 8)
+    assert w[0, 0, 2:4, 2:4].eq(5).all() and w[0].sum() == 64 - 4 + 4 * 5
+    assert w[1].eq(1).all()  # no object
+    assert tiny.object_weights(x, 1.0).eq(1).all()  # weight 1: plain MSE

@@ -103,6 +103,20 @@ def conditioning_accuracy(
     return score_conditioning(sample_images(pipe, cfg, prompts, seed), prompts)
 
 
+@torch.no_grad()
+def vae_round_trip_accuracy(vae, resolution: int, seed: int = 0) -> ConditioningAccuracy:
+    """The ceiling of `conditioning_accuracy` that the VAE sets: the renderer's own images of the
+    held-out prompts, encoded (posterior mean) and decoded, read as sampled images are read. A model
+    cannot show a colour its VAE does not decode to."""
+    from marble.models.tiny_render import render_batch
+
+    prompts = held_out_prompts()
+    images = render_batch(prompts, resolution, torch.Generator().manual_seed(seed))  # [N, 3, H, W]
+    z = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
+    decoded = ((vae.decode(z).sample.float().cpu() + 1) / 2).clamp(0, 1)
+    return score_conditioning(decoded, prompts)
+
+
 def format_accuracy(acc: ConditioningAccuracy) -> str:
     """A few lines a person reads: both accuracies against chance, then per colour and per position."""
     lines = [
