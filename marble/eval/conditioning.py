@@ -107,14 +107,16 @@ def conditioning_accuracy(
 def vae_round_trip_accuracy(vae, resolution: int, seed: int = 0) -> ConditioningAccuracy:
     """The ceiling of `conditioning_accuracy` that the VAE sets: the renderer's own images of the
     held-out prompts, encoded (posterior mean) and decoded, read as sampled images are read. A model
-    cannot show a colour its VAE does not decode to."""
+    cannot show a colour its VAE does not decode to. Encoded as pretraining encodes (scaled as the
+    pipeline scales), decoded as sampled latents are."""
+    from marble.models.sampling import decode_latents
+    from marble.models.tiny_pretrain import encode_dataset
     from marble.models.tiny_render import render_batch
 
     prompts = held_out_prompts()
     images = render_batch(prompts, resolution, torch.Generator().manual_seed(seed))  # [N, 3, H, W]
-    z = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
-    decoded = ((vae.decode(z).sample.float().cpu() + 1) / 2).clamp(0, 1)
-    return score_conditioning(decoded, prompts)
+    latents = encode_dataset(vae, images.to(vae.device, vae.dtype))  # [N, C, h, w]
+    return score_conditioning(decode_latents(vae, latents).cpu(), prompts)
 
 
 def format_accuracy(acc: ConditioningAccuracy) -> str:

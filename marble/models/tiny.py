@@ -28,9 +28,8 @@ from marble.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = (
-    5  # bump when the recipe below changes: it is part of the cache key (5: object-weighted VAE loss)
-)
+# Bump when the recipe below changes: it is part of the cache key (5: object-weighted VAE loss).
+BUILD_VERSION = 5
 # The VAE training below is bit-reproducible only at a fixed torch thread count (CPU kernels split
 # their reductions by thread; 1 vs 2 threads gave different weights, and so different benchmark
 # figures for two builds of the "same" model). Every build uses this many threads, whatever the caller set.
