@@ -90,14 +90,15 @@ def test_negative_beta_refused(tiny_dict):
 def test_weighted_sum_needs_one_weight_per_trained_reward(tiny_dict):
     bad = copy.deepcopy(tiny_dict)
     bad["balancer"] = {"kind": "weighted_sum"}
-    _refused(bad, "balancer.weights", "4")
+    k = sum(not r.get("held_out", False) for r in tiny_dict["rewards"])
+    _refused(bad, "balancer.weights", str(k))
     bad["balancer"]["weights"] = [1, 1]
-    _refused(bad, "2 entries", "4 trained rewards")
-    bad["balancer"]["weights"] = [1, -1, 1, 1]
+    _refused(bad, "2 entries", f"{k} trained rewards")
+    bad["balancer"]["weights"] = [1, -1] + [1] * (k - 2)
     _refused(bad, "balancer.weights")
     ok = copy.deepcopy(tiny_dict)
-    ok["balancer"] = {"kind": "weighted_sum", "weights": [1, 1, 1, 1]}
-    assert validate_config(ok).balancer.weights == [1, 1, 1, 1]
+    ok["balancer"] = {"kind": "weighted_sum", "weights": [1] * k}
+    assert validate_config(ok).balancer.weights == [1] * k
 
 
 def test_reward_names_unique(tiny_dict):

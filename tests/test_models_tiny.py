@@ -145,3 +145,21 @@ def test_object_weights_weigh_the_object_not_the_background():
     assert w[0, 0, 2:4, 2:4].eq(5).all() and w[0].sum() == 64 - 4 + 4 * 5
     assert w[1].eq(1).all()  # no object
     assert tiny.object_weights(x, 1.0).eq(1).all()  # weight 1: plain MSE
+
+
+def test_transformer_tells_its_tokens_positions_apart():
+    """SD3's PatchEmbed spaces its sin-cos grid by (tokens per side) / pos_embed_max_size. With SD3's 96
+    and the tiny 4 x 4 token grid every token's embedding had cosine >= 0.999 with every other's (the
+    model could not tell left from right); one unit apart, opposite corners are clearly distinct."""
+    from diffusers.models.embeddings import PatchEmbed
+
+    cfg = TinyModelConfig()
+    side = cfg.resolution // 8
+    model = tiny.build_transformer(cfg)
+    emb = torch.nn.functional.normalize(model.pos_embed.cropped_pos_embed(side, side)[0], dim=1)  # [16, D]
+    cos = emb @ emb.T
+    assert cos[0, 3] < 0.95 and cos[0, 12] < 0.95 and cos[0, 15] < 0.9, cos[0]
+    # the same grid at SD3's maximum: the failure this guards against
+    sd3 = PatchEmbed(side, side, 2, 16, model.inner_dim, pos_embed_max_size=96)
+    old = torch.nn.functional.normalize(sd3.cropped_pos_embed(side, side)[0], dim=1)
+    assert (old @ old.T).min() > 0.99

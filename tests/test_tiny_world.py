@@ -82,3 +82,14 @@ def test_conditioning_accuracy_samples_the_held_out_prompts_as_rollouts_do(tiny_
     assert 0 <= acc.color <= 1 and 0 <= acc.position <= 1
     assert set(acc.per_color) == set(PALETTE) and set(acc.per_position) == set(POSITIONS)
     assert "chance 12.5%" in format_accuracy(acc)
+
+
+def test_the_built_model_follows_colour_and_position_on_held_out_pairs(tiny_pipeline, tiny_config):
+    """The default build conditions on its prompts: on the colour x shape pairs held out from its
+    pretraining, sampled as rollouts sample, colour far above chance (12.5%) and position nearly always
+    (chance 25%). The default build gave colour 44.4%, position 99.2% (2 images per prompt); the random
+    transformer of `pretrain_steps: 0` gave 11.9% and 21.1%, and a pretrained one whose tokens' positional
+    embeddings were indistinguishable 36% and 23%."""
+    acc = conditioning_accuracy(tiny_pipeline, tiny_config, images_per_prompt=1)
+    assert acc.color >= 0.3, acc.per_color
+    assert acc.position >= 0.8, acc.per_position

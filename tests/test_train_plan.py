@@ -47,7 +47,7 @@ def _rewards(n: int, k: int) -> torch.Tensor:
 
 
 def test_nan_rewards_give_finite_targets_and_zero_weight():
-    R = _rewards(16, 4)
+    R = _rewards(16, len(CFG.trained_reward_names))
     R[:, 3] = math.nan  # applies to nothing
     buf = _buffer(R)
     assert torch.isfinite(buf.r).all() and torch.isfinite(buf.r_raw).all()
@@ -58,7 +58,7 @@ def test_nan_rewards_give_finite_targets_and_zero_weight():
 
 
 def test_two_ranks_see_the_global_micro_batch_of_one():
-    buf = _buffer(_rewards(16, 4))
+    buf = _buffer(_rewards(16, len(CFG.trained_reward_names)))
     grid = torch.linspace(1, 0.1, 8)
     one = EpochPlan(CFG, buf, 1, 0, grid)
     for b in range(2):

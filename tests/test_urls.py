@@ -28,10 +28,12 @@ def _with(field: str, url: str) -> dict:
     return data
 
 
+APPENDED_REWARD_URL = f"rewards.{len(read_config_dict(TINY)['rewards'])}.http.url"  # `_with` appends it
+
 CREDENTIALED = [
-    ("reward", f"https://scorer:{PASSWORD}@scorer.example/score", "rewards.5.http.url", "token_env"),
-    ("reward", f"https://scorer.example/score?api_key={PASSWORD}", "rewards.5.http.url", "token_env"),
-    ("reward", f"http://{PASSWORD}@scorer.example/score", "rewards.5.http.url", "reward_token_secret"),
+    ("reward", f"https://scorer:{PASSWORD}@scorer.example/score", APPENDED_REWARD_URL, "token_env"),
+    ("reward", f"https://scorer.example/score?api_key={PASSWORD}", APPENDED_REWARD_URL, "token_env"),
+    ("reward", f"http://{PASSWORD}@scorer.example/score", APPENDED_REWARD_URL, "reward_token_secret"),
     ("tracking_uri", f"https://admin:{PASSWORD}@mlflow.example", "registry.mlflow.tracking_uri",
      "MLFLOW_TRACKING_TOKEN"),
     ("tracking_uri", f"postgresql://mlflow:{PASSWORD}@db:5432/mlflow", "registry.mlflow.tracking_uri",

@@ -28,8 +28,9 @@ from marble.threads import pinned_threads
 
 log = logging.getLogger(__name__)
 
-# Bump when the recipe below changes: it is part of the cache key (5: object-weighted VAE loss).
-BUILD_VERSION = 5
+# Bump when the recipe below changes: it is part of the cache key (5: object-weighted VAE loss;
+# 6: positional embeddings one unit apart per token, pretrained transformer and text encoders).
+BUILD_VERSION = 6
 # The VAE training below is bit-reproducible only at a fixed torch thread count (CPU kernels split
 # their reductions by thread; 1 vs 2 threads gave different weights, and so different benchmark
 # figures for two builds of the "same" model). Every build uses this many threads, whatever the caller set.
@@ -233,7 +234,11 @@ def build_transformer(tiny: TinyModelConfig):
         caption_projection_dim=inner,
         pooled_projection_dim=2 * tiny.text_hidden_size,
         out_channels=LATENT_CHANNELS,
-        pos_embed_max_size=96,
+        # SD3's PatchEmbed spaces its sin-cos grid by (tokens per side) / pos_embed_max_size: SD3.5-Medium's
+        # 64 / 192 = 1/3. With 4 x 4 tokens and SD3's 96 the spacing was 1/24 and every token's positional
+        # embedding had cosine >= 0.999 with every other's: the model could not tell left from right
+        # (docs/tiny-world.md). A maximum equal to the token grid spaces them one unit apart.
+        pos_embed_max_size=tiny.resolution // 16,
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )  # fmt: skip  (SD3.5-Medium features: dual attention in block 0, RMS qk-norm)

@@ -35,6 +35,11 @@ FAMILY_SHARES = {"color": 0.5, "general": 0.25, "text": 0.25}
 model must learn (colour and position), the others only keep general and text prompts looking right."""
 
 
+PRETRAIN_WARMUP_STEPS = 50
+"""Linear learning-rate warm-up: the text encoders and the transformer start random, and the first steps'
+gradients are the largest."""
+
+
 def pretraining_grammar() -> dict[str, list[str]]:
     """Every prompt pretraining may render, per family (colour prompts without HELD_OUT_COMBOS)."""
     seen = [(c, s) for c in PALETTE for s in SHAPES if (c, s) not in HELD_OUT_COMBOS]
@@ -89,7 +94,8 @@ def pretrain(
 ) -> dict[str, float]:
     """Render, encode, then train transformer + text encoders for `tiny.pretrain_steps`; returns stats.
 
-    Cosine learning-rate decay to 0 over the steps; the modules are left in eval mode.
+    A linear warm-up over the first PRETRAIN_WARMUP_STEPS, then cosine decay to 0 over the steps; the
+    modules are left in eval mode.
     """
     prompts = sample_pretraining_prompts(tiny.pretrain_images, generator)
     latents = encode_dataset(pipe.vae, render_batch(prompts, tiny.resolution, generator))  # [N, C, h, w]
@@ -100,7 +106,12 @@ def pretrain(
         m.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=tiny.pretrain_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, tiny.pretrain_steps) / tiny.pretrain_steps))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / PRETRAIN_WARMUP_STEPS)
+            * 0.5
+            * (1 + math.cos(math.pi * min(s, tiny.pretrain_steps) / tiny.pretrain_steps))
+        ),
     )
     losses = []
     for _ in range(tiny.pretrain_steps):
