@@ -90,4 +90,10 @@ def test_two_processes_match_one(tiny_config, tmp_path, balancer):
     atol = 1e-4
     for name in ("trainable", "old"):
         for k in t1[name]:
-            torch.testing.assert_close(t1[name][k], t2[name][k], rtol=1e-3, atol=atol, msg=lambda m, name=name, k=k: f"{name}:{k}: {m}")
+            torch.testing.assert_close(
+                t1[name][k],
+                t2[name][k],
+                rtol=1e-3,
+                atol=atol,
+                msg=lambda m, name=name, k=k: f"{name}:{k}: {m}",
+            )
