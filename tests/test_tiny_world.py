@@ -74,22 +74,28 @@ def test_the_built_vae_decodes_every_palette_colour(tiny_pipeline, tiny_config):
     assert acc.position >= 0.9, acc.per_position
 
 
-def test_conditioning_accuracy_samples_the_held_out_prompts_as_rollouts_do(tiny_pipeline, tiny_config):
+@pytest.fixture(scope="module")
+def held_out_accuracy(tiny_pipeline, tiny_config):
+    """The built model's conditioning, 1 image per held-out prompt: sampled once for the tests below."""
+    return conditioning_accuracy(tiny_pipeline, tiny_config, images_per_prompt=1)
+
+
+def test_conditioning_accuracy_samples_the_held_out_prompts_as_rollouts_do(held_out_accuracy):
     """The measure runs end to end on the built model: 80 held-out prompts, sampled at the config's T5
     length (tests/conftest.py fails any other), accuracies are fractions, per-attribute tables complete."""
-    acc = conditioning_accuracy(tiny_pipeline, tiny_config, images_per_prompt=1)
+    acc = held_out_accuracy
     assert acc.images == 80 and acc.positional_images == 64
     assert 0 <= acc.color <= 1 and 0 <= acc.position <= 1
     assert set(acc.per_color) == set(PALETTE) and set(acc.per_position) == set(POSITIONS)
     assert "chance 12.5%" in format_accuracy(acc)
 
 
-def test_the_built_model_follows_colour_and_position_on_held_out_pairs(tiny_pipeline, tiny_config):
+def test_the_built_model_follows_colour_and_position_on_held_out_pairs(held_out_accuracy):
     """The default build conditions on its prompts: on the colour x shape pairs held out from its
     pretraining, sampled as rollouts sample, colour far above chance (12.5%) and position nearly always
     (chance 25%). The default build gave colour 44.4%, position 99.2% (2 images per prompt); the random
     transformer of `pretrain_steps: 0` gave 11.9% and 21.1%, and a pretrained one whose tokens' positional
     embeddings were indistinguishable 36% and 23%."""
-    acc = conditioning_accuracy(tiny_pipeline, tiny_config, images_per_prompt=1)
+    acc = held_out_accuracy
     assert acc.color >= 0.3, acc.per_color
     assert acc.position >= 0.8, acc.per_position
