@@ -83,7 +83,7 @@ def test_two_processes_match_one(tiny_config, tmp_path, balancer):
     torch.testing.assert_close(torch.tensor(b1["coeffs"]), torch.tensor(b2["coeffs"]), rtol=1e-4, atol=1e-5)
     t1, t2 = checkpoint_tensors(c1), checkpoint_tensors(c2)
     # The two runs sum the same gradients in another order (differences ~1e-7). AdamW's per-coordinate
-    # normalisation turns that into a fraction of lr on a coordinate whose gradient is near zero: on the
+    # normalisation can turn that into a fraction of lr on a coordinate whose gradient is near zero: on the
     # pretrained tiny model (lr 1e-3), one of 512 coordinates of one LoRA matrix differed by 9.7e-5 after
     # the 6 steps with the amortized Gram (measured), 1.4e-5 with a fresh solve on the random one. A
     # reduction that changes the gradient's direction moves most coordinates, not one.
