@@ -68,6 +68,7 @@ class PerRewardLinearGrads:
         self.modules = list(modules)
         self.per_reward: dict[nn.Linear, Tensor] = {}
         self.coefficients: Tensor | None = None  # [B, K], read when the backward reaches a layer
+        self._coefficients_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self.seconds = 0.0  # wall time spent in the per-reward hooks since the last capture()
         self._handles: list[Any] = []
 
@@ -87,6 +88,7 @@ class PerRewardLinearGrads:
         by `coefficients[i]` (set them between the two)."""
         self.coefficients = None
         self.per_reward = {}
+        self._coefficients_cache = {}
         self.seconds = 0.0
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
         try:
@@ -102,21 +104,31 @@ class PerRewardLinearGrads:
         x = inputs[0].detach()  # [B, ..., in]
 
         def on_grad(gy: Tensor) -> None:  # gy [B, ..., out]
-            s = self.coefficients
-            if s is None:  # a backward before the coefficients are known gives no per-reward gradient
+            if self.coefficients is None:  # a backward before the coefficients are known: no gradient
                 return
             t0 = time.perf_counter()
             B = gy.shape[0]
             dt = torch.promote_types(gy.dtype, torch.float32)  # bf16 is upcast; the Gram is float64 later
-            g = gy.reshape(B, -1, gy.shape[-1]).to(dt)  # [B, T, out]
-            xx = x.reshape(B, -1, x.shape[-1]).to(dt)  # [B, T, in]
+            g = gy.reshape(B, -1, gy.shape[-1])  # [B, T, out]
+            xx = x.reshape(B, -1, x.shape[-1])  # [B, T, in]
+            if g.dtype != dt or xx.dtype != dt:
+                g, xx = g.to(dt), xx.to(dt)
             per_sample = torch.bmm(g.transpose(1, 2), xx).reshape(B, -1)  # [B, out*in]
-            per_reward = s.detach().to(device=g.device, dtype=dt).T @ per_sample  # [K, out*in]
-            self.per_reward[module] = per_reward.reshape(-1, *module.weight.shape)
+            self.per_reward[module] = torch.mm(self._coefficients_t(g.device, dt), per_sample)  # [K, out*in]
             self.seconds += time.perf_counter() - t0
 
         self.per_reward[module] = torch.empty(0)  # placeholder: the first graph forward only
         output.register_hook(on_grad)
+
+    def _coefficients_t(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """`coefficients.T` `[K, B]` on the layer's device and dtype, converted once per backward (every
+        trained layer reads it)."""
+        key = (device, dtype)
+        if key not in self._coefficients_cache:
+            self._coefficients_cache[key] = (
+                self.coefficients.detach().to(device=device, dtype=dtype).T.contiguous()
+            )
+        return self._coefficients_cache[key]
 
     def stacked(self) -> Tensor:
         """`[K, P]` (float32, or float64 for a float64 model): every reward's gradient, flattened over the
@@ -124,6 +136,4 @@ class PerRewardLinearGrads:
         missing = [m for m in self.modules if self.per_reward.get(m, torch.empty(0)).numel() == 0]
         if missing:
             raise RuntimeError(f"per-sample Gram: {len(missing)} trained layers got no gradient")
-        return torch.cat(
-            [self.per_reward[m].reshape(self.per_reward[m].shape[0], -1) for m in self.modules], 1
-        )
+        return torch.cat([self.per_reward[m] for m in self.modules], 1)
