@@ -251,6 +251,15 @@ class NFTConfig(StrictModel):
     beta: float = Field(0.1, gt=0, description="NFT strength β [MARBLE: 0.1 multi-reward; NFT: 1.0 single].")
     adv_clip_max: float = Field(5.0, gt=0, description="Advantage clip C [NFT: 5].")
     kl_weight: float = Field(1e-4, ge=0, description="Weight λ of the KL to the reference [NFT: 1e-4].")
+    kl_every: Literal["micro_step", "step"] = Field(
+        "micro_step",
+        description=(
+            "Where the KL is estimated: on every micro-step [NFT], or on one micro-step per optimizer step "
+            "(rotating over the step's micro-steps), weighted by their number: an unbiased estimate that "
+            "skips the reference forward, and with the per_sample Gram the KL's own backward, on the "
+            "others [ours]."
+        ),
+    )
     std_mode: Literal["global", "group"] = Field(
         "global", description="Advantage std over the whole epoch batch or per prompt group [NFT: global]."
     )

@@ -160,6 +160,7 @@ class StepAccumulator:
     def __init__(self) -> None:
         self.policy = 0.0
         self.kl = 0.0
+        self.kl_n = 0  # micro-steps that estimated the KL (all, or one per step: nft.kl_every)
         self.n = 0
         self.finite = True
         self.refresh: Any | None = None
@@ -172,9 +173,11 @@ class StepAccumulator:
 
     def add(self, res: MicroStepResult) -> None:
         self.policy += res.policy
-        self.kl += res.kl
+        if res.kl is not None:
+            self.kl += res.kl
+            self.kl_n += 1
         self.n += 1
-        self.finite = self.finite and math.isfinite(res.policy) and math.isfinite(res.kl)
+        self.finite = self.finite and math.isfinite(res.policy) and math.isfinite(self.kl)
         self.balance_s += res.balance_s
         if res.balance is not None:
             self.refresh = res.balance
@@ -194,7 +197,7 @@ class StepAccumulator:
         self.diag = diag
 
     def metrics(self, balancer: Any, counters: dict[str, int]) -> dict[str, float]:
-        out = {"loss/policy": self.policy / max(self.n, 1), "loss/kl": self.kl / max(self.n, 1)}
+        out = {"loss/policy": self.policy / max(self.n, 1), "loss/kl": self.kl / max(self.kl_n, 1)}
         names = balancer.objective_names
         out.update(balancer.current_stats().to_metrics(names))  # α after the step, latest α*, norms
         out["balance/refreshed"] = float(self.refresh is not None)

@@ -157,7 +157,8 @@ class Trainer:
         n = self.cfg.nft
         self.update = NFTUpdate(
             self.model, self.params, self.balancer, predict_velocity=predict_velocity,
-            beta=n.beta, weight_floor=n.weight_floor, kl_weight=n.kl_weight, world_size=self.world,
+            beta=n.beta, weight_floor=n.weight_floor, kl_weight=n.kl_weight, kl_every=n.kl_every,
+            micro_steps_per_step=self.cfg.train.gradient_accumulation_steps * self.T, world_size=self.world,
             reduce_mean=self.reduce_mean, reduce_sum=self.reduce_sum, autocast=self.accelerator.autocast,
         )  # fmt: skip
 

@@ -53,7 +53,7 @@ class MicroBatch:
 class MicroStepResult:
     loss: Tensor  # scalar to backprop: combined policy loss + λ KL
     policy: float
-    kl: float
+    kl: float | None  # None: the KL was not estimated on this micro-step (nft.kl_every = "step")
     balance: Any | None  # BalanceStats of a refresh on this micro-step, else None
     balance_s: float
     applied: Any | None = None  # BatchGamma: the γ this micro-step applied (and the batch norms)
@@ -91,6 +91,8 @@ class NFTUpdate:
         beta: float,
         weight_floor: float,
         kl_weight: float,
+        kl_every: str = "micro_step",
+        micro_steps_per_step: int = 1,
         world_size: int = 1,
         reduce_mean: Reduce | None = None,
         reduce_sum: Reduce | None = None,
@@ -103,6 +105,8 @@ class NFTUpdate:
         self.beta = beta
         self.floor = weight_floor
         self.kl_weight = kl_weight
+        self.kl_every = kl_every
+        self.micro_steps_per_step = max(1, int(micro_steps_per_step))
         self.world_size = world_size
         self.reduce_mean = reduce_mean
         self.reduce_sum = reduce_sum
@@ -111,8 +115,19 @@ class NFTUpdate:
         self._per_sample: PerRewardLinearGrads | None = None
 
     # ------------------------------------------------------------------------------ forward
-    def forward(self, mb: MicroBatch, output_grads: bool) -> tuple[NFTTerms, Tensor, Tensor]:
-        """NFT terms of the micro-batch, plus v (with graph) and v_ref for the KL."""
+    def kl_scale(self, step: int, micro_step: int) -> float:
+        """Weight of this micro-step's KL estimate: 1 on every micro-step ("micro_step"); with "step", the
+        number of micro-steps per optimizer step on the one micro-step `step mod` that number, 0 on the
+        others, so the step's KL gradient is unbiased and every micro-step index takes its turn."""
+        if self.kl_every == "micro_step":
+            return 1.0
+        M = self.micro_steps_per_step
+        return float(M) if micro_step == step % M else 0.0
+
+    def forward(
+        self, mb: MicroBatch, output_grads: bool, with_ref: bool = True
+    ) -> tuple[NFTTerms, Tensor, Tensor | None]:
+        """NFT terms of the micro-batch, plus v (with graph) and v_ref for the KL (None: not computed)."""
         t4 = mb.t.reshape(-1, *([1] * (mb.x0.ndim - 1))).to(mb.x0.dtype)  # [B, 1, 1, 1]
         x_t = (1 - t4) * mb.x0 + t4 * mb.noise  # [B, C, h, w] rectified-flow forward process
         with self.autocast():
@@ -120,8 +135,10 @@ class NFTUpdate:
             with torch.no_grad():
                 with use_adapter(self.model, "old"):
                     v_old = self.predict_velocity(self.model, x_t, mb.t, mb.emb)
-                with self.model.disable_adapter():
-                    v_ref = self.predict_velocity(self.model, x_t, mb.t, mb.emb)
+                v_ref = None
+                if with_ref:
+                    with self.model.disable_adapter():
+                        v_ref = self.predict_velocity(self.model, x_t, mb.t, mb.emb)
         terms = nft_terms(v, v_old, x_t, mb.x0, mb.t, self.beta, self.floor, output_grads=output_grads)
         return terms, v, v_ref
 
@@ -152,7 +169,8 @@ class NFTUpdate:
             return self.per_sample_micro_step(mb, step, micro_step)
         refresh = bal.needs_gram(step, micro_step) and bal.gram_source is not None
         output = bal.needs_batch_gram or (refresh and bal.gram_source == "output")
-        terms, v, v_ref = self.forward(mb, output_grads=output)
+        kl_scale = self.kl_scale(step, micro_step)
+        terms, v, v_ref = self.forward(mb, output_grads=output, with_ref=kl_scale > 0)
         stats, H = None, None
         t0 = time.perf_counter()
         if refresh:
@@ -166,25 +184,28 @@ class NFTUpdate:
         balance_s = time.perf_counter() - t0
         omega, rho = combine_coefficients(applied.gamma.to(mb.c.device), mb.c, mb.r)  # [B], [B]
         policy = combined_loss(terms, omega, rho, self.beta)
-        kl = kl_loss(v, v_ref)
-        loss = policy + self.kl_weight * kl
-        return MicroStepResult(
-            loss, float(policy.detach()), float(kl.detach()), stats, balance_s, applied, cos
-        )
+        loss, kl = policy, None
+        if v_ref is not None:
+            kl_t = kl_loss(v, v_ref)
+            loss, kl = policy + self.kl_weight * kl_scale * kl_t, float(kl_t.detach())
+        return MicroStepResult(loss, float(policy.detach()), kl, stats, balance_s, applied, cos)
 
     def per_sample_micro_step(self, mb: MicroBatch, step: int, micro_step: int) -> MicroStepResult:
         """The update's own backward gives every reward's gradient (`marble.rl.per_sample`): ONE backward
         of `Σ_i N_i`, scaled per reward at the trained layers; the balancer sees their exact Gram and its
         γ combines them into the policy gradient, returned for the caller to add to `.grad`. The
         caller backprops λ KL alone (a second backward, skipped when λ = 0: the KL's per-sample output
-        gradients are not multiples of the policy's)."""
+        gradients are not multiples of the policy's; with `nft.kl_every = "step"` on one micro-step per
+        optimizer step)."""
         bal = self.balancer
         grads = self._per_sample_grads()
         weights = [m.weight for m in grads.modules]
+        kl_scale = self.kl_scale(step, micro_step)
+        kl_backward = self.kl_weight > 0 and kl_scale > 0
         with grads.capture():
-            terms, v, v_ref = self.forward(mb, output_grads=True)
+            terms, v, v_ref = self.forward(mb, output_grads=True, with_ref=kl_scale > 0)
             grads.coefficients = per_sample_coefficients(terms, mb.c, mb.r, self.beta)
-            torch.autograd.grad(terms.N.sum(), weights, retain_graph=self.kl_weight > 0)
+            torch.autograd.grad(terms.N.sum(), weights, retain_graph=kl_backward)
             # balance_s: the per-reward work inside the backward (its hooks) and everything after it,
             # not the backward itself, which the policy gradient needs with any balancer
             t0 = time.perf_counter() - grads.seconds
@@ -205,11 +226,11 @@ class NFTUpdate:
         with torch.no_grad():
             omega, rho = combine_coefficients(applied.gamma.to(mb.c.device), mb.c, mb.r)
             policy = float(combined_loss(terms, omega, rho, self.beta))
-        kl = kl_loss(v, v_ref)
-        loss = self.kl_weight * kl if self.kl_weight > 0 else None
-        return MicroStepResult(
-            loss, policy, float(kl.detach()), stats, balance_s, applied, cos, pairs, cos_space="params"
-        )
+        loss, kl = None, None
+        if v_ref is not None:
+            kl_t = kl_loss(v, v_ref)
+            loss, kl = (self.kl_weight * kl_scale * kl_t if kl_backward else None), float(kl_t.detach())
+        return MicroStepResult(loss, policy, kl, stats, balance_s, applied, cos, pairs, cos_space="params")
 
     def _per_sample_grads(self) -> PerRewardLinearGrads:
         if self._per_sample is None:
@@ -231,7 +252,7 @@ class NFTUpdate:
         # output-space one, or (per_sample) the parameter-space one, which the K backwards below give.
         per_sample = self.balancer.gram_source == "per_sample"
         batch = self.balancer.needs_batch_gram and not per_sample
-        terms, _, _ = self.forward(mb, output_grads=batch)
+        terms, _, _ = self.forward(mb, output_grads=batch, with_ref=False)
         losses = per_reward_losses(terms, mb.c_raw, mb.r_raw, self.beta)  # [K]
         pg = gram_from_params(losses, self.params, all_reduce=self.reduce_mean, keep_grads=True)
         grads = pg.grads  # [K, P]
