@@ -338,9 +338,7 @@ def _add_config_commands(sub) -> None:
 
 
 def cmd_conditioning(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from marble.eval.conditioning import conditioning_accuracy, format_accuracy, vae_round_trip_accuracy
+    from marble.eval.conditioning import format_accuracy, world_conditioning
     from marble.model_cache import run_hub
     from marble.models.loading import load_pipeline
     from marble.models.lora import load_adapter_into_pipeline
@@ -349,12 +347,12 @@ def cmd_conditioning(args: argparse.Namespace) -> int:
     pipe = load_pipeline(cfg.model, hub=run_hub(cfg, config_hint=args.config))
     if args.adapter:
         load_adapter_into_pipeline(pipe, args.adapter)
-    acc = conditioning_accuracy(pipe, cfg, images_per_prompt=args.images_per_prompt, seed=args.seed)
-    ceiling = vae_round_trip_accuracy(pipe.vae, cfg.sampling.resolution, seed=args.seed)
+    world = world_conditioning(pipe, cfg, images_per_prompt=args.images_per_prompt, seed=args.seed)
     if args.json:
-        print(json.dumps({**asdict(acc), "vae_round_trip": asdict(ceiling)}, indent=2))
+        print(json.dumps(world.as_dict(), indent=2))
     else:
-        print(format_accuracy(acc))
+        ceiling = world.vae_round_trip
+        print(format_accuracy(world.sampled))
         print(
             f"VAE round trip of the renderer's own images (the ceiling): colour {ceiling.color:.1%}, "
             f"position {ceiling.position:.1%}"

@@ -99,3 +99,22 @@ def test_the_built_model_follows_colour_and_position_on_held_out_pairs(held_out_
     acc = held_out_accuracy
     assert acc.color >= 0.3, acc.per_color
     assert acc.position >= 0.8, acc.per_position
+
+
+def test_marble_conditioning_prints_the_same_measure_and_its_ceiling(
+    tiny_config, tmp_path, capsys, held_out_accuracy
+):
+    """`marble conditioning --json` reports `world_conditioning`: the sampled accuracy the module measures
+    (same seed, same images) and the VAE's ceiling, both with their per-attribute tables."""
+    import json
+
+    from _train_helpers import write_config
+
+    from marble.cli import main
+
+    cfg_path = write_config(tiny_config, tmp_path / "tiny.yaml")
+    assert main(["conditioning", "--config", str(cfg_path), "--images-per-prompt", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["color"] == held_out_accuracy.color and out["position"] == held_out_accuracy.position
+    assert out["images"] == 80 and set(out["per_color"]) == set(PALETTE)
+    assert set(out["vae_round_trip"]) >= {"color", "position", "per_color", "per_position"}

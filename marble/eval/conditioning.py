@@ -14,7 +14,8 @@ Chance is 1/8 for colour and 1/4 for position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -117,6 +118,29 @@ def vae_round_trip_accuracy(vae, resolution: int, seed: int = 0) -> Conditioning
     images = render_batch(prompts, resolution, torch.Generator().manual_seed(seed))  # [N, 3, H, W]
     latents = encode_dataset(vae, images.to(vae.device, vae.dtype))  # [N, C, h, w]
     return score_conditioning(decode_latents(vae, latents).cpu(), prompts)
+
+
+@dataclass(frozen=True)
+class WorldConditioning:
+    """A pipeline's sampled accuracy and the ceiling its VAE sets, measured with the same seed."""
+
+    sampled: ConditioningAccuracy
+    vae_round_trip: ConditioningAccuracy
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the sampled accuracy's fields, plus `vae_round_trip` with the ceiling's."""
+        return {**asdict(self.sampled), "vae_round_trip": asdict(self.vae_round_trip)}
+
+
+def world_conditioning(
+    pipe, cfg: MarbleConfig, *, images_per_prompt: int = 2, seed: int = 0
+) -> WorldConditioning:
+    """`conditioning_accuracy` of `pipe` and `vae_round_trip_accuracy` of its VAE: what
+    `marble conditioning` and the reward study report."""
+    return WorldConditioning(
+        sampled=conditioning_accuracy(pipe, cfg, images_per_prompt=images_per_prompt, seed=seed),
+        vae_round_trip=vae_round_trip_accuracy(pipe.vae, cfg.sampling.resolution, seed=seed),
+    )
 
 
 def format_accuracy(acc: ConditioningAccuracy) -> str:
