@@ -43,7 +43,7 @@ FULL = {
     "alignment": {"epochs": 20, "time_budget_s": 180},
     "alignment_micro_batch": {"epochs": 10, "time_budget_s": 100},
     "reward_balance": {
-        "epochs": 2, "max_epochs": 40, "seeds": [0, 1, 2, 3, 4], "other_seeds": [0, 1], "images_per_prompt": 2,
+        "epochs": 2, "max_epochs": 40, "seeds": [0, 1, 2, 3, 4], "other_seeds": [0, 1], "images_per_prompt": 8,
     },
 }  # fmt: skip
 QUICK = {
