@@ -591,6 +591,23 @@ class MarbleFullBalancer(_MGDABalancer):
     refresh_micro_steps: Literal["first", "first_slot", "all"] = "all"
 
 
+class MarbleStepBalancer(_MGDABalancer):
+    """Exact MGDA on the optimizer step (ours, docs/algorithm.md §4.6): every reward's gradient from the
+    update's own backward (per_sample), summed over the step's micro-steps, one min-norm solve at the
+    step's end on their Gram, applied to the step. The update actually applied then has no trained
+    reward at an obtuse angle with that reward's step gradient (up to the per_sample residual)."""
+
+    kind: Literal["marble_step"] = "marble_step"
+    gram_source: Literal["per_sample"] = Field(
+        "per_sample", description="per_sample: every reward's gradient from the update's own backward."
+    )
+    refresh_every: Literal[1] = Field(1, description="One solve at the end of every optimizer step.")
+    ema_decay: None = Field(None, description="None: the step's own α (an EMA would not keep it aligned).")
+    refresh: Literal["step"] = Field("step", description="step: one solve on the step's summed gradients.")
+    refresh_micro_steps: Literal["all"] = Field("all", description="Every micro-step's gradients are summed.")
+    normalize: Literal["refresh"] = Field("refresh", description="γ from the step's own gradient norms.")
+
+
 class MarbleUBBalancer(_MGDABalancer):
     kind: Literal["marble_ub"] = "marble_ub"
     gram_source: Literal["params", "output"] = "output"
@@ -618,6 +635,7 @@ BalancerConfig = Annotated[
     | MarbleBalancer
     | MarblePaperBalancer
     | MarbleFullBalancer
+    | MarbleStepBalancer
     | MarbleUBBalancer
     | PCGradBalancer
     | CAGradBalancer,

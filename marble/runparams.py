@@ -58,8 +58,8 @@ RUN_PARAMETERS: tuple[RunParameter, ...] = (
         "balancer_kind",
         "balancer.kind",
         str,
-        "How per-reward gradients combine: weighted_sum, equal, marble, marble_full, marble_ub, pcgrad, "
-        "cagrad. A kind other than the config's starts from that kind's preset.",
+        "How per-reward gradients combine: weighted_sum, equal, gdpo, marble, marble_paper, "
+        "marble_full, marble_step, marble_ub, pcgrad, cagrad. A kind other than the config's starts from that kind's preset.",
     ),
     RunParameter("balancer_refresh_every", "balancer.refresh_every", int, "Gram-based kinds only."),
     RunParameter(

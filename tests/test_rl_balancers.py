@@ -17,6 +17,7 @@ from marble.config import (
     MarbleBalancer,
     MarbleFullBalancer,
     MarblePaperBalancer,
+    MarbleStepBalancer,
     MarbleUBBalancer,
     PCGradBalancer,
     WeightedSumBalancer,
@@ -35,6 +36,7 @@ ALL_CONFIGS = [
     MarbleBalancer(),
     MarblePaperBalancer(),
     MarbleFullBalancer(),
+    MarbleStepBalancer(),
     MarbleUBBalancer(),
     PCGradBalancer(),
     CAGradBalancer(),
@@ -113,8 +115,8 @@ def test_every_preset_builds_with_the_trainer_interface(cfg):
     G = _grams(K, 1)[0]
     assert _applied(b, G).shape == (K,) and torch.isfinite(_applied(b, G)).all()
     if b.gram_source is not None:
-        assert b.needs_gram(0, 0)
-        stats = b.update(torch.as_tensor(G), step=0)
+        assert b.needs_gram(0, 0) != b.solves_step  # a step solver is given the step's Gram at its end
+        stats = b.solve_step(torch.as_tensor(G), 0) if b.solves_step else b.update(torch.as_tensor(G), step=0)
         assert stats.refreshed and stats.alpha.sum().item() == pytest.approx(1.0)
         metrics = stats.to_metrics(b.objective_names)
         assert {"balance/alpha/a", "balance/alpha_fresh/c", "balance/grad_norm/b", "balance/min_norm",
@@ -535,3 +537,34 @@ def test_first_step_refreshes_on_every_micro_step():
     ours.end_step(0)
     assert paper.num_refreshes == accum * T and ours.num_refreshes == 1
     assert not paper.needs_gram(1, 0) and not ours.needs_gram(1, 0)
+
+
+# ------------------------------------------------------------------------------ marble_step
+def test_step_solver_applies_the_fresh_mgda_of_the_steps_gram_and_keeps_no_ema():
+    """marble_step: no micro-step asks for a Gram; each step's solve gives exactly the fresh normalised
+    MGDA γ of that step's Gram (no EMA, norms from that Gram), so the step's update `Σ γ_k g_k` has a
+    non-negative inner product with every reward's step gradient; before the first solve γ = 1/K."""
+    from marble.rl.balancers import mgda_gamma
+
+    b = build_balancer(MarbleStepBalancer(), NAMES)
+    assert b.solves_step and b.gram_source == "per_sample"
+    assert not any(b.needs_gram(s, m) for s in range(3) for m in range(4))
+    assert torch.allclose(b.gamma, torch.full((3,), 1 / 3, dtype=torch.float64))
+    rng = np.random.default_rng(5)
+    for step in range(4):
+        X = rng.normal(size=(3, 11)) * np.array([[0.01], [1.0], [30.0]]) + 0.2 * rng.normal(size=11)
+        X[0] = -X[2] * 0.5 + 0.01 * rng.normal(size=11)  # two rewards in conflict, one tiny
+        G = torch.as_tensor(X @ X.T)
+        stats = b.solve_step(G, step)
+        assert stats.refreshed and b.num_refreshes == step + 1
+        torch.testing.assert_close(b.gamma, mgda_gamma(G), rtol=1e-9, atol=1e-12)  # fresh, no EMA
+        d_dot_g = (torch.as_tensor(X).T @ b.gamma) @ torch.as_tensor(X).T  # [K] <Σ γ_j g_j, g_k>
+        assert (d_dot_g >= -1e-9 * float(G.diagonal().max())).all(), d_dot_g
+
+
+def test_step_solver_config_refuses_what_would_break_the_step_alignment():
+    from pydantic import ValidationError
+
+    for bad in ({"ema_decay": 0.5}, {"gram_source": "output"}, {"refresh_every": 10}, {"normalize": "batch"}):
+        with pytest.raises(ValidationError):
+            MarbleStepBalancer(**bad)

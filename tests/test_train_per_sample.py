@@ -87,3 +87,52 @@ def test_per_sample_diagnostics_apply_the_parameter_gram_norms(tiny_config, tmp_
         assert abs(applied_min(tr.update.output_gram(terms, mb.c, mb.r)) - expected) > 1e-4
     finally:
         tr.cleanup()
+
+
+def test_step_solver_applies_mgda_of_the_steps_summed_gradients(tiny_config, tmp_path):
+    """marble_step through the trainer's own optimizer step: the gradient it applies is `γ Σ_m g_m`
+    (scaled as accelerate scales the step's backwards), with g_m every reward's gradient on micro-step m
+    (here by K backward passes each) and γ the fresh normalised MGDA of their sum's Gram; the step's
+    exact cosines are all non-negative."""
+    from marble.rl.balancers import mgda_gamma
+    from marble.rl.gram import gram_from_params, stacked_gram
+    from marble.rl.nft import per_reward_losses
+    from marble.train.stepping import EpochPlan
+    from marble.train.trainer import Trainer
+
+    cfg = _config(tiny_config, "per_sample", 0.0)
+    cfg = validate_config({**cfg.model_dump(mode="json"), "balancer": {"kind": "marble_step"}}, "test")
+    prompts = tmp_path / "prompts"
+    prepare_prompts(cfg, prompts)
+    tr = Trainer(cfg, prompts, tmp_path / "run")
+    tr.setup()
+    try:
+        buf = tr.rollout(0)
+        plan = EpochPlan(cfg, buf, 1, 0, tr.grid)
+        accum, T = cfg.train.gradient_accumulation_steps, cfg.num_train_timesteps
+        summed = 0
+        for b in range(accum):
+            for j in range(T):
+                mb = plan.micro_batch(b, j, tr.text_cache, tr.device)
+                terms, _, _ = tr.update.forward(mb, output_grads=False, with_ref=False)
+                losses = per_reward_losses(terms, mb.c, mb.r, cfg.nft.beta)  # [K]
+                summed = (
+                    summed + gram_from_params(losses, tr.params, keep_grads=True).grads.double()
+                )  # [K, P]
+        gamma = mgda_gamma(stacked_gram(summed))  # [K]
+        expected = (gamma @ summed) / (accum * T)  # [P]
+        applied: list[torch.Tensor] = []
+        step = tr.optimizer.step
+
+        def capture(*args, **kwargs):
+            applied.append(torch.cat([p.grad.detach().flatten().double() for p in tr.params]))
+            return step(*args, **kwargs)
+
+        tr.optimizer.step = capture
+        metrics = tr.optimizer_step(plan, range(accum))
+    finally:
+        tr.cleanup()
+    assert expected.norm() > 0 and (gamma > 0).sum() >= 2  # a real balance of several rewards
+    torch.testing.assert_close(applied[0], expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    assert metrics["balance/cos_params_negative_frac"] == 0.0 and metrics["balance/cos_params_min"] >= 0
+    assert metrics["balance/refreshed"] == 1.0

@@ -180,6 +180,13 @@ class Balancer:
     needs_batch_gram = False
     """Whether `batch_gamma` needs the output-space Gram of every batch it is applied to."""
 
+    solves_step = False
+    """Whether the trainer sums every reward's gradient over the optimizer step and calls `solve_step`
+    with their Gram at its end, applying the γ it gives to the summed gradients (`marble_step`)."""
+
+    def solve_step(self, gram: Tensor, step: int) -> BalanceStats:
+        raise RuntimeError(f"balancer {self.kind!r} does not solve on the optimizer step")
+
     def observe(self, gram: Tensor, step: int, micro_step: int = 0) -> BalanceStats:
         raise RuntimeError(f"balancer {self.kind!r} uses no Gram; needs_gram() is always False")
 
@@ -536,6 +543,28 @@ class MGDABalancer(GramBalancer):
         if self.gamma_cap is not None and valid.any():
             capped = valid & (norms < norms[valid].mean() / self.gamma_cap)
         return BatchGamma(gamma=_t(gamma), norms=_t(norms), capped=torch.as_tensor(capped))
+
+
+@register_balancer("marble_step")
+class StepMGDABalancer(MGDABalancer):
+    """`marble_step`: the fresh normalised-MGDA α of the optimizer step's summed per-reward gradients
+    (their Gram, `solve_step`), γ from their norms, no EMA: no micro-step asks for a Gram, and until the
+    first solve γ is 1/K."""
+
+    solves_step = True
+
+    def needs_gram(self, step: int, micro_step: int) -> bool:
+        return False
+
+    def solve_step(self, gram: Tensor, step: int) -> BalanceStats:
+        """One refresh on the step's Gram `[K', K']`, committed: `gamma` then weights that step."""
+        G = as_gram(gram)  # [K, K]
+        if G.shape != (len(self.objective_names),) * 2:
+            raise ValueError(f"Gram must be [{len(self.objective_names)}]*2, got {G.shape}")
+        if self._first_refresh_step is None:
+            self._first_refresh_step = step
+        self._last_refresh_step = step
+        return self._solve(G, step, commit=True)
 
 
 def mgda_gamma(gram: Tensor | np.ndarray, solver: MinNormSolver | None = None) -> Tensor:

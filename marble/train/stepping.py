@@ -188,10 +188,15 @@ class StepAccumulator:
             self.cos.append(res.cos)
             self.cos_space = res.cos_space
 
-    def add_step_end(self, stats: Any | None) -> None:
-        """The refresh the balancer committed at the end of the step (step-accumulated), if any."""
-        if stats is not None:
-            self.refresh = stats
+    def add_step_end(self, end: Any) -> None:
+        """What the end of the step added (`update.StepEnd`): the refresh the balancer committed
+        (step-accumulated), if any, and for a step solve its exact cosines and its time."""
+        if end.balance is not None:
+            self.refresh = end.balance
+        if end.cos is not None:
+            self.cos.append(end.cos)
+            self.cos_space = "params"
+        self.balance_s += end.balance_s
 
     def add_diagnostics(self, diag: dict[str, float]) -> None:
         self.diag = diag

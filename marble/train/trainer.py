@@ -351,7 +351,10 @@ class Trainer:
                     if res.policy_grads is not None:  # formed without a backward of its own (per_sample)
                         stepping.add_grads(res.policy_grads, 1 / self.accelerator.gradient_accumulation_steps)
                 acc.add(res)
-        acc.add_step_end(self.update.end_step(self.step))
+        end = self.update.end_step(self.step)
+        if end.policy_grads is not None:  # a balancer that solves on the step (marble_step)
+            stepping.add_grads(end.policy_grads, 1 / self.accelerator.gradient_accumulation_steps)
+        acc.add_step_end(end)
         if not self.accelerator.sync_gradients:
             raise InternalError("accelerate's gradient-accumulation boundary does not match the step plan")
         grad_norm = stepping.sync_and_clip(

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,6 +62,16 @@ class MicroStepResult:
     # (then `loss` is λ KL alone, or None when λ = 0)
     policy_grads: list[tuple[Tensor, Tensor]] | None = None
     cos_space: str = "output"  # the Gram `cos` comes from: "output" (free), "params" (per_sample, exact)
+
+
+class StepEnd(NamedTuple):
+    """What the end of an optimizer step adds: the refresh committed (if any) and, for a balancer that
+    solves on the step (`marble_step`), the step's policy gradient for the caller to add to `.grad`."""
+
+    balance: Any | None  # BalanceStats
+    policy_grads: list[tuple[Tensor, Tensor]] | None = None
+    cos: Tensor | None = None  # [K'] cos(applied step direction, step gradient g_k), exact (params)
+    balance_s: float = 0.0
 
 
 @contextmanager
@@ -113,6 +123,9 @@ class NFTUpdate:
         self.autocast = autocast
         self._solver = MinNormSolver()
         self._per_sample: PerRewardLinearGrads | None = None
+        self._step_grads: Tensor | None = (
+            None  # [K', P] this rank's per-reward gradients summed over the step
+        )
 
     # ------------------------------------------------------------------------------ forward
     def kl_scale(self, step: int, micro_step: int) -> float:
@@ -196,7 +209,8 @@ class NFTUpdate:
         γ combines them into the policy gradient, returned for the caller to add to `.grad`. The
         caller backprops λ KL alone (a second backward, skipped when λ = 0: the KL's per-sample output
         gradients are not multiples of the policy's; with `nft.kl_every = "step"` on one micro-step per
-        optimizer step)."""
+        optimizer step). A balancer that solves on the step (`marble_step`) gets no Gram here: the
+        per-reward gradients are summed, and `end_step` solves and forms the policy gradient."""
         bal = self.balancer
         grads = self._per_sample_grads()
         weights = [m.weight for m in grads.modules]
@@ -209,7 +223,26 @@ class NFTUpdate:
             # balance_s: the per-reward work inside the backward (its hooks) and everything after it,
             # not the backward itself, which the policy gradient needs with any balancer
             t0 = time.perf_counter() - grads.seconds
-            pg = gram_of_grads(grads.stacked(), all_reduce=self.reduce_mean, keep_grads=True)
+            if bal.solves_step:  # summed here (micro-step 0 starts the step), solved and applied by end_step
+                stacked = grads.stacked()  # [K', P]
+                prev = None if micro_step == 0 else self._step_grads
+                self._step_grads = stacked if prev is None else prev + stacked
+            else:
+                pg = gram_of_grads(grads.stacked(), all_reduce=self.reduce_mean, keep_grads=True)
+
+        def kl_term() -> tuple[Tensor | None, float | None]:  # (λ-weighted loss to backprop, KL logged)
+            if v_ref is None:
+                return None, None
+            kl_t = kl_loss(v, v_ref)
+            return (self.kl_weight * kl_scale * kl_t if kl_backward else None), float(kl_t.detach())
+
+        if bal.solves_step:
+            balance_s = time.perf_counter() - t0
+            with torch.no_grad():  # logged under the γ of the last solve: this step's comes at its end
+                omega, rho = combine_coefficients(bal.gamma.to(mb.c.device), mb.c, mb.r)
+                policy = float(combined_loss(terms, omega, rho, self.beta))
+            loss, kl = kl_term()
+            return MicroStepResult(loss, policy, kl, None, balance_s, cos_space="params")
         stats = (
             bal.observe(pg.gram, step=step, micro_step=micro_step)
             if bal.needs_gram(step, micro_step)
@@ -226,10 +259,7 @@ class NFTUpdate:
         with torch.no_grad():
             omega, rho = combine_coefficients(applied.gamma.to(mb.c.device), mb.c, mb.r)
             policy = float(combined_loss(terms, omega, rho, self.beta))
-        loss, kl = None, None
-        if v_ref is not None:
-            kl_t = kl_loss(v, v_ref)
-            loss, kl = (self.kl_weight * kl_scale * kl_t if kl_backward else None), float(kl_t.detach())
+        loss, kl = kl_term()
         return MicroStepResult(loss, policy, kl, stats, balance_s, applied, cos, pairs, cos_space="params")
 
     def _per_sample_grads(self) -> PerRewardLinearGrads:
@@ -237,9 +267,28 @@ class NFTUpdate:
             self._per_sample = PerRewardLinearGrads.of_trained(self.model)
         return self._per_sample
 
-    def end_step(self, step: int) -> Any | None:
-        """After the step's last micro-step: the balancer commits a step-accumulated refresh (if any)."""
-        return self.balancer.end_step(step)
+    def end_step(self, step: int) -> StepEnd:
+        """After the step's last micro-step: the balancer commits a step-accumulated refresh (if any); a
+        balancer that solves on the step (`marble_step`) solves on the Gram of the per-reward gradients
+        summed over the step (averaged over ranks, as for a micro-step) and its γ weights their sum."""
+        bal = self.balancer
+        if not bal.solves_step:
+            return StepEnd(bal.end_step(step))
+        if self._step_grads is None:
+            raise RuntimeError(f"balancer {bal.kind!r}: end_step without a per_sample micro-step in the step")
+        t0 = time.perf_counter()
+        pg = gram_of_grads(self._step_grads, all_reduce=self.reduce_mean, keep_grads=True)
+        self._step_grads = None
+        stats = bal.solve_step(pg.gram, step)
+        gamma = bal.gamma.to(pg.grads.device, pg.grads.dtype)  # [K']
+        policy_grad = gamma @ pg.grads  # [P]
+        weights = [m.weight for m in self._per_sample_grads().modules]
+        pairs = [
+            (w, g.view_as(w).to(w.dtype))
+            for w, g in zip(weights, torch.split(policy_grad, [w.numel() for w in weights]), strict=True)
+        ]
+        cos = gram_cosines(pg.gram, bal.gamma).per_reward
+        return StepEnd(stats, pairs, cos, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------ diagnostics
     def diagnose(
