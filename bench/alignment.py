@@ -216,7 +216,11 @@ def measure_batch(
     # (exact up to the collinearity residual), so its rows measure what training applies
     ps_gram, ps_grads = (per_sample["gram"], per_sample["grads"]) if per_sample else (pg.gram, grads)
     dirs: dict[str, torch.Tensor] = {}
+    step_solve: dict[str, torch.Tensor] = {}
     for name, bal in balancers.items():
+        if bal.solves_step:  # solved on the step's summed gradients: `solve_on_steps` at the step's end
+            step_solve[name] = ps_grads
+            continue
         if bal.objective_names != tr.reward_names:  # weighted_sum, gdpo: one objective of their own
             ws = mbs[name]
             omega, rho = combine_coefficients(bal.gamma, ws.c, ws.r)  # one objective, γ = [1]
@@ -264,7 +268,26 @@ def measure_batch(
         "gram_params": pg.gram.tolist(),
         "gram_output": H.tolist(),
     }
-    return out, {"grads": grads, "dirs": dirs}
+    return out, {"grads": grads, "dirs": dirs, "step_solve": step_solve}
+
+
+def solve_on_steps(balancers: dict[str, Any], step_batches: list[tuple[dict, dict]], step: int) -> None:
+    """The presets that solve on the optimizer step (`marble_step`), as `NFTUpdate.end_step` does: one
+    solve on the Gram of the per-reward gradients summed over the step's micro-batches; each micro-batch's
+    direction is then that γ times its own gradients (the applied update is their sum)."""
+    from marble.rl.diagnostics import direction_cosines
+    from marble.rl.gram import stacked_gram
+
+    for name, bal in balancers.items():
+        if not bal.solves_step:
+            continue
+        summed = sum(vecs["step_solve"][name] for _, vecs in step_batches)  # [K, P]
+        bal.solve_step(stacked_gram(summed), step)
+        gamma = bal.gamma.to(torch.float64)  # [K]
+        for rec, vecs in step_batches:
+            d = gamma @ vecs["step_solve"][name].to(torch.float64)  # [P]
+            vecs["dirs"][name] = d
+            rec["directions"][name] = _cos_record(direction_cosines(d, vecs["grads"]), refreshed=True)
 
 
 class StepTotals:
@@ -377,6 +400,7 @@ def run(
             }
             step0 = tr.step
             totals = StepTotals()
+            step_batches: list[tuple[dict, dict]] = []
             for b in range(plans["equal"].num_batches):
                 step, bi = step0 + b // accum, b % accum
                 for j in range(T):
@@ -384,10 +408,14 @@ def run(
                     rec, vecs = measure_batch(world, mbs, balancers, step, bi * T + j, solver, proxies)
                     rec["epoch"] = epoch
                     batches.append(rec)
-                    totals.add(rec, vecs)
+                    step_batches.append((rec, vecs))
                 if bi == accum - 1:  # the step's last micro-batch: every preset ends its step
                     for bal in balancers.values():
                         bal.end_step(step)
+                    solve_on_steps(balancers, step_batches, step)
+                    for rec, vecs in step_batches:
+                        totals.add(rec, vecs)
+                    step_batches = []
                     steps.append({**totals.record(step, solver), "epoch": epoch})
                     if grams_out is not None:
                         blocks.append(totals.block_gram())

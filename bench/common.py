@@ -45,6 +45,7 @@ PRESETS = (
     "marble",
     "marble_paper",
     "marble_full",
+    "marble_step",
     "marble_ub",
     "pcgrad",
     "cagrad",

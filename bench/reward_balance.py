@@ -6,7 +6,7 @@ Training is the real `marble train` command (`python -m marble.cli train --confi
 steps (`--epochs`; configs/tiny.yaml has one step per epoch) from the same prepared prompts; only
 `balancer` (the preset's defaults) and `train.seed` change.
 
-Seeds: `--seeds` for the `--core` presets (marble, weighted_sum, gdpo), `--other-seeds` (default the
+Seeds: `--seeds` for the `--core` presets (marble, marble_step, weighted_sum, gdpo), `--other-seeds` (default the
 same) for the rest, so that a budget too small for every preset at many seeds still separates the
 default from the baselines; every run's seeds are in the JSON.
 
@@ -100,10 +100,17 @@ def train_one(
 
 
 # The presets the study runs on every seed when the budget cannot hold all presets at that many: the
-# default, the plain weighted sum it must beat, and GDPO (what users' other tools ship).
-CORE_PRESETS = ("marble", "weighted_sum", "gdpo")
+# default, the exact step solve (the one preset whose applied updates are aligned by construction),
+# the plain weighted sum they must beat, and GDPO (what users' other tools ship).
+CORE_PRESETS = ("marble", "marble_step", "weighted_sum", "gdpo")
 # Paired comparisons (same seeds, same evaluation images): (a, b) reports a - b per seed.
-PAIRS = (("marble", "weighted_sum"), ("marble", "gdpo"), ("gdpo", "weighted_sum"))
+PAIRS = (
+    ("marble", "weighted_sum"),
+    ("marble_step", "weighted_sum"),
+    ("marble_step", "marble"),
+    ("marble", "gdpo"),
+    ("gdpo", "weighted_sum"),
+)
 
 EVAL_RESERVE_FACTOR = 2.0  # an adapter set costs about a base set plus LoRA loading; margin for load spikes
 TIME_MARGIN = 1.1  # the resumed phase must fit with 10% to spare

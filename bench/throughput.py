@@ -68,6 +68,8 @@ class MicroStepProbe:
             self._t0 = time.perf_counter()
             res = micro_step(mb, step, micro)
             self._refresh = res.balance is not None
+            if res.loss is None:  # per_sample without a KL backward on this micro-step: it ends here
+                self.micro.append(((time.perf_counter() - self._t0) * 1e3, self._refresh))
             return res
 
         def backward_probe(loss, **kwargs):
@@ -80,7 +82,11 @@ class MicroStepProbe:
     def watch(self, balancer: Any) -> None:
         if not hasattr(balancer, "num_refreshes"):
             return  # weighted_sum / equal / gdpo: the balancer never solves
-        for method in ("observe", "end_step"):  # the trainer's refresh calls (solve, EMA, rescale)
+        for method in (
+            "observe",
+            "end_step",
+            "solve_step",
+        ):  # the trainer's refresh calls (solve, EMA, rescale)
             setattr(balancer, method, self._timed(getattr(balancer, method)))
 
     def _timed(self, fn: Any) -> Any:
