@@ -31,6 +31,9 @@ TRAIN_OVERRIDES = {
         "refresh_every": 3,
         "ema_decay": 0.7,
         "refresh_micro_steps": "first_slot",
+        "refresh": "step",  # marble's own settings, whatever balancer the tiny config ships
+        "normalize": "batch",
+        "gamma_cap": 50.0,
     },
     "data": {"sources": [{"kind": "tiny_world", "num_prompts": 24, "seed": 0}], "test_fraction": 0.25},
 }

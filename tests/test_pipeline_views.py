@@ -15,7 +15,7 @@ DOCS = REPO / "docs" / "kubeflow"
 def test_the_parameter_table_shows_every_parameter_with_its_type():
     table = parameter_table(load_spec(GOLDEN))
     assert "| `epochs` | integer | 40 |" in table and "| `lr` | double | 0.001 |" in table
-    assert "| `balancer_kind` | string | 'marble' |" in table
+    assert "| `balancer_kind` | string | 'marble_step' |" in table
     assert "| `config` | dict |" in table
     for p in RUN_PARAMETERS:
         assert f"| `{p.name}` |" in table and f"[config: {p.field}]" in table

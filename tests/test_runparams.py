@@ -98,7 +98,8 @@ def test_a_new_balancer_kind_starts_from_its_preset_with_the_knobs_applied(tiny)
     assert cfg.balancer.kind == "marble_full" and cfg.balancer.refresh_micro_steps == "all"
     # 0 is the parameter form of the preset's null: nothing to change, the preset stays null.
     assert cfg.balancer.ema_decay is None and cfg.balancer.refresh_every == 1
-    cfg, notes = resolve(tiny, balancer_kind="equal")
+    marble = MarbleConfig.model_validate({**tiny.model_dump(), "balancer": {"kind": "marble"}})
+    cfg, notes = resolve(marble, balancer_kind="equal")
     assert cfg.balancer.kind == "equal" and not any("ignored" in n for n in notes)
     cfg, notes = resolve(tiny, balancer_kind="equal", balancer_refresh_every=3)
     assert "balancer_refresh_every=3 does not apply to balancer kind 'equal'; ignored" in notes
@@ -113,7 +114,8 @@ def test_ema_zero_is_the_null_of_the_config(tiny):
     assert run_parameter_values(null)["balancer_ema_decay"] == 0.0
     cfg, _ = resolve(null)
     assert cfg.balancer.ema_decay is None
-    cfg, _ = resolve(tiny, balancer_ema_decay=0.0)
+    marble = MarbleConfig.model_validate({**tiny.model_dump(), "balancer": {"kind": "marble"}})
+    cfg, _ = resolve(marble, balancer_ema_decay=0.0)
     assert cfg.balancer.ema_decay == 0.0
 
 
