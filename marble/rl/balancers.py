@@ -361,17 +361,22 @@ class GramBalancer(Balancer):
     # ------------------------------------------------------------------------------ refreshes
     def observe(self, gram: Tensor, step: int, micro_step: int = 0) -> BalanceStats:
         """Consume the Gram `[K', K']` of one observed micro-step (see the class docstring)."""
+        G = self._checked_refresh(gram, step)
+        if self.refresh == "micro_batch":
+            return self._solve(G, step, commit=True)
+        self._acc = G if self._acc is None else self._acc + G
+        self._acc_count += 1
+        return self._solve(self._acc, step, commit=False)
+
+    def _checked_refresh(self, gram: Tensor, step: int) -> np.ndarray:
+        """The Gram as `[K', K']` float64 (refused otherwise), recording `step` as a refresh step."""
         G = as_gram(gram)  # [K, K]
         if G.shape != (len(self.objective_names),) * 2:
             raise ValueError(f"Gram must be [{len(self.objective_names)}]*2, got {G.shape}")
         if self._first_refresh_step is None:
             self._first_refresh_step = step
         self._last_refresh_step = step
-        if self.refresh == "micro_batch":
-            return self._solve(G, step, commit=True)
-        self._acc = G if self._acc is None else self._acc + G
-        self._acc_count += 1
-        return self._solve(self._acc, step, commit=False)
+        return G
 
     def end_step(self, step: int) -> BalanceStats | None:
         """End of an optimizer step: commit the step's accumulated refresh ("step"), else nothing."""
@@ -558,13 +563,7 @@ class StepMGDABalancer(MGDABalancer):
 
     def solve_step(self, gram: Tensor, step: int) -> BalanceStats:
         """One refresh on the step's Gram `[K', K']`, committed: `gamma` then weights that step."""
-        G = as_gram(gram)  # [K, K]
-        if G.shape != (len(self.objective_names),) * 2:
-            raise ValueError(f"Gram must be [{len(self.objective_names)}]*2, got {G.shape}")
-        if self._first_refresh_step is None:
-            self._first_refresh_step = step
-        self._last_refresh_step = step
-        return self._solve(G, step, commit=True)
+        return self._solve(self._checked_refresh(gram, step), step, commit=True)
 
 
 def mgda_gamma(gram: Tensor | np.ndarray, solver: MinNormSolver | None = None) -> Tensor:
