@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,26 +75,48 @@ def checkpoint_balancer(ckpt: Path) -> dict:
     return torch.load(ckpt / "objects.pt", weights_only=True)["balancer"]
 
 
-def first_step_gradient(cfg: MarbleConfig, prompts_dir: Path, out_dir: Path):
-    """(gradient per trained parameter at the first `optimizer.step`, the epoch's rollout latents, the
-    step's metrics), through the trainer's own optimizer step."""
+@contextmanager
+def first_epoch(cfg: MarbleConfig, prompts_dir: Path, out_dir: Path, before_rollout=None):
+    """`(trainer, rollout buffer, epoch plan)` of epoch 0, as `marble train` starts it: `Trainer.setup()`,
+    `before_rollout(trainer)` if given, the epoch's rollouts; the trainer is cleaned up on exit."""
     from marble.train.stepping import EpochPlan
     from marble.train.trainer import Trainer
 
     tr = Trainer(cfg, prompts_dir, out_dir)
     tr.setup()
-    grads: dict[str, torch.Tensor] = {}
+    try:
+        if before_rollout is not None:
+            before_rollout(tr)
+        buf = tr.rollout(0)
+        yield tr, buf, EpochPlan(cfg, buf, 1, 0, tr.grid)
+    finally:
+        tr.cleanup()
+
+
+def capture_step_gradients(tr) -> list[dict[str, torch.Tensor]]:
+    """Wraps `tr.optimizer.step`: every call first appends the gradient of each trained parameter (by
+    name, in `tr.params` order) that the step is about to apply."""
+    grads: list[dict[str, torch.Tensor]] = []
     step = tr.optimizer.step
 
     def capture(*args, **kwargs):
-        grads.update({n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad})
+        named = [(n, p) for n, p in tr.model.named_parameters() if p.requires_grad]
+        grads.append({n: p.grad.detach().clone() for n, p in named})
         return step(*args, **kwargs)
 
     tr.optimizer.step = capture
-    try:
-        buf = tr.rollout(0)
-        plan = EpochPlan(cfg, buf, 1, 0, tr.grid)
+    return grads
+
+
+def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`[P]`: one captured step gradient, flattened in `tr.params` order."""
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def first_step_gradient(cfg: MarbleConfig, prompts_dir: Path, out_dir: Path):
+    """(gradient per trained parameter at the first `optimizer.step`, the epoch's rollout latents, the
+    step's metrics), through the trainer's own optimizer step."""
+    with first_epoch(cfg, prompts_dir, out_dir) as (tr, buf, plan):
+        grads = capture_step_gradients(tr)
         metrics = tr.optimizer_step(plan, range(cfg.train.gradient_accumulation_steps))
-    finally:
-        tr.cleanup()
-    return grads, buf.latents, metrics
+    return grads[0], buf.latents, metrics

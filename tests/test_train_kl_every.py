@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _train_helpers import train_config
+from _train_helpers import capture_step_gradients, first_epoch, flat, train_config
 
 from marble.configio import validate_config
 from marble.data.prepare import prepare_prompts
@@ -51,38 +51,27 @@ def _first_step(cfg, prompts, out):
     """(gradient of the first optimizer step [P], the KL gradient of the step's micro-step 0 [P], the KL
     value there, reference forwards during the step, the step's metrics), with the LoRA weights moved off
     zero so that the trained velocity differs from the reference one."""
-    from marble.train.stepping import EpochPlan
-    from marble.train.trainer import Trainer
 
-    tr = Trainer(cfg, prompts, out)
-    tr.setup()
-    try:
+    def move_off_zero(tr):
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in tr.params:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        buf = tr.rollout(0)
-        plan = EpochPlan(cfg, buf, 1, 0, tr.grid)
+
+    with first_epoch(cfg, prompts, out, before_rollout=move_off_zero) as (tr, _, plan):
         _, v, v_ref = tr.update.forward(plan.micro_batch(0, 0, tr.text_cache, tr.device), output_grads=False)
         kl = kl_loss(v, v_ref)
         kl_grad = torch.cat([g.flatten() for g in torch.autograd.grad(kl, tr.params)])
-        grads: list[torch.Tensor] = []
-        step, disable = tr.optimizer.step, tr.model.disable_adapter
-        refs = []
-
-        def capture(*args, **kwargs):
-            grads.append(torch.cat([p.grad.detach().flatten().clone() for p in tr.params]))
-            return step(*args, **kwargs)
+        grads = capture_step_gradients(tr)
+        disable, refs = tr.model.disable_adapter, []
 
         def counting():
             refs.append(1)
             return disable()
 
-        tr.optimizer.step, tr.model.disable_adapter = capture, counting
+        tr.model.disable_adapter = counting
         metrics = tr.optimizer_step(plan, range(cfg.train.gradient_accumulation_steps))
-    finally:
-        tr.cleanup()
-    return grads[0], kl_grad, float(kl.detach()), len(refs), metrics
+    return flat(grads[0]), kl_grad, float(kl.detach()), len(refs), metrics
 
 
 @pytest.mark.tiny_model

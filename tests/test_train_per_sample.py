@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _train_helpers import first_step_gradient, train_config
+from _train_helpers import capture_step_gradients, first_epoch, first_step_gradient, flat, train_config
 
 from marble.configio import validate_config
 from marble.data.prepare import prepare_prompts
@@ -60,16 +60,12 @@ def test_per_sample_diagnostics_apply_the_parameter_gram_norms(tiny_config, tmp_
     from marble.rl.gram import gram_from_params
     from marble.rl.nft import per_reward_losses
     from marble.train import stepping
-    from marble.train.trainer import Trainer
 
     cfg = _config(tiny_config, "per_sample", 0.0, normalize="batch")
     prompts = tmp_path / "prompts"
     prepare_prompts(cfg, prompts)
-    tr = Trainer(cfg, prompts, tmp_path / "run")
-    tr.setup()
-    try:
-        buf = tr.rollout(0)
-        mb = stepping.EpochPlan(cfg, buf, 1, 0, tr.grid).micro_batch(0, 0, tr.text_cache, tr.device)
+    with first_epoch(cfg, prompts, tmp_path / "run") as (tr, _, plan):
+        mb = plan.micro_batch(0, 0, tr.text_cache, tr.device)
         cosines = stepping.direction_cosines()
         diag = tr.update.diagnose(mb, cosines)
         terms, _, _ = tr.update.forward(mb, output_grads=True)
@@ -85,8 +81,6 @@ def test_per_sample_diagnostics_apply_the_parameter_gram_norms(tiny_config, tmp_
         assert diag["diag/cos_applied/min"] == pytest.approx(expected, abs=1e-5)
         # the check can fail: the output-space norms give another direction on this batch
         assert abs(applied_min(tr.update.output_gram(terms, mb.c, mb.r)) - expected) > 1e-4
-    finally:
-        tr.cleanup()
 
 
 def test_step_solver_applies_mgda_of_the_steps_summed_gradients(tiny_config, tmp_path):
@@ -97,18 +91,12 @@ def test_step_solver_applies_mgda_of_the_steps_summed_gradients(tiny_config, tmp
     from marble.rl.balancers import mgda_gamma
     from marble.rl.gram import gram_from_params, stacked_gram
     from marble.rl.nft import per_reward_losses
-    from marble.train.stepping import EpochPlan
-    from marble.train.trainer import Trainer
 
     cfg = _config(tiny_config, "per_sample", 0.0)
     cfg = validate_config({**cfg.model_dump(mode="json"), "balancer": {"kind": "marble_step"}}, "test")
     prompts = tmp_path / "prompts"
     prepare_prompts(cfg, prompts)
-    tr = Trainer(cfg, prompts, tmp_path / "run")
-    tr.setup()
-    try:
-        buf = tr.rollout(0)
-        plan = EpochPlan(cfg, buf, 1, 0, tr.grid)
+    with first_epoch(cfg, prompts, tmp_path / "run") as (tr, _, plan):
         accum, T = cfg.train.gradient_accumulation_steps, cfg.num_train_timesteps
         summed = 0
         for b in range(accum):
@@ -121,18 +109,11 @@ def test_step_solver_applies_mgda_of_the_steps_summed_gradients(tiny_config, tmp
                 )  # [K, P]
         gamma = mgda_gamma(stacked_gram(summed))  # [K]
         expected = (gamma @ summed) / (accum * T)  # [P]
-        applied: list[torch.Tensor] = []
-        step = tr.optimizer.step
-
-        def capture(*args, **kwargs):
-            applied.append(torch.cat([p.grad.detach().flatten().double() for p in tr.params]))
-            return step(*args, **kwargs)
-
-        tr.optimizer.step = capture
+        applied = capture_step_gradients(tr)
         metrics = tr.optimizer_step(plan, range(accum))
-    finally:
-        tr.cleanup()
     assert expected.norm() > 0 and (gamma > 0).sum() >= 2  # a real balance of several rewards
-    torch.testing.assert_close(applied[0], expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    torch.testing.assert_close(
+        flat(applied[0]).double(), expected, rtol=0, atol=1e-4 * float(expected.abs().max())
+    )
     assert metrics["balance/cos_params_negative_frac"] == 0.0 and metrics["balance/cos_params_min"] >= 0
     assert metrics["balance/refreshed"] == 1.0
