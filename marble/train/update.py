@@ -225,8 +225,10 @@ class NFTUpdate:
             t0 = time.perf_counter() - grads.seconds
             if bal.solves_step:  # summed here (micro-step 0 starts the step), solved and applied by end_step
                 stacked = grads.stacked()  # [K', P]
-                prev = None if micro_step == 0 else self._step_grads
-                self._step_grads = stacked if prev is None else prev + stacked
+                if micro_step == 0 or self._step_grads is None:
+                    self._step_grads = stacked
+                else:  # in place: at SD3.5 Medium scale [K', P] is hundreds of MB
+                    self._step_grads.add_(stacked)
             else:
                 pg = gram_of_grads(grads.stacked(), all_reduce=self.reduce_mean, keep_grads=True)
 
