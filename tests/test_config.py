@@ -45,10 +45,14 @@ def test_paper_config_carries_the_papers_numbers():
     assert cfg.sampling.samples_per_epoch == 1152
     assert cfg.nft.beta == 0.1 and cfg.nft.old_decay_cap == 0.95
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.train.lr) == (32, 64, 3e-4)
-    # the shipped balancer is marble's default (docs/algorithm.md §4.6); the paper's schedule is a preset
-    assert (
-        cfg.balancer.kind == "marble" and cfg.balancer.refresh == "step" and cfg.balancer.normalize == "batch"
+    # the shipped balancer is the one the reward study chose (docs/algorithm.md §4.6), with the KL once per
+    # step that keeps it at one backward per micro-step; the paper's schedule is a preset
+    assert (cfg.balancer.kind, cfg.balancer.gram_source, cfg.nft.kl_every) == (
+        "marble_step",
+        "per_sample",
+        "step",
     )
+    assert load_config(TINY).balancer.kind == cfg.balancer.kind  # both shipped configs, one default
     paper = load_config(PAPER, ['balancer={"kind": "marble_paper"}']).balancer
     assert (paper.gram_source, paper.ema_decay, paper.refresh_every) == ("params", 0.7, 10)
     assert (paper.refresh, paper.refresh_micro_steps, paper.normalize) == ("micro_batch", "first", "refresh")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from _train_helpers import train_config, write_config
 
+from marble.configio import validate_config
 from marble.data.prepare import prepare_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ SCRIPT = textwrap.dedent(
         ]
         live = [k for k in before if "lora_B" in k and not any(d in k for d in dead)]
         moved = [k for k in live if not torch.equal(before[k], after[k])]
-        results[cfg.model.dtype] = {
+        results[Path(out).name] = {
             "mixed_precision": tr.accelerator.mixed_precision,
             "forward_dtypes": sorted(set(seen)),
             "param_dtype": str(next(p for p in tr.model.parameters() if p.requires_grad).dtype),
@@ -81,11 +82,21 @@ def _cpu_bf16_autocast() -> bool:
 def test_bf16_mixed_precision_trains_on_cpu(tiny_config, tmp_path):
     prompts = tmp_path / "prompts"
     argv = []
-    for dtype in ("float32", "bfloat16"):
+    # the third: the balancer and KL schedule configs/sd35m-marble.yaml ships (per-reward gradients from
+    # the backward's hooks, summed over the step, upcast from bf16), on the bf16 base model it runs
+    for name, dtype, step_solver in (
+        ("float32", "float32", False),
+        ("bfloat16", "bfloat16", False),
+        ("bfloat16_marble_step", "bfloat16", True),
+    ):
         cfg = train_config(
             tiny_config, model={"dtype": dtype}, train={"mixed_precision": "bf16", "epochs": 1}
         )
-        argv += [str(write_config(cfg, tmp_path / f"{dtype}.yaml")), str(prompts), str(tmp_path / dtype)]
+        if step_solver:
+            d = cfg.model_dump(mode="json")
+            d = {**d, "balancer": {"kind": "marble_step"}, "nft": {**d["nft"], "kl_every": "step"}}
+            cfg = validate_config(d, "test")
+        argv += [str(write_config(cfg, tmp_path / f"{name}.yaml")), str(prompts), str(tmp_path / name)]
         if not prompts.exists():
             prepare_prompts(cfg, prompts)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
