@@ -40,9 +40,17 @@ EXACT_PER_SAMPLE = {
     "gamma_cap": None,
 }
 
+# the shipped configs' default: the per-reward gradients summed over the step are all-reduced once, at
+# its end, before the one solve (the KL once per step, as in the tiny config)
+STEP_SOLVER = {**EXACT_PER_SAMPLE, "kind": "marble_step", "refresh": "step"}
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("balancer", [{}, EXACT_PER_SAMPLE], ids=["marble_params", "marble_full_per_sample"])
+@pytest.mark.parametrize(
+    "balancer",
+    [{}, EXACT_PER_SAMPLE, STEP_SOLVER],
+    ids=["marble_params", "marble_full_per_sample", "marble_step"],
+)
 def test_two_processes_match_one(tiny_config, tmp_path, balancer):
     # global batch: 4 prompts x 4 images; global micro-batch 8 (1 x 8 or 2 x 4) -> 2 steps per epoch
     common = {
