@@ -129,6 +129,10 @@ class Trainer:
         for i in range(0, len(unique), self.cfg.sampling.batch_size):  # encode every prompt once ...
             self.text_cache.get(unique[i : i + self.cfg.sampling.batch_size])
         stepping.drop_text_encoders(pipe)  # ... then free the (large) text encoders
+        # LoRA's gaussian init draws from torch's global stream. Seeded here, the initial adapter (and
+        # every later draw) depends on train.seed alone, not on what loading drew: a first run builds
+        # and caches the tiny model, drawing from that stream; later runs load it without drawing.
+        torch.manual_seed(self.cfg.train.seed)
         self.model = lora.add_lora_adapters(pipe.transformer, self.cfg.lora)
         self.vae = pipe.vae
         self.params = [p for p in self.model.parameters() if p.requires_grad]
