@@ -90,7 +90,8 @@ def test_tiny_build_is_deterministic_whatever_the_callers_thread_count(tmp_path)
     """Two builds of one config save byte-identical files (weights, tokenizers, configs) although the
     callers use different torch thread counts (CPU reductions split by thread: unpinned, 1 and 2 threads
     differed) and the tokenizer trainers iterate hash maps in a new order each time (uncanonicalised,
-    four trainings of the CLIP tokenizer in one process gave four different vocabularies)."""
+    four trainings of the CLIP tokenizer in one process gave four different vocabularies). The caller's
+    thread count and random stream are left as they were."""
     import hashlib
 
     import torch
@@ -106,8 +107,10 @@ def test_tiny_build_is_deterministic_whatever_the_callers_thread_count(tmp_path)
     for threads in (1, 3):
         with pinned_threads(threads):
             out = tmp_path / f"t{threads}"
+            stream = torch.get_rng_state()
             build_tiny_pipeline(cfg, out, max_sequence_length=32)
             assert torch.get_num_threads() == threads  # the caller's setting is restored
+            assert torch.equal(torch.get_rng_state(), stream)  # and its random stream
         files = sorted(p for p in out.rglob("*") if p.is_file())
         assert {"tokenizer.json", "diffusion_pytorch_model.safetensors", "model.safetensors"} <= {
             p.name for p in files

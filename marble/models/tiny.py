@@ -341,8 +341,10 @@ def set_latent_scaling(vae, tiny: TinyModelConfig, generator: torch.Generator) -
 def build_tiny_pipeline(tiny: TinyModelConfig, out_dir: Path, max_sequence_length: int) -> dict:
     """Build, train and `save_pretrained` the tiny pipeline into `out_dir`; returns build stats.
 
-    Deterministic: same config, same torch build and CPU instruction set -> the same files."""
-    with pinned_threads(BUILD_THREADS):
+    Deterministic: same config, same torch build and CPU instruction set -> the same files. The caller's
+    thread count and torch random stream are restored: the build seeds and draws from the stream, and a
+    first run (which builds) must go on exactly as a later one (which loads the cache)."""
+    with pinned_threads(BUILD_THREADS), torch.random.fork_rng(devices=[]):
         return _build_tiny_pipeline(tiny, out_dir, max_sequence_length)
 
 

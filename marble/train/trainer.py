@@ -130,8 +130,8 @@ class Trainer:
             self.text_cache.get(unique[i : i + self.cfg.sampling.batch_size])
         stepping.drop_text_encoders(pipe)  # ... then free the (large) text encoders
         # LoRA's gaussian init draws from torch's global stream. Seeded here, the initial adapter (and
-        # every later draw) depends on train.seed alone, not on what loading drew: a first run builds
-        # and caches the tiny model, drawing from that stream; later runs load it without drawing.
+        # every later draw) depends on train.seed alone, not on whether the loader drew from that stream
+        # (one that builds or initialises weights may; the tiny build restores it).
         torch.manual_seed(self.cfg.train.seed)
         self.model = lora.add_lora_adapters(pipe.transformer, self.cfg.lora)
         self.vae = pipe.vae
