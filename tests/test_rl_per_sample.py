@@ -15,7 +15,7 @@ B, T, D, K, BETA = 6, 5, 4, 3, 0.1
 
 
 class Toy(nn.Module):
-    """Frozen layers with trained bias-free Linear adapters beside them (LoRA's shape), one used twice."""
+    """Frozen layers with trained bias-free Linear adapters beside them (LoRA's shape)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,6 +28,14 @@ class Toy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         h = torch.tanh(self.base(x) + self.up(self.down(x)))
         return self.head(h) + x
+
+
+class ToyReused(Toy):
+    """Toy whose head is called twice in one forward (its weight gradient sums both calls)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.base(x) + self.up(self.down(x)))
+        return self.head(torch.tanh(self.head(h))) + x
 
 
 def _batch(gen: torch.Generator):
@@ -51,29 +59,30 @@ def _brute(model, params, x0, x_t, t, c, r, v_old):
     return torch.stack(rows)
 
 
-def _one_backward(model, x0, x_t, t, c, r, v_old):
-    grads = PerRewardLinearGrads.of_trained(model)
+def _one_backward(model, x0, x_t, t, c, r, v_old, **grads_kw):
+    grads = PerRewardLinearGrads(
+        [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad], **grads_kw
+    )
     with grads.capture():
         v = model(x_t)
         with torch.no_grad():
             model(x_t)  # an old / reference forward without a graph is ignored
         terms = nft_terms(v, v_old, x_t, x0, t, BETA)
-        grads.coefficients = per_sample_coefficients(terms, c, r, BETA)
-        torch.autograd.grad(terms.N.sum(), [m.weight for m in grads.modules])
-    assert grads.seconds > 0  # the hooks' own time, reported in time/balance_s
-    return grads.stacked(), terms
+        got = grads.per_reward_grads(terms.N.sum(), per_sample_coefficients(terms, c, r, BETA))
+    assert grads.seconds > 0  # the products' own time, reported in time/balance_s
+    return got, terms
 
 
-def _both(seed: int, drift: float):
+def _both(seed: int, drift: float, model_cls=Toy, **grads_kw):
     """(one-backward gradients, K-backward gradients, terms) with the old adapter's velocity off the
     trained one by `drift` x noise."""
     gen = torch.Generator().manual_seed(seed)
-    model = Toy().double()
+    model = model_cls().double()
     params = [m.weight for m in (model.down, model.up, model.head)]
     x0, x_t, t, c, r = _batch(gen)
     with torch.no_grad():
         v_old = model(x_t) + drift * torch.randn(B, T, D, generator=gen, dtype=torch.float64)
-    got, terms = _one_backward(model, x0, x_t, t, c, r, v_old)
+    got, terms = _one_backward(model, x0, x_t, t, c, r, v_old, **grads_kw)
     return got, _brute(model, params, x0, x_t, t, c, r, v_old), terms
 
 
@@ -82,6 +91,38 @@ def test_one_backward_equals_k_backward_passes_when_old_equals_trained():
     assert float(collinearity_residual(terms).max()) < 1e-7
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(stacked_gram(got), stacked_gram(expected), rtol=1e-9, atol=1e-12)
+
+
+def test_a_layer_called_twice_sums_both_calls():
+    got, expected, _ = _both(seed=2, drift=0.0, model_cls=ToyReused)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("stack_bytes", [1, 10**9])  # every call alone; every same-shape call stacked
+def test_stacking_same_shape_calls_gives_the_same_gradients(stack_bytes):
+    got, expected, _ = _both(seed=3, drift=0.0, model_cls=ToyReused, stack_bytes=stack_bytes)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_out_accumulates_in_place():
+    gen = torch.Generator().manual_seed(4)
+    model = Toy().double()
+    grads = PerRewardLinearGrads.of_trained(model)
+    x0, x_t, t, c, r = _batch(gen)
+    with torch.no_grad():
+        v_old = model(x_t)
+    rows = []
+    acc = None
+    for _ in range(2):
+        with grads.capture():
+            terms = nft_terms(model(x_t), v_old, x_t, x0, t, BETA)
+            s = per_sample_coefficients(terms, c, r, BETA)
+            rows.append(grads.per_reward_grads(terms.N.sum(), s).clone())
+        with grads.capture():
+            terms = nft_terms(model(x_t), v_old, x_t, x0, t, BETA)
+            acc = grads.per_reward_grads(terms.N.sum(), s, out=acc)
+    assert acc.shape == (K, grads.num_params)
+    torch.testing.assert_close(acc, rows[0] + rows[1], rtol=1e-12, atol=1e-14)
 
 
 def test_error_is_bounded_by_the_collinearity_residual():
@@ -101,8 +142,12 @@ def test_refuses_a_trained_bias_and_unseen_layers():
         PerRewardLinearGrads.of_trained(model)  # base.bias is trained but not a Linear weight
     model = Toy()
     grads = PerRewardLinearGrads.of_trained(model)
-    with grads.capture(), torch.no_grad():
-        model(torch.randn(B, T, D))
-    assert grads.seconds == 0.0  # no backward, no hook time
-    with pytest.raises(RuntimeError, match="got no gradient"):
-        grads.stacked()
+    x = torch.randn(B, T, D, requires_grad=True)
+    with grads.capture(), pytest.raises(RuntimeError, match="3 trained layers got no gradient"):
+        with torch.no_grad():
+            model(x)  # no graph: nothing captured
+        grads.per_reward_grads((x**2).sum(), torch.ones(B, K))
+    with grads.capture(), pytest.raises(RuntimeError, match="2 trained layers got no gradient"):
+        h = model.head(x)  # only head is reached by the root
+        model.up(model.down(x))
+        grads.per_reward_grads(h.sum(), torch.ones(B, K))

@@ -9,8 +9,9 @@ one, a little behind it: the residual was at most 1.7e-4 in the committed alignm
 `∇L_k = Σ_i s_ik u_i`, `s_ik = c_ik (r_ik κ_i + 1 - r_ik) / β`, `u_i = J_iᵀ q_i`.
 The backward of `Σ_i N_i` computes every `u_i` on its way; a Linear layer's per-sample weight gradient
 is `Σ_tokens δ_i ⊗ x_i` (its output gradient times its input, the identity Opacus and the ghost-norm
-methods use), so scaling δ_i by `s_ik` before that sum gives reward k's gradient of the layer: K small
-einsums per trained layer (LoRA's are rank-r wide), no K backward passes.
+methods use), so weighting those per-sample gradients by `s_ik` gives reward k's gradient of the layer:
+one batched product per layer and a `[K, B]` one (LoRA's layers are rank-r wide), no K backward passes.
+The backward need not reach the weights at all: it stops at the layers' outputs (their δ_i).
 
 `collinearity_residual` reports how far p_i is from κ_i q_i (0: exact).
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from marble.rl.nft import NFTTerms
 
@@ -48,7 +50,8 @@ def collinearity_residual(terms: NFTTerms) -> Tensor:
 
 
 class PerRewardLinearGrads:
-    """Hooks on the trained Linear layers that turn ONE backward of `Σ_i N_i` into K per-reward gradients.
+    """Forward hooks on the trained Linear layers that turn ONE backward of `Σ_i N_i` into K per-reward
+    gradients.
 
     `modules`: the `nn.Linear` layers whose weight is trained (LoRA's `lora_A` / `lora_B`); each must
     have no trained bias (LoRA's have none). Use:
@@ -56,20 +59,31 @@ class PerRewardLinearGrads:
         with grads.capture():
             v = model(...)            # the forward with a graph (captured); no-grad forwards are skipped
             terms = nft_terms(v, ...)
-            grads.coefficients = per_sample_coefficients(terms, c, r, beta)  # [B, K]
-            torch.autograd.grad(terms.N.sum(), ...)  # or any backward reaching the layers
-        grads.stacked()  # [K, P]
+            s = per_sample_coefficients(terms, c, r, beta)  # [B, K]
+            g = grads.per_reward_grads(terms.N.sum(), s)    # [K, P]
+
+    The backward runs to the captured layer OUTPUTS (`torch.autograd.grad`), not to the weights: it
+    forms no weight gradient (the per-reward ones replace it) and calls no Python hook per layer. The
+    per-sample products then run batched over the layers of one shape (stacked up to
+    `stack_bytes` of operands; a layer larger than that runs alone), so a model of many small layers
+    pays a few large products, not two small ones per layer.
     """
 
-    def __init__(self, modules: list[nn.Linear]) -> None:
+    def __init__(self, modules: list[nn.Linear], stack_bytes: int = 64 * 2**20) -> None:
         for m in modules:
             if m.bias is not None and m.bias.requires_grad:
                 raise ValueError(f"PerRewardLinearGrads: trained bias in {m} is not supported")
         self.modules = list(modules)
-        self.per_reward: dict[nn.Linear, Tensor] = {}
-        self.coefficients: Tensor | None = None  # [B, K], read when the backward reaches a layer
-        self._coefficients_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self.seconds = 0.0  # wall time spent in the per-reward hooks since the last capture()
+        self.stack_bytes = int(stack_bytes)
+        sizes = [m.weight.numel() for m in self.modules]
+        self.offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        self.num_params = sum(sizes)
+        self._index_of = {m: j for j, m in enumerate(self.modules)}
+        # per call with a graph: (module index, input, the output's gradient edge). The edge, not the
+        # output: holding LoRA-B outputs (full hidden width) until the backward would add their memory
+        self._uses: list[tuple[int, Tensor, GradientEdge]] = []
+        self._columns: dict[tuple[int, ...], Tensor] = {}  # a chunk's layers -> their columns of [K, P]
+        self.seconds = 0.0  # wall time of the per-reward products of the last per_reward_grads()
         self._handles: list[Any] = []
 
     @classmethod
@@ -84,11 +98,9 @@ class PerRewardLinearGrads:
 
     @contextmanager
     def capture(self) -> Iterator[PerRewardLinearGrads]:
-        """Capture the next forward with a graph and its backward, which scales sample i's output gradient
-        by `coefficients[i]` (set them between the two)."""
-        self.coefficients = None
-        self.per_reward = {}
-        self._coefficients_cache = {}
+        """Keep the input and output gradient edge of every trained layer's calls with a graph until the
+        block ends."""
+        self._uses = []
         self.seconds = 0.0
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
         try:
@@ -97,43 +109,81 @@ class PerRewardLinearGrads:
             for h in self._handles:
                 h.remove()
             self._handles = []
+            self._uses = []
 
     def _forward_hook(self, module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if not output.requires_grad or module in self.per_reward:
-            return
-        x = inputs[0].detach()  # [B, ..., in]
+        if output.requires_grad:  # a no-grad (old policy, reference) forward has nothing to differentiate
+            self._uses.append((self._index_of[module], inputs[0].detach(), get_gradient_edge(output)))
 
-        def on_grad(gy: Tensor) -> None:  # gy [B, ..., out]
-            if self.coefficients is None:  # a backward before the coefficients are known: no gradient
-                return
-            t0 = time.perf_counter()
-            B = gy.shape[0]
-            dt = torch.promote_types(gy.dtype, torch.float32)  # bf16 is upcast; the Gram is float64 later
-            g = gy.reshape(B, -1, gy.shape[-1])  # [B, T, out]
-            xx = x.reshape(B, -1, x.shape[-1])  # [B, T, in]
-            if g.dtype != dt or xx.dtype != dt:
-                g, xx = g.to(dt), xx.to(dt)
-            per_sample = torch.bmm(g.transpose(1, 2), xx).reshape(B, -1)  # [B, out*in]
-            self.per_reward[module] = torch.mm(self._coefficients_t(g.device, dt), per_sample)  # [K, out*in]
-            self.seconds += time.perf_counter() - t0
-
-        self.per_reward[module] = torch.empty(0)  # placeholder: the first graph forward only
-        output.register_hook(on_grad)
-
-    def _coefficients_t(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """`coefficients.T` `[K, B]` on the layer's device and dtype, converted once per backward (every
-        trained layer reads it)."""
-        key = (device, dtype)
-        if key not in self._coefficients_cache:
-            self._coefficients_cache[key] = (
-                self.coefficients.detach().to(device=device, dtype=dtype).T.contiguous()
+    def per_reward_grads(
+        self, root: Tensor, coefficients: Tensor, *, retain_graph: bool = False, out: Tensor | None = None
+    ) -> Tensor:
+        """`[K, P]` (float32, or float64 for a float64 model; P over `modules` in order): reward k's
+        gradient `Σ_i coefficients[i, k] ∇_i`, with ∇_i sample i's gradient of the scalar `root`
+        (the `Σ_i N_i` of the captured forward). A layer called more than once sums its calls. With
+        `out`, the gradients are added to it in place (and it is returned)."""
+        uses = self._uses
+        if not uses:
+            raise RuntimeError(
+                f"per-sample Gram: {len(self.modules)} trained layers got no gradient "
+                "(no forward with a graph was captured)"
             )
-        return self._coefficients_cache[key]
+        deltas = torch.autograd.grad(
+            root, [edge for _, _, edge in uses], retain_graph=retain_graph, allow_unused=True
+        )
+        t0 = time.perf_counter()
+        reached = {j for (j, _, _), d in zip(uses, deltas, strict=True) if d is not None}
+        if len(reached) < len(self.modules):
+            raise RuntimeError(
+                f"per-sample Gram: {len(self.modules) - len(reached)} trained layers got no gradient"
+            )
+        calls = [(j, x, d) for (j, x, _), d in zip(uses, deltas, strict=True) if d is not None]
+        dtype = torch.promote_types(calls[0][2].dtype, torch.float32)  # bf16 upcast; the Gram is float64
+        device = calls[0][2].device
+        if out is None:
+            out = torch.zeros(coefficients.shape[1], self.num_params, dtype=dtype, device=device)
+        coef_t = coefficients.detach().to(device=device, dtype=dtype).T.contiguous()  # [K, B]
+        for chunk in self._chunks(calls):
+            columns = self._chunk_columns(tuple(j for j, _, _ in chunk), device)
+            out.index_add_(1, columns, self._chunk_grads(chunk, coef_t, dtype))
+        self.seconds = time.perf_counter() - t0
+        return out
 
-    def stacked(self) -> Tensor:
-        """`[K, P]` (float32, or float64 for a float64 model): every reward's gradient, flattened over the
-        modules in order."""
-        missing = [m for m in self.modules if self.per_reward.get(m, torch.empty(0)).numel() == 0]
-        if missing:
-            raise RuntimeError(f"per-sample Gram: {len(missing)} trained layers got no gradient")
-        return torch.cat([self.per_reward[m] for m in self.modules], 1)
+    def _chunks(self, calls: list[tuple[int, Tensor, Tensor]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
+        """Calls grouped by operand shape, each group cut into chunks of at most `stack_bytes`."""
+        groups: dict[tuple, list[tuple[int, Tensor, Tensor]]] = {}
+        for j, x, d in calls:
+            groups.setdefault((x.shape, d.shape, x.dtype, d.dtype), []).append((j, x, d))
+        for group in groups.values():
+            x, d = group[0][1], group[0][2]
+            per_call = x.numel() * x.element_size() + d.numel() * d.element_size()
+            n = max(1, self.stack_bytes // max(per_call, 1))
+            for start in range(0, len(group), n):
+                yield group[start : start + n]
+
+    def _chunk_grads(
+        self, chunk: list[tuple[int, Tensor, Tensor]], coef_t: Tensor, dtype: torch.dtype
+    ) -> Tensor:
+        """`[K, L * out * in]`: the per-reward gradients of a chunk's L calls, call after call."""
+        B = chunk[0][2].shape[0]
+        xs = [x.reshape(B, -1, x.shape[-1]) for _, x, _ in chunk]  # [B, T, in] each
+        ds = [d.reshape(B, -1, d.shape[-1]) for _, _, d in chunk]  # [B, T, out] each
+        X = (torch.stack(xs) if len(xs) > 1 else xs[0][None]).to(dtype)  # [L, B, T, in]
+        D = (torch.stack(ds) if len(ds) > 1 else ds[0][None]).to(dtype)  # [L, B, T, out]
+        L, _, T, n_in = X.shape
+        n_out = D.shape[-1]
+        # Σ_tokens δ ⊗ x per sample (the Linear weight gradient of one sample), then weighted per reward
+        per_sample = torch.bmm(D.reshape(L * B, T, n_out).transpose(1, 2), X.reshape(L * B, T, n_in))
+        per_reward = torch.matmul(coef_t, per_sample.reshape(L, B, n_out * n_in))  # [L, K, out*in]
+        return per_reward.transpose(0, 1).reshape(coef_t.shape[0], -1)
+
+    def _chunk_columns(self, layers: tuple[int, ...], device: torch.device) -> Tensor:
+        """The columns of `[K, P]` that a chunk's gradients fill, cached per chunk."""
+        if layers not in self._columns:
+            self._columns[layers] = torch.cat(
+                [
+                    torch.arange(self.offsets[j], self.offsets[j] + self.modules[j].weight.numel())
+                    for j in layers
+                ]
+            ).to(device)
+        return self._columns[layers]

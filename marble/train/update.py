@@ -213,24 +213,24 @@ class NFTUpdate:
         per-reward gradients are summed, and `end_step` solves and forms the policy gradient."""
         bal = self.balancer
         grads = self._per_sample_grads()
-        weights = [m.weight for m in grads.modules]
         kl_scale = self.kl_scale(step, micro_step)
         kl_backward = self.kl_weight > 0 and kl_scale > 0
         with grads.capture():
             terms, v, v_ref = self.forward(mb, output_grads=True, with_ref=kl_scale > 0)
-            grads.coefficients = per_sample_coefficients(terms, mb.c, mb.r, self.beta)
-            torch.autograd.grad(terms.N.sum(), weights, retain_graph=kl_backward)
-            # balance_s: the per-reward work inside the backward (its hooks) and everything after it,
-            # not the backward itself, which the policy gradient needs with any balancer
-            t0 = time.perf_counter() - grads.seconds
-            if bal.solves_step:  # summed here (micro-step 0 starts the step), solved and applied by end_step
-                stacked = grads.stacked()  # [K', P]
-                if micro_step == 0 or self._step_grads is None:
-                    self._step_grads = stacked
-                else:  # in place: at SD3.5 Medium scale [K', P] is hundreds of MB
-                    self._step_grads.add_(stacked)
-            else:
-                pg = gram_of_grads(grads.stacked(), all_reduce=self.reduce_mean, keep_grads=True)
+            coefficients = per_sample_coefficients(terms, mb.c, mb.r, self.beta)
+            # a balancer that solves on the step sums the step's gradients in place (micro-step 0 starts
+            # the sum; at SD3.5 Medium scale [K', P] is hundreds of MB), solved and applied by end_step
+            into = None if micro_step == 0 or not bal.solves_step else self._step_grads
+            per_reward = grads.per_reward_grads(
+                terms.N.sum(), coefficients, retain_graph=kl_backward, out=into
+            )
+        # balance_s: the per-reward products and everything after them, not the backward itself, which
+        # the policy gradient needs with any balancer
+        t0 = time.perf_counter() - grads.seconds
+        if bal.solves_step:
+            self._step_grads = per_reward  # [K', P]
+        else:
+            pg = gram_of_grads(per_reward, all_reduce=self.reduce_mean, keep_grads=True)
 
         def kl_term() -> tuple[Tensor | None, float | None]:  # (λ-weighted loss to backprop, KL logged)
             if v_ref is None:
@@ -252,11 +252,7 @@ class NFTUpdate:
         )
         applied = bal.batch_gamma(pg.gram)
         cos = gram_cosines(pg.gram, applied.gamma).per_reward
-        policy_grad = applied.gamma.to(pg.grads.device, pg.grads.dtype) @ pg.grads  # [P]
-        pairs = [
-            (w, g.view_as(w).to(w.dtype))
-            for w, g in zip(weights, torch.split(policy_grad, [w.numel() for w in weights]), strict=True)
-        ]
+        pairs = self._weight_grads(applied.gamma.to(pg.grads.device, pg.grads.dtype) @ pg.grads)
         balance_s = time.perf_counter() - t0
         with torch.no_grad():
             omega, rho = combine_coefficients(applied.gamma.to(mb.c.device), mb.c, mb.r)
@@ -268,6 +264,12 @@ class NFTUpdate:
         if self._per_sample is None:
             self._per_sample = PerRewardLinearGrads.of_trained(self.model)
         return self._per_sample
+
+    def _weight_grads(self, policy_grad: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """`[P]` flat policy gradient (the per-sample layout) -> (trained weight, its gradient) pairs."""
+        weights = [m.weight for m in self._per_sample_grads().modules]
+        split = torch.split(policy_grad, [w.numel() for w in weights])
+        return [(w, g.view_as(w).to(w.dtype)) for w, g in zip(weights, split, strict=True)]
 
     def end_step(self, step: int) -> StepEnd:
         """After the step's last micro-step: the balancer commits a step-accumulated refresh (if any); a
@@ -282,13 +284,7 @@ class NFTUpdate:
         pg = gram_of_grads(self._step_grads, all_reduce=self.reduce_mean, keep_grads=True)
         self._step_grads = None
         stats = bal.solve_step(pg.gram, step)
-        gamma = bal.gamma.to(pg.grads.device, pg.grads.dtype)  # [K']
-        policy_grad = gamma @ pg.grads  # [P]
-        weights = [m.weight for m in self._per_sample_grads().modules]
-        pairs = [
-            (w, g.view_as(w).to(w.dtype))
-            for w, g in zip(weights, torch.split(policy_grad, [w.numel() for w in weights]), strict=True)
-        ]
+        pairs = self._weight_grads(bal.gamma.to(pg.grads.device, pg.grads.dtype) @ pg.grads)
         cos = gram_cosines(pg.gram, bal.gamma).per_reward
         return StepEnd(stats, pairs, cos, time.perf_counter() - t0)
 
