@@ -67,11 +67,12 @@ class ProxyGrams:
       un-patchify and the loss only): `E_k = Σ_tokens gy_k ⊗ [z, 1]`, `G_kl = <E_k, E_l>`.
     - `last_block`: the LoRA parameters of the last transformer block (K backward passes that stop
       at that block).
-    - `per_sample`: every trained parameter, from ONE backward of `Σ_i N_i` whose per-sample output
-      gradients are scaled per reward at each LoRA layer (`marble.rl.per_sample`). Exact up to the
-      collinearity residual of the NFT output gradients, recorded per batch. Its milliseconds are
-      those of that backward minus a plain backward of the same loss: the cost a trainer would add to
-      the backward it already runs (`backward_ms` records the plain one).
+    - `per_sample`: every trained parameter, from ONE backward of `Σ_i N_i` to the LoRA layers'
+      outputs, whose per-sample gradients are weighted per reward (`marble.rl.per_sample`). Exact up
+      to the collinearity residual of the NFT output gradients, recorded per batch. Its milliseconds
+      are those of that backward and products minus a plain backward of the same loss to the weights:
+      the cost a trainer adds to (negative: saves from) the backward it would run anyway
+      (`backward_ms` records the plain one).
     """
 
     def __init__(self, model: Any, params: list[torch.Tensor]):
@@ -118,18 +119,19 @@ class ProxyGrams:
 
     def per_sample_gram(self, terms: Any, c: torch.Tensor, r: torch.Tensor, beta: float) -> dict[str, Any]:
         """The per-sample Gram of a batch whose forward ran inside `self.per_sample.capture()`: a plain
-        backward of `Σ_i N_i` (timed), then the same backward with the per-reward scaling (timed)."""
+        backward of `Σ_i N_i` to the trained weights (timed), then the per-reward one (timed), which runs
+        to the layers' outputs and replaces it in a trainer; `ms` is their difference (negative: the
+        per-reward backward is the cheaper)."""
         from marble.rl.gram import stacked_gram
         from marble.rl.per_sample import collinearity_residual, per_sample_coefficients
 
         weights = [m.weight for m in self.per_sample.modules]
         loss = terms.N.sum()
         ms_plain, _ = common.timed(lambda: torch.autograd.grad(loss, weights, retain_graph=True))
-        self.per_sample.coefficients = per_sample_coefficients(terms, c, r, beta)
+        coefficients = per_sample_coefficients(terms, c, r, beta)
 
         def gram() -> tuple[torch.Tensor, torch.Tensor]:
-            torch.autograd.grad(loss, weights, retain_graph=True)
-            grads = self.per_sample.stacked()  # [K, P]
+            grads = self.per_sample.per_reward_grads(loss, coefficients, retain_graph=True)  # [K, P]
             return stacked_gram(grads), grads
 
         ms, (G, grads) = common.timed(gram)
@@ -138,7 +140,7 @@ class ProxyGrams:
         return {
             "gram": G,
             "grads": grads.to(torch.float64),
-            "ms": max(ms - ms_plain, 0.0),
+            "ms": ms - ms_plain,
             "backward_ms": ms_plain,
             "residual_max": float(resid.max()) if resid.numel() else 0.0,
         }

@@ -109,7 +109,7 @@ CHEAPER_GRAMS = {
     "output": "output-space",
     "last_layer": "last-layer",
     "last_block": "last-block",
-    "per_sample": "per-sample (exact, from the update's own backward; ms added to that backward)",
+    "per_sample": "per-sample (exact, from the update's own backward; ms added to the plain backward it replaces, negative: saved)",
 }
 
 
