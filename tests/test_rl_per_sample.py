@@ -151,3 +151,21 @@ def test_refuses_a_trained_bias_and_unseen_layers():
         h = model.head(x)  # only head is reached by the root
         model.up(model.down(x))
         grads.per_reward_grads(h.sum(), torch.ones(B, K))
+
+
+def test_capture_does_not_keep_the_layer_outputs_alive():
+    """Only the outputs' gradient edges are kept: a LoRA-B output (full hidden width) that autograd does
+    not save must be freed after the forward, as without the capture."""
+    import gc
+    import weakref
+
+    model = Toy()
+    outputs = []
+    model.up.register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
+    grads = PerRewardLinearGrads.of_trained(model)
+    x = torch.randn(B, T, D)
+    with grads.capture():
+        v = model(x)
+        gc.collect()
+        assert outputs[0]() is None  # `up`'s output fed only an addition, which saves nothing
+        grads.per_reward_grads(v.square().sum(), torch.ones(B, K))
