@@ -66,8 +66,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix marble components pipelines bench tests
 	$(BIN)/ruff format marble components pipelines bench tests
 
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: the in-process studies import the
+# training stack first, so the reward study's `marble train` processes do not each compile it (its
+# pilot would count that one-time cost into every run and plan fewer steps).
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m bench.run_all
 
 compile: $(STAMP)
 	$(BIN)/marble pipeline compile --out pipelines/marble_pipeline.yaml
