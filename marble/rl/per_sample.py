@@ -144,6 +144,8 @@ class PerRewardLinearGrads:
             out = torch.zeros(coefficients.shape[1], self.num_params, dtype=dtype, device=device)
         coef_t = coefficients.detach().to(device=device, dtype=dtype).T.contiguous()  # [K, B]
         for chunk in self._chunks(calls):
+            # a chunk's columns repeat only for a layer called twice in it; otherwise each element gets
+            # one add, so CUDA's atomic index_add_ cannot reorder a sum
             columns = self._chunk_columns(tuple(j for j, _, _ in chunk), device)
             out.index_add_(1, columns, self._chunk_grads(chunk, coef_t, dtype))
         self.seconds = time.perf_counter() - t0
