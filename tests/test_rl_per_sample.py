@@ -60,9 +60,7 @@ def _brute(model, params, x0, x_t, t, c, r, v_old):
 
 
 def _one_backward(model, x0, x_t, t, c, r, v_old, **grads_kw):
-    grads = PerRewardLinearGrads(
-        [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad], **grads_kw
-    )
+    grads = PerRewardLinearGrads.of_trained(model, **grads_kw)
     with grads.capture():
         v = model(x_t)
         with torch.no_grad():

@@ -75,9 +75,9 @@ class PerRewardLinearGrads:
                 raise ValueError(f"PerRewardLinearGrads: trained bias in {m} is not supported")
         self.modules = list(modules)
         self.stack_bytes = int(stack_bytes)
-        sizes = [m.weight.numel() for m in self.modules]
-        self.offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-        self.num_params = sum(sizes)
+        self.sizes = [m.weight.numel() for m in self.modules]
+        self.offsets = [sum(self.sizes[:j]) for j in range(len(self.sizes))]
+        self.num_params = sum(self.sizes)
         self._index_of = {m: j for j, m in enumerate(self.modules)}
         # per call with a graph: (module index, input, the output's gradient edge). The edge, not the
         # output: holding LoRA-B outputs (full hidden width) until the backward would add their memory
@@ -87,14 +87,14 @@ class PerRewardLinearGrads:
         self._handles: list[Any] = []
 
     @classmethod
-    def of_trained(cls, model: nn.Module) -> PerRewardLinearGrads:
+    def of_trained(cls, model: nn.Module, stack_bytes: int = 64 * 2**20) -> PerRewardLinearGrads:
         """The Linear layers of `model` whose weight requires grad; refuses other trained parameters."""
         linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
         covered = {id(m.weight) for m in linears}
         other = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if other:
             raise ValueError(f"per-sample Gram: trained parameters outside Linear weights: {other[:3]}")
-        return cls(linears)
+        return cls(linears, stack_bytes)
 
     @contextmanager
     def capture(self) -> Iterator[PerRewardLinearGrads]:
@@ -132,12 +132,12 @@ class PerRewardLinearGrads:
             root, [edge for _, _, edge in uses], retain_graph=retain_graph, allow_unused=True
         )
         t0 = time.perf_counter()
-        reached = {j for (j, _, _), d in zip(uses, deltas, strict=True) if d is not None}
+        calls = [(j, x, d) for (j, x, _), d in zip(uses, deltas, strict=True) if d is not None]
+        reached = {j for j, _, _ in calls}
         if len(reached) < len(self.modules):
             raise RuntimeError(
                 f"per-sample Gram: {len(self.modules) - len(reached)} trained layers got no gradient"
             )
-        calls = [(j, x, d) for (j, x, _), d in zip(uses, deltas, strict=True) if d is not None]
         dtype = torch.promote_types(calls[0][2].dtype, torch.float32)  # bf16 upcast; the Gram is float64
         device = calls[0][2].device
         if out is None:
@@ -183,9 +183,6 @@ class PerRewardLinearGrads:
         """The columns of `[K, P]` that a chunk's gradients fill, cached per chunk."""
         if layers not in self._columns:
             self._columns[layers] = torch.cat(
-                [
-                    torch.arange(self.offsets[j], self.offsets[j] + self.modules[j].weight.numel())
-                    for j in layers
-                ]
+                [torch.arange(self.offsets[j], self.offsets[j] + self.sizes[j]) for j in layers]
             ).to(device)
         return self._columns[layers]
