@@ -245,6 +245,25 @@ def reward_table(rb: dict[str, Any]) -> list[str]:
     return lines
 
 
+def rollouts_table(rvb: dict[str, Any]) -> list[str]:
+    """Training rewards minus the base run's on the same rollouts, over the last third of the steps."""
+    presets = rvb["presets"]
+    names = list(next(iter(presets.values()))["rewards"])
+    steps = next(iter(presets.values()))["rewards"][names[0]]["last"]["steps"]
+    lines = [
+        f"Training rollouts of steps {steps[0]}-{steps[1]}, preset - base on the same prompts and noise "
+        "(reward units, mean over seeds [95% t-interval]; the base run trains at lr 1e-12: "
+        "`bench/rollouts_vs_base.py`):",
+        "",
+        "| preset | seeds | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 2),
+    ]
+    for p, r in presets.items():
+        cells = [_ci(r["rewards"][n]["last"], "+.3f") for n in names]
+        lines.append("| " + " | ".join([f"`{p}`", str(len(r["seeds"])), *cells]) + " |")
+    return lines
+
+
 def render(results: Path = common.RESULTS) -> str:
     thr, ali, rb = (_load(results, n) for n in ("throughput", "alignment", "reward_balance"))
     alis = {mb: res for mb in (8, 64) if (res := _load(results, f"alignment_mb{mb}"))}
@@ -318,6 +337,8 @@ def render(results: Path = common.RESULTS) -> str:
         out += ["", "Per-reward change on held-out prompts (adapter - base, base-std units):", ""]
         out += [*reward_table(rb), ""]
         out += ["Paired comparisons (same seeds, same evaluation images):", "", *paired_lines(rb), ""]
+        if rb.get("rollouts_vs_base", {}).get("presets"):
+            out += [*rollouts_table(rb["rollouts_vs_base"]), ""]
     if len(alis) > 1:
         sizes = sorted(alis)
         out += [

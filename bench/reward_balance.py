@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import common
+from bench import common, rollouts_vs_base
+from bench.rollouts_vs_base import BASE, FROZEN_LR
 from marble.threads import pinned_threads
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,18 @@ OUT_JSON = common.RESULTS / "reward_balance.json"
 def train_command(
     preset: str, seed: int, epochs: int, prompts: Path, out: Path, extra: list[str], resume: bool = False
 ) -> list[str]:
-    """The `marble train` command line of one run (`resume`: continue from its last checkpoint)."""
-    k = len(common.bench_config(preset).trained_reward_names)
+    """The `marble train` command line of one run (`resume`: continue from its last checkpoint).
+    `rollouts_vs_base.BASE`: the weighted sum's settings with an adapter that does not move (its lr
+    last, so that an lr among `extra` cannot move it)."""
+    k = len(common.bench_config().trained_reward_names)
     sets = [
         *common.QUIET,
-        *common.preset_overrides(preset, k),
+        *common.preset_overrides("weighted_sum" if preset == BASE else preset, k),
         f"train.seed={seed}",
         f"train.epochs={epochs}",
         *(["train.resume=latest"] if resume else []),
         *extra,
+        *([FROZEN_LR] if preset == BASE else []),
     ]
     cmd = [sys.executable, "-m", "marble.cli", "train", "--config", str(common.TINY_CONFIG)]
     for s in sets:
@@ -341,7 +345,9 @@ def run(
         evaluator = Evaluator(eval_cfg, prompts)  # base images first: their cost sizes the eval reserve
         eval_base_s = time.perf_counter() - t0
         conditioning = base_conditioning(evaluator.pipe, eval_cfg)
-    jobs = job_list(presets, seeds, other_seeds, list(core))
+    # the presets' runs, then one base run per seed (`bench.rollouts_vs_base`: their training rewards are
+    # read against the base's on the same rollouts); the pilot's runs are the first presets'
+    jobs = [*job_list(presets, seeds, other_seeds, list(core)), *((BASE, s) for s in seeds)]
     phases = []
 
     def train_jobs(todo: list[tuple[str, int]], n_epochs: int, resumed: set) -> list[dict]:
@@ -384,7 +390,7 @@ def run(
     load_train = common.load_average()
     with pinned_threads(threads):
         runs = []
-        for t in trained:
+        for t in (t for t in trained if t["preset"] != BASE):  # the base runs' adapters are zero
             scores = evaluator.adapter(t["dir"] / "adapter")
             ts = t["train_summary"]
             runs.append(
@@ -442,6 +448,9 @@ def run(
         "wall_seconds": time.perf_counter() - t_start,
         "conditioning": conditioning,
         "presets": aggregate(eval_cfg, runs, presets),
+        "rollouts_vs_base": rollouts_vs_base.study(
+            runs_dir, presets, seeds, eval_cfg.trained_reward_names, t_interval
+        ),
         "paired": [c for a, b in paired_with if (c := paired(eval_cfg, runs, a, b)) is not None],
         "runs": runs,
     }
@@ -533,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.write_json(args.out, result)
     plot(result, args.out.with_suffix(".png"))
     names = list(result["presets"][args.presets[0]]["rewards"])
+    names_trained = cfg.trained_reward_names
     print("reward balance: delta vs base in base-std units, mean over seeds [95% t-interval across seeds]")
     print("  " + f"{'preset':13s}" + "".join(f"{n[:14]:>24s}" for n in names) + "  all>0  all CI>0")
     for p, s in result["presets"].items():
@@ -549,6 +559,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for c in result["paired"]:
         cells = [f"{n} {_fmt(c['rewards'][n]['diff'])}" for n in names]
         print(f"  paired {c['a']} - {c['b']} (seeds {c['seeds']}): " + ", ".join(cells))
+    rvb = result["rollouts_vs_base"]
+    for p, r in rvb["presets"].items():
+        last = r["rewards"][names_trained[0]]["last"]["steps"]
+        cells = [f"{n} {_fmt(r['rewards'][n]['last'], '+.3f')}" for n in names_trained]
+        print(f"  training rollouts {p} - base, steps {last[0]}-{last[1]}: " + ", ".join(cells))
     cond = result["conditioning"]
     print(
         f"  world: colour accuracy {cond['color']:.0%}, position accuracy {cond['position']:.0%} (base model)"
@@ -557,8 +572,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def _fmt(d: dict[str, float]) -> str:
-    return f"{d['mean']:+.2f} [{d['ci_lo']:+.2f},{d['ci_hi']:+.2f}]"
+def _fmt(d: dict[str, float], spec: str = "+.2f") -> str:
+    return f"{d['mean']:{spec}} [{d['ci_lo']:{spec}},{d['ci_hi']:{spec}}]"
 
 
 if __name__ == "__main__":
