@@ -11,8 +11,8 @@ very rollouts. At step 1 the adapters are still zero, so the two must agree ther
 or the runs are not paired and `paired_curves` refuses them.
 
 Reported per preset and reward (`summarise`): the mean over seeds of `preset - base` in windows of
-`WINDOW` steps, and over the last third of the steps the per-seed means with a 95% t-interval across
-seeds.
+`WINDOW` steps counted back from the last step (so the last window is full; the first may be short),
+and over the last third of the steps the per-seed means with a 95% t-interval across seeds.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def summarise(
     interval: Callable[[list[float]], dict[str, float]],
     window: int = WINDOW,
 ) -> dict[str, Any]:
-    """Per reward: the mean over seeds and steps in each window of `window` steps, and over the last
-    third of the steps (at least one) each seed's mean, with `interval` across seeds."""
+    """Per reward: the mean over seeds and steps in each window of `window` steps (counted back from the
+    last step), and over the last third of the steps (at least one) each seed's mean, with `interval`
+    across seeds."""
     out: dict[str, Any] = {}
     for name in rewards:
         table = np.array(
@@ -79,9 +80,10 @@ def summarise(
         )  # [seeds, steps]
         steps = table.shape[1]
         last = max(1, round(steps / 3))
+        ends = range(steps, 0, -window)[::-1]
         windows = [
-            {"steps": [s + 1, min(s + window, steps)], "mean": _nanmean(table[:, s : s + window])}
-            for s in range(0, steps, window)
+            {"steps": [max(e - window, 0) + 1, e], "mean": _nanmean(table[:, max(e - window, 0) : e])}
+            for e in ends
         ]
         per_seed_last = [_nanmean(row[-last:]) for row in table]
         out[name] = {

@@ -49,16 +49,17 @@ def test_runs_that_differ_at_step_one_are_refused():
 
 def test_summarise_windows_and_last_third_against_numpy():
     rng = np.random.default_rng(0)
-    table = rng.normal(size=(3, 13))  # 3 seeds, 13 steps: windows 1-6, 7-12, 13; last third = 4 steps
+    table = rng.normal(size=(3, 13))  # 3 seeds, 13 steps: windows 1, 2-7, 8-13; last third = 4 steps
     table[1, 12] = np.nan  # a step without a valid sample
     per_seed = {
         s: {n: [None if math.isnan(x) else float(x) for x in table[i]] for n in REWARDS}
         for i, s in enumerate((0, 1, 2))
     }
     got = rollouts_vs_base.summarise(per_seed, REWARDS, reward_balance.t_interval)["color_match"]
-    assert [w["steps"] for w in got["windows"]] == [[1, 6], [7, 12], [13, 13]]
-    assert got["windows"][0]["mean"] == pytest.approx(table[:, :6].mean())
-    assert got["windows"][2]["mean"] == pytest.approx(np.nanmean(table[:, 12]))
+    assert [w["steps"] for w in got["windows"]] == [[1, 1], [2, 7], [8, 13]]
+    assert got["windows"][0]["mean"] == pytest.approx(table[:, 0].mean())
+    assert got["windows"][1]["mean"] == pytest.approx(table[:, 1:7].mean())
+    assert got["windows"][2]["mean"] == pytest.approx(np.nanmean(table[:, 7:13]))
     assert got["last"]["steps"] == [10, 13]
     expected = [np.nanmean(table[i, -4:]) for i in range(3)]
     assert got["last"]["per_seed"] == pytest.approx(expected)
