@@ -337,6 +337,15 @@ def render(results: Path = common.RESULTS) -> str:
         out += ["", "Per-reward change on held-out prompts (adapter - base, base-std units):", ""]
         out += [*reward_table(rb), ""]
         out += ["Paired comparisons (same seeds, same evaluation images):", "", *paired_lines(rb), ""]
+        if (ts := rb.get("train_split")) and ts.get("presets"):
+            out += [
+                f"The same evaluation on the training prompts ({ts['prompts']} prompts, {ts['images']} images;"
+                " adapter - base, base-std units): a gap to the table above is one between the splits, not"
+                " what training did to the rewards:",
+                "",
+                *reward_table({"presets": ts["presets"], "settings": rb["settings"]}),
+                "",
+            ]
         if rb.get("rollouts_vs_base", {}).get("presets"):
             out += [*rollouts_table(rb["rollouts_vs_base"]), ""]
     if len(alis) > 1:

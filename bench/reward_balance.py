@@ -148,12 +148,12 @@ def epochs_that_fit(
 class Evaluator:
     """Base images once; then each adapter on the same prompts and noise (marble.eval.evaluate pieces)."""
 
-    def __init__(self, cfg, prompts: Path, device: str = "cpu"):
+    def __init__(self, cfg, prompts: Path, device: str = "cpu", split: str = "test"):
         from marble.eval import evaluate as ev
         from marble.models.loading import load_pipeline
 
         self.ev, self.cfg, self.device = ev, cfg, device
-        self.jobs = ev.eval_jobs(cfg, prompts)
+        self.jobs = ev.eval_jobs(cfg, prompts, split=split)
         self.pipe = load_pipeline(cfg.model, device=device)
         self.pipe.set_progress_bar_config(disable=True)
         self.solver = ev.pin_euler_solver(self.pipe)
@@ -326,13 +326,15 @@ def run(
     images_per_prompt: int = 4,
     threads: int = 2,
     extra: list[str] | None = None,
+    train_split: bool = True,
 ) -> dict[str, Any]:
     """Train every (preset, seed) (`seeds` for the `core` presets, `other_seeds` for the rest) for
     `epochs`; or, with `max_epochs` and `budget_s`: train the first `workers` runs for `epochs` (a pilot
     measuring one run's start-up and epoch cost here and now), then every run to the largest common
     epoch count <= `max_epochs` that fits in what is left of `budget_s` (seconds from the start of this
     call, evaluation included; the pilot runs resume their checkpoints). All runs end with the same
-    number of steps."""
+    number of steps. `train_split`: the `core` presets' adapters are also evaluated, the same way, on
+    the training prompts (a gap between the two splits is not what training did to the rewards)."""
     t_start = time.perf_counter()
     load_start = common.load_average()
     other_seeds = seeds if other_seeds is None else other_seeds
@@ -345,9 +347,12 @@ def run(
         evaluator = Evaluator(eval_cfg, prompts)  # base images first: their cost sizes the eval reserve
         eval_base_s = time.perf_counter() - t0
         conditioning = base_conditioning(evaluator.pipe, eval_cfg)
+        train_evaluator = Evaluator(eval_cfg, prompts, split="train") if train_split else None
     # the presets' runs, then one base run per seed (`bench.rollouts_vs_base`: their training rewards are
     # read against the base's on the same rollouts); the pilot's runs are the first presets'
     jobs = [*job_list(presets, seeds, other_seeds, list(core)), *((BASE, s) for s in seeds)]
+    evaluated = sum(p != BASE for p, _ in jobs)
+    on_train_split = [(p, s) for p, s in jobs if p in core] if train_split else []
     phases = []
 
     def train_jobs(todo: list[tuple[str, int]], n_epochs: int, resumed: set) -> list[dict]:
@@ -366,7 +371,10 @@ def run(
         # pilot: the first `workers` runs, side by side, measure what one run costs here and now
         pilot = jobs[:workers]
         piloted = train_jobs(pilot, epochs, set())
-        eval_reserve = EVAL_RESERVE_FACTOR * evaluator.sample_seconds * len(jobs)
+        eval_reserve = EVAL_RESERVE_FACTOR * (
+            evaluator.sample_seconds * evaluated
+            + (train_evaluator.sample_seconds * len(on_train_split) if train_evaluator else 0.0)
+        )
         left = budget_s - (time.perf_counter() - t_start) - eval_reserve
         startup = float(np.mean([t["wall_seconds"] - t["train_summary"]["train_seconds"] for t in piloted]))
         per_epoch = float(np.mean([t["train_summary"]["train_seconds"] for t in piloted])) / epochs
@@ -406,6 +414,12 @@ def run(
                     "eval": run_stats(eval_cfg, evaluator.base, scores),
                 }
             )
+        train_runs = [
+            {"preset": t["preset"], "seed": t["seed"], "train_seconds": t["train_summary"].get("train_seconds"),
+             "eval": run_stats(eval_cfg, train_evaluator.base, train_evaluator.adapter(t["dir"] / "adapter"))}
+            for t in trained
+            if train_evaluator is not None and (t["preset"], t["seed"]) in on_train_split
+        ]  # fmt: skip
     base_means = {
         spec.name: float(np.nanmean(evaluator.base[:, k]))
         if np.isfinite(evaluator.base[:, k]).any()
@@ -448,6 +462,13 @@ def run(
         "wall_seconds": time.perf_counter() - t_start,
         "conditioning": conditioning,
         "presets": aggregate(eval_cfg, runs, presets),
+        "train_split": None
+        if train_evaluator is None
+        else {
+            "images": len(train_evaluator.jobs),
+            "prompts": len({j["prompt_id"] for j in train_evaluator.jobs}),
+            "presets": aggregate(eval_cfg, train_runs, [p for p in presets if p in core]),
+        },
         "rollouts_vs_base": rollouts_vs_base.study(
             runs_dir, presets, seeds, eval_cfg.trained_reward_names, t_interval
         ),
@@ -528,6 +549,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workers", type=int, default=2, help="concurrent training processes (1 thread each)")
     ap.add_argument("--images-per-prompt", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the evaluation")
+    ap.add_argument(
+        "--no-train-split",
+        action="store_true",
+        help="skip evaluating the core presets on the training prompts",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--work", type=Path, default=common.WORK_DIR)
     ap.add_argument("--out", type=Path, default=OUT_JSON)
@@ -538,6 +564,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         core=args.core, epochs=args.epochs,
         max_epochs=args.max_epochs, budget_s=args.budget, workers=args.workers,
         images_per_prompt=args.images_per_prompt, threads=args.threads, extra=args.overrides,
+        train_split=not args.no_train_split,
     )  # fmt: skip
     common.write_json(args.out, result)
     plot(result, args.out.with_suffix(".png"))
@@ -559,6 +586,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for c in result["paired"]:
         cells = [f"{n} {_fmt(c['rewards'][n]['diff'])}" for n in names]
         print(f"  paired {c['a']} - {c['b']} (seeds {c['seeds']}): " + ", ".join(cells))
+    if result["train_split"]:
+        ts = result["train_split"]
+        for p, s in ts["presets"].items():
+            cells = [f"{n} {_fmt(s['rewards'][n]['delta_std_units'])}" for n in names]
+            print(f"  training prompts ({ts['images']} images) {p}: " + ", ".join(cells))
     rvb = result["rollouts_vs_base"]
     for p, r in rvb["presets"].items():
         last = r["rewards"][names_trained[0]]["last"]["steps"]

@@ -62,16 +62,21 @@ ADAPTER_NAME = "marble"
 
 
 # --------------------------------------------------------------------------------------- inputs
-def eval_jobs(cfg: MarbleConfig, prompts_dir: Path) -> list[dict[str, Any]]:
-    """One job per (held-out prompt, seed): index, seed, prompt id/text/family/metadata."""
+def eval_jobs(cfg: MarbleConfig, prompts_dir: Path, split: str = "test") -> list[dict[str, Any]]:
+    """One job per (held-out prompt, seed): index, seed, prompt id/text/family/metadata. `split="train"`:
+    the training prompts instead, to tell a gap between the two splits from what training did."""
     from marble.data.prepare import load_prepared
 
-    # load_prepared refuses a test split modified after `marble prepare`: the recorded data hash
-    # must describe exactly the prompts evaluated.
-    _, records, _ = load_prepared(prompts_dir)
+    if split not in ("test", "train"):
+        raise ValueError(f"eval_jobs: split must be 'test' or 'train', got {split!r}")
+    # load_prepared refuses a split modified after `marble prepare`: the recorded data hash must
+    # describe exactly the prompts evaluated.
+    train, test, _ = load_prepared(prompts_dir)
+    records = test if split == "test" else train
     if not records:
         raise DataError(
-            f"{prompts_dir / 'test.jsonl'}: no held-out prompts to evaluate (data.test_fraction?)"
+            f"{prompts_dir / f'{split}.jsonl'}: no prompts to evaluate"
+            + (" (data.test_fraction?)" if split == "test" else "")
         )
     if cfg.eval.num_prompts is not None:
         records = records[: cfg.eval.num_prompts]
