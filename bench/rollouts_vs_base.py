@@ -17,13 +17,15 @@ and over the last third of the steps the per-seed means with a 95% t-interval ac
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from marble.eval.report import read_training_metrics
+from marble.train.metrics import METRICS_FILE
 
 BASE = "base"  # the reward study's name for the runs whose adapter stays at zero
 FROZEN_LR = "train.lr=1e-12"  # an AdamW step of 1e-12 leaves the zero-initialised LoRA B at ~1e-12
@@ -32,11 +34,10 @@ WINDOW = 6
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-step rows of a run's `metrics.jsonl`."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics (was the run trained?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The per-step rows of a run's `metrics.jsonl`; refuses a run that wrote none."""
+    if not (run_dir / METRICS_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir / METRICS_FILE}: no metrics (was the run trained?)")
+    return read_training_metrics(run_dir)
 
 
 def paired_curves(
@@ -124,7 +125,7 @@ def study(
         per_seed = {
             s: paired_curves(load_metrics(run), base[s], rewards, str(run))
             for s in seeds
-            if (run := runs_dir / f"{preset}-seed{s}").joinpath("metrics.jsonl").exists()
+            if (run := runs_dir / f"{preset}-seed{s}").joinpath(METRICS_FILE).is_file()
         }
         if per_seed:
             out["presets"][preset] = {
