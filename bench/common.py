@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from marble.config import MarbleConfig
@@ -175,6 +176,21 @@ def _clean(x: Any) -> Any:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def t_interval(xs: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean and Student-t interval across seeds (NaN width with one seed)."""
+    from scipy import stats
+
+    v = np.asarray([x for x in xs if x is not None and math.isfinite(x)], dtype=np.float64)
+    n = v.size
+    if n == 0:
+        return {"mean": float("nan"), "ci_lo": float("nan"), "ci_hi": float("nan"), "n": 0}
+    m = float(v.mean())
+    if n == 1:
+        return {"mean": m, "ci_lo": float("nan"), "ci_hi": float("nan"), "n": 1}
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+    return {"mean": m, "ci_lo": m - half, "ci_hi": m + half, "n": int(n)}
 
 
 # ---------------------------------------------------------------------------------------- world

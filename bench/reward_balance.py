@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 
 from bench import common, rollouts_vs_base
+from bench.common import t_interval
 from bench.rollouts_vs_base import BASE, FROZEN_LR
 from marble.threads import pinned_threads
 
@@ -221,21 +221,6 @@ def run_stats(cfg, base: np.ndarray, adapter: np.ndarray) -> dict[str, Any]:
             "delta_std_units": d.mean / sd if sd > 0 else float("nan"),
         }
     return out
-
-
-def t_interval(xs: list[float], confidence: float = 0.95) -> dict[str, float]:
-    """Mean and Student-t interval across seeds (NaN width with one seed)."""
-    from scipy import stats
-
-    v = np.asarray([x for x in xs if x is not None and math.isfinite(x)], dtype=np.float64)
-    n = v.size
-    if n == 0:
-        return {"mean": float("nan"), "ci_lo": float("nan"), "ci_hi": float("nan"), "n": 0}
-    m = float(v.mean())
-    if n == 1:
-        return {"mean": m, "ci_lo": float("nan"), "ci_hi": float("nan"), "n": 1}
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return {"mean": m, "ci_lo": m - half, "ci_hi": m + half, "n": int(n)}
 
 
 def aggregate(cfg, runs: list[dict[str, Any]], presets: list[str]) -> dict[str, Any]:
@@ -469,9 +454,7 @@ def run(
             "prompts": len({j["prompt_id"] for j in train_evaluator.jobs}),
             "presets": aggregate(eval_cfg, train_runs, [p for p in presets if p in core]),
         },
-        "rollouts_vs_base": rollouts_vs_base.study(
-            runs_dir, presets, seeds, eval_cfg.trained_reward_names, t_interval
-        ),
+        "rollouts_vs_base": rollouts_vs_base.study(runs_dir, presets, seeds, eval_cfg.trained_reward_names),
         "paired": [c for a, b in paired_with if (c := paired(eval_cfg, runs, a, b)) is not None],
         "runs": runs,
     }

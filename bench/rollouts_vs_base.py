@@ -18,12 +18,12 @@ and over the last third of the steps the per-seed means with a 95% t-interval ac
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.common import t_interval
 from marble.eval.report import read_training_metrics
 from marble.train.metrics import METRICS_FILE
 
@@ -67,11 +67,10 @@ def paired_curves(
 def summarise(
     per_seed: dict[int, dict[str, list[float | None]]],
     rewards: list[str],
-    interval: Callable[[list[float]], dict[str, float]],
     window: int = WINDOW,
 ) -> dict[str, Any]:
     """Per reward: the mean over seeds and steps in each window of `window` steps (counted back from the
-    last step), and over the last third of the steps (at least one) each seed's mean, with `interval`
+    last step), and over the last third of the steps (at least one) each seed's mean, with a 95% t-interval
     across seeds."""
     out: dict[str, Any] = {}
     for name in rewards:
@@ -92,7 +91,7 @@ def summarise(
             "last": {
                 "steps": [steps - last + 1, steps],
                 "per_seed": per_seed_last,
-                **interval(per_seed_last),
+                **t_interval(per_seed_last),
             },
         }
     return out
@@ -107,7 +106,6 @@ def study(
     presets: list[str],
     seeds: list[int],
     rewards: list[str],
-    interval: Callable[[list[float]], dict[str, float]],
 ) -> dict[str, Any]:
     """The reward study's runs (`<preset>-seed<s>` under `runs_dir`) against its `BASE` runs: the
     base's own curve and, per preset, `summarise` of the paired differences on the seeds both ran."""
@@ -118,7 +116,7 @@ def study(
     out: dict[str, Any] = {
         "base_runs": f"weighted sum at {FROZEN_LR} (the adapter stays zero), seeds {seeds}",
         "window": WINDOW,
-        "base": summarise(base_curves, rewards, interval),
+        "base": summarise(base_curves, rewards),
         "presets": {},
     }
     for preset in presets:
@@ -130,6 +128,6 @@ def study(
         if per_seed:
             out["presets"][preset] = {
                 "seeds": list(per_seed),
-                "rewards": summarise(per_seed, rewards, interval),
+                "rewards": summarise(per_seed, rewards),
             }
     return out

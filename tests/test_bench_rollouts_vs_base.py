@@ -55,7 +55,7 @@ def test_summarise_windows_and_last_third_against_numpy():
         s: {n: [None if math.isnan(x) else float(x) for x in table[i]] for n in REWARDS}
         for i, s in enumerate((0, 1, 2))
     }
-    got = rollouts_vs_base.summarise(per_seed, REWARDS, reward_balance.t_interval)["color_match"]
+    got = rollouts_vs_base.summarise(per_seed, REWARDS)["color_match"]
     assert [w["steps"] for w in got["windows"]] == [[1, 1], [2, 7], [8, 13]]
     assert got["windows"][0]["mean"] == pytest.approx(table[:, 0].mean())
     assert got["windows"][1]["mean"] == pytest.approx(table[:, 1:7].mean())
@@ -76,9 +76,7 @@ def test_study_pairs_each_preset_with_the_base_run_of_its_seed(tmp_path):
             {"color_match": [0.3 + offset, 0.2, 0.1], "brightness": [0.5, 0.6, 0.7]},
         )
     _write(tmp_path / "marble-seed0", {"color_match": [0.3, 0.4, 0.5], "brightness": [0.5, 0.5, 0.5]})
-    got = rollouts_vs_base.study(
-        tmp_path, ["weighted_sum", "marble", "gdpo"], [0, 1], REWARDS, reward_balance.t_interval
-    )
+    got = rollouts_vs_base.study(tmp_path, ["weighted_sum", "marble", "gdpo"], [0, 1], REWARDS)
     assert set(got["presets"]) == {"weighted_sum", "marble"}  # gdpo has no run
     assert got["presets"]["weighted_sum"]["seeds"] == [0, 1] and got["presets"]["marble"]["seeds"] == [0]
     ws = got["presets"]["weighted_sum"]["rewards"]
@@ -88,7 +86,7 @@ def test_study_pairs_each_preset_with_the_base_run_of_its_seed(tmp_path):
     text = "\n".join(readme_table.rollouts_table(got))
     assert "steps 3-3" in text and "| `weighted_sum` | 2 | -0.200 [-0.200, -0.200] |" in text
     with pytest.raises(FileNotFoundError, match="base-seed2"):
-        rollouts_vs_base.study(tmp_path, ["weighted_sum"], [0, 2], REWARDS, reward_balance.t_interval)
+        rollouts_vs_base.study(tmp_path, ["weighted_sum"], [0, 2], REWARDS)
 
 
 def test_the_base_run_is_the_weighted_sum_at_a_frozen_learning_rate():
