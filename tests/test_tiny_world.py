@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from marble.data.tiny_world import (
+    _GENERAL,
+    _TEXT,
     HELD_OUT_COMBOS,
     PALETTE,
     POSITIONS,
     SHAPES,
+    color_prompt,
     generate_prompts,
     named_colors,
     named_position,
+    named_shape,
 )
 from marble.eval.conditioning import (
     conditioning_accuracy,
@@ -49,6 +53,18 @@ def test_generator_names_colours_and_positions_in_turn():
     assert Counter(named_colors(p)[0] for p in colour) == dict.fromkeys(PALETTE, 4)
     assert Counter(named_position(p) for p in colour if named_position(p)) == dict.fromkeys(POSITIONS, 4)
     assert len({p for p, _ in pairs}) == 96 and [f for _, f in pairs[:3]] == ["general", "color", "text"]
+
+
+def test_named_shape_reads_every_template_and_plural():
+    """Every template of the grammar, every shape: the shape it was filled with (the general family's
+    plural "two big crosss" included); prompts without a shape word give None."""
+    for shape in SHAPES:
+        for template in _GENERAL + _TEXT[2:]:
+            assert named_shape(template.format(size="big", shape=shape, word="stop")) == shape
+        for phrasing in range(2):
+            assert named_shape(color_prompt("red", shape, "left", phrasing)) == shape
+    assert named_shape('a sign that says "open"') is None and named_shape("a red thing") is None
+    assert named_shape("a crossing") is None  # whole words only
 
 
 def test_the_measure_reads_the_renderer_perfectly_and_shuffled_prompts_at_chance():

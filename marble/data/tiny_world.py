@@ -78,6 +78,15 @@ def named_position(prompt: str) -> str | None:
     return next((w for w in _words(prompt) if w in POSITIONS), None)
 
 
+def named_shape(prompt: str) -> str | None:
+    """The first SHAPES word of `prompt` (whole word, or the grammar's plural: the word + "s"), or None."""
+    for w in _words(prompt):
+        for shape in (w, w[:-1] if w.endswith("s") else None):
+            if shape in SHAPES:
+                return shape
+    return None
+
+
 def quoted_text(prompt: str) -> str | None:
     """Text between the first pair of double quotes, or None (the OCR convention)."""
     m = _QUOTED.search(prompt)
