@@ -264,6 +264,48 @@ def rollouts_table(rvb: dict[str, Any]) -> list[str]:
     return lines
 
 
+def prompt_level_table(pl: dict[str, Any]) -> list[str]:
+    """The specialists (rewards that score only some prompts) per core preset: held-out and training
+    deltas with intervals across prompts and across seeds, and the held-out delta predicted from the
+    training prompts of each held-out prompt's shape (`bench/prompt_level.py`)."""
+    total = pl["settings"]["prompts"]["test"]
+    presets = pl["presets"]
+    first = next(iter(presets.values()))["rewards"]
+    specialists = [n for n, r in first.items() if 0 < r["splits"]["test"]["prompts"] < total]
+    if not specialists:
+        return []
+    lines = [
+        "The specialists per prompt (`bench/prompt_level.py`, the same adapters and images; adapter - base in "
+        "base-std units, mean [95% t-interval across prompts] and [across seeds]; shape mix: the held-out "
+        "figure if each held-out prompt moved as the training prompts of its shape did):",
+        "",
+        "| preset | reward | held-out prompts | held-out, across prompts | across seeds | shape mix | "
+        "training prompts | training, across prompts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p, r in presets.items():
+        for n in specialists:
+            e = r["rewards"][n]
+            test, train = e["splits"]["test"], e["splits"]["train"]
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        f"`{p}`",
+                        f"`{n}`",
+                        str(test["prompts"]),
+                        _ci(test["across_prompts"]),
+                        _ci(test["across_seeds"]),
+                        _f(e["attributes"]["shape"]["test_predicted_from_train"], "+.2f"),
+                        str(train["prompts"]),
+                        _ci(train["across_prompts"]),
+                    ]
+                )  # fmt: skip
+                + " |"
+            )
+    return lines
+
+
 def render(results: Path = common.RESULTS) -> str:
     thr, ali, rb = (_load(results, n) for n in ("throughput", "alignment", "reward_balance"))
     alis = {mb: res for mb in (8, 64) if (res := _load(results, f"alignment_mb{mb}"))}
@@ -348,6 +390,9 @@ def render(results: Path = common.RESULTS) -> str:
             ]
         if rb.get("rollouts_vs_base", {}).get("presets"):
             out += [*rollouts_table(rb["rollouts_vs_base"]), ""]
+        pl = _load(results, "prompt_level")
+        if pl is not None and pl["settings"].get("study_date_utc") == rb.get("date_utc") and (table := prompt_level_table(pl)):  # fmt: skip
+            out += [*table, ""]
     if len(alis) > 1:
         sizes = sorted(alis)
         out += [

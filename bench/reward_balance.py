@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import common, rollouts_vs_base
+from bench import common, eval_scores, rollouts_vs_base
 from bench.common import t_interval
 from bench.rollouts_vs_base import BASE, FROZEN_LR
 from marble.threads import pinned_threads
@@ -172,6 +172,12 @@ class Evaluator:
             guidance_scale=c.eval.guidance_scale, resolution=c.eval_resolution,
             max_sequence_length=c.model.max_sequence_length, batch_size=c.sampling.batch_size,
         )  # fmt: skip
+
+    def split_scores(self) -> eval_scores.SplitScores:
+        """The images' prompts and the base scores, to which the caller adds each adapter's."""
+        return eval_scores.SplitScores(
+            [j["prompt_id"] for j in self.jobs], [j["prompt"] for j in self.jobs], self.base
+        )
 
     def adapter(self, adapter_dir: Path) -> np.ndarray:
         """Scores `[N, K]` of the adapter's images (same prompts and noise as the base)."""
@@ -381,10 +387,13 @@ def run(
         trained = train_jobs(jobs, epochs, set())
     t_trained = time.perf_counter()
     load_train = common.load_average()
+    held_out_scores = evaluator.split_scores()
+    train_scores = train_evaluator.split_scores() if train_evaluator is not None else None
     with pinned_threads(threads):
         runs = []
         for t in (t for t in trained if t["preset"] != BASE):  # the base runs' adapters are zero
             scores = evaluator.adapter(t["dir"] / "adapter")
+            held_out_scores.runs[(t["preset"], t["seed"])] = scores
             ts = t["train_summary"]
             runs.append(
                 {
@@ -399,12 +408,23 @@ def run(
                     "eval": run_stats(eval_cfg, evaluator.base, scores),
                 }
             )
-        train_runs = [
-            {"preset": t["preset"], "seed": t["seed"], "train_seconds": t["train_summary"].get("train_seconds"),
-             "eval": run_stats(eval_cfg, train_evaluator.base, train_evaluator.adapter(t["dir"] / "adapter"))}
-            for t in trained
-            if train_evaluator is not None and (t["preset"], t["seed"]) in on_train_split
-        ]  # fmt: skip
+        train_runs = []
+        for t in trained:
+            if train_evaluator is None or (t["preset"], t["seed"]) not in on_train_split:
+                continue
+            scores = train_scores.runs[(t["preset"], t["seed"])] = train_evaluator.adapter(
+                t["dir"] / "adapter"
+            )
+            train_runs.append(
+                {"preset": t["preset"], "seed": t["seed"], "train_seconds": t["train_summary"].get("train_seconds"),
+                 "eval": run_stats(eval_cfg, train_evaluator.base, scores)}
+            )  # fmt: skip
+    # every image's scores, for readings per prompt without a second evaluation (bench.prompt_level)
+    eval_scores.save(
+        runs_dir / eval_scores.SCORES_FILE,
+        [r.name for r in eval_cfg.rewards],
+        {"test": held_out_scores, **({"train": train_scores} if train_scores is not None else {})},
+    )
     base_means = {
         spec.name: float(np.nanmean(evaluator.base[:, k]))
         if np.isfinite(evaluator.base[:, k]).any()

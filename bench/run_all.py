@@ -7,7 +7,8 @@ built (or found in its cache):
    `alignment_mb64` (the same at micro-batches of 8 and 64 samples);
 3. `throughput` (interleaved step timing of every preset, one process, nothing else running);
 4. `reward_balance` (every preset trained with `marble train` on several seeds, evaluated on held-out
-   prompts; the base model's conditioning accuracy).
+   prompts; the base model's conditioning accuracy);
+5. `prompt_level` (the reward study's figures per prompt, from the per-image scores it stored).
 Then `bench/results/run_all.json` (wall time per study, the load average, the scale settings) and the
 section between the bench markers of README.md and bench/README.md (`bench.readme_table`).
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seconds[name] = time.perf_counter() - t
         log.info("=== %s done in %.1f s ===", name, seconds[name])
 
-    from bench import alignment, balancer_overhead, reward_balance, throughput
+    from bench import alignment, balancer_overhead, prompt_level, reward_balance, throughput
     from marble.models.tiny import ensure_tiny_model
 
     # the tiny model first (a fresh clone builds it here), so no study's own time budget pays for it
@@ -132,6 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "--images-per-prompt", str(rb["images_per_prompt"]), *out("reward_balance")]
         ),
     )  # fmt: skip
+    study(
+        "prompt_level",
+        lambda: prompt_level.main(["--study", str(results / "reward_balance.json"), *out("prompt_level")]),
+    )
     result = {
         "benchmark": "run_all",
         **common.environment(),
