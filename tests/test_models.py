@@ -116,6 +116,38 @@ def test_lora_adapters_old_copy_blend_and_reference(tiny_config, emb):
         lora.blend_old_adapter(model, 1.5)
 
 
+def test_adapter_switch_does_what_peft_model_level_calls_do(tiny_config, emb):
+    """The switch on the LoRA layers gives the outputs and trainable flags of peft's model-level
+    `set_adapter` / `disable_adapter`, and restores the training state after each block."""
+    pipe = load_pipeline(tiny_config.model)
+    x, t = _inputs()
+    model = lora.add_lora_adapters(pipe.transformer, tiny_config.lora)
+    with torch.no_grad():  # the two adapters and the base all differ
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    grads = lambda: {n: p.requires_grad for n, p in model.named_parameters()}  # noqa: E731
+    training = grads()
+    switch = lora.AdapterSwitch(model)
+    with torch.no_grad():
+        v_default = predict_velocity(model, x, t, emb)
+        with switch.active("old"):
+            v_old, flags_old = predict_velocity(model, x, t, emb), grads()
+        assert grads() == training and torch.equal(predict_velocity(model, x, t, emb), v_default)
+        with switch.disabled():
+            v_ref, flags_ref = predict_velocity(model, x, t, emb), grads()
+        assert grads() == training
+        model.set_adapter("old")
+        assert torch.equal(predict_velocity(model, x, t, emb), v_old) and grads() == flags_old
+        model.set_adapter("default")
+        with model.disable_adapter():
+            assert torch.equal(predict_velocity(model, x, t, emb), v_ref) and grads() == flags_ref
+    assert not torch.equal(v_old, v_default) and not torch.equal(v_ref, v_default)
+    assert any(flags_old[n] for n in flags_old if ".old." in n) and not any(flags_ref.values())
+    with pytest.raises(ValueError, match="no peft adapter layers"):
+        lora.AdapterSwitch(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_exported_adapter_loads_in_stock_diffusers_and_reproduces_outputs(tiny_config, emb, tmp_path):
     pipe = load_pipeline(tiny_config.model)
     x, t = _inputs()

@@ -63,13 +63,13 @@ def _first_step(cfg, prompts, out):
         kl = kl_loss(v, v_ref)
         kl_grad = torch.cat([g.flatten() for g in torch.autograd.grad(kl, tr.params)])
         grads = capture_step_gradients(tr)
-        disable, refs = tr.model.disable_adapter, []
+        disable, refs = tr.update.adapters.disabled, []
 
         def counting():
             refs.append(1)
             return disable()
 
-        tr.model.disable_adapter = counting
+        tr.update.adapters.disabled = counting
         metrics = tr.optimizer_step(plan, range(cfg.train.gradient_accumulation_steps))
     return flat(grads[0]), kl_grad, float(kl.detach()), len(refs), metrics
 

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from marble.data.records import PromptRecord
+from marble.models.lora import AdapterSwitch
 from marble.models.sampling import decode_latents, sample_latents
 from marble.rl.advantages import AdvantageStats, group_advantages, optimality_probability
 from marble.train.sampler import generator
-from marble.train.update import use_adapter
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class RolloutWorker:
         self.autocast = autocast
         self.nonfinite: dict[str, int] = {}
         self.out_of_range: dict[str, int] = {}
+        self._adapters: AdapterSwitch | None = None  # found on the first sampling
 
     @torch.no_grad()
     def sample(self, prompts: list[PromptRecord], epoch: int, first_group: int) -> Tensor:
@@ -123,7 +124,9 @@ class RolloutWorker:
         texts = [p.prompt for p in prompts for _ in range(G)]
         gens = [generator(self.seed, "rollout", epoch, first_group * G + i) for i in range(len(texts))]
         out = []
-        with use_adapter(self.transformer, "old"), self.autocast():
+        if self._adapters is None:
+            self._adapters = AdapterSwitch(self.transformer)
+        with self._adapters.active("old"), self.autocast():
             for s in range(0, len(texts), self.cfg.batch_size):
                 emb = self.text_cache.get(texts[s : s + self.cfg.batch_size])
                 out.append(

@@ -17,14 +17,15 @@ so every rank feeds the balancer the same matrix and gets the same α.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from marble.models.lora import AdapterSwitch
 from marble.rl.balancers import mgda_gamma
 from marble.rl.diagnostics import gram_cosines
 from marble.rl.gram import flat_grads, gram_from_output, gram_from_params, gram_of_grads
@@ -74,20 +75,6 @@ class StepEnd(NamedTuple):
     balance_s: float = 0.0
 
 
-@contextmanager
-def use_adapter(model: Any, name: str) -> Iterator[None]:
-    """Activate adapter `name` for a no-grad forward, then restore the trainable "default".
-
-    peft's `set_adapter` also flips `requires_grad` (active adapter trainable, others frozen);
-    switching back to "default" restores exactly the training state.
-    """
-    model.set_adapter(name)
-    try:
-        yield
-    finally:
-        model.set_adapter("default")
-
-
 class NFTUpdate:
     """Computes micro-step losses; holds no optimizer (the trainer steps it)."""
 
@@ -123,11 +110,19 @@ class NFTUpdate:
         self.autocast = autocast
         self._solver = MinNormSolver()
         self._per_sample: PerRewardLinearGrads | None = None
+        self._adapters: AdapterSwitch | None = None  # found on the first forward
         self._step_grads: Tensor | None = (
             None  # [K', P] this rank's per-reward gradients summed over the step
         )
 
     # ------------------------------------------------------------------------------ forward
+    @property
+    def adapters(self) -> AdapterSwitch:
+        """The policy's adapter switch: "old" for the NFT's old policy, disabled for the KL reference."""
+        if self._adapters is None:
+            self._adapters = AdapterSwitch(self.model)
+        return self._adapters
+
     def kl_scale(self, step: int, micro_step: int) -> float:
         """Weight of this micro-step's KL estimate: 1 on every micro-step ("micro_step"); with "step", the
         number of micro-steps per optimizer step on the one micro-step `step mod` that number, 0 on the
@@ -146,11 +141,11 @@ class NFTUpdate:
         with self.autocast():
             v = self.predict_velocity(self.model, x_t, mb.t, mb.emb)  # [B, C, h, w]
             with torch.no_grad():
-                with use_adapter(self.model, "old"):
+                with self.adapters.active("old"):
                     v_old = self.predict_velocity(self.model, x_t, mb.t, mb.emb)
                 v_ref = None
                 if with_ref:
-                    with self.model.disable_adapter():
+                    with self.adapters.disabled():
                         v_ref = self.predict_velocity(self.model, x_t, mb.t, mb.emb)
         terms = nft_terms(v, v_old, x_t, mb.x0, mb.t, self.beta, self.floor, output_grads=output_grads)
         return terms, v, v_ref
