@@ -67,11 +67,8 @@ def per_prompt_deltas(
     base images of the split, as `bench.reward_balance.run_stats` takes it. Prompts with no scored
     image are left out."""
     base = np.asarray(base, dtype=np.float64)
-    valid = np.isfinite(base)
-    if not valid.any():
-        return {}
-    sd = float(np.std(base[valid]))
-    if sd == 0:
+    valid, sd = _scored(base)
+    if sd is None:
         return {}
     deltas = np.stack([np.asarray(a, dtype=np.float64) - base for a in adapters]) / sd  # [S, N]
     rows: dict[str, list[int]] = defaultdict(list)
@@ -84,11 +81,18 @@ def per_prompt_deltas(
 def per_seed_means(base: np.ndarray, adapters: list[np.ndarray]) -> list[float]:
     """Per seed: the mean delta over the scored images in base-std units (the reward study's figure)."""
     base = np.asarray(base, dtype=np.float64)
-    valid = np.isfinite(base)
-    if not valid.any() or np.std(base[valid]) == 0:
+    valid, sd = _scored(base)
+    if sd is None:
         return []
-    sd = float(np.std(base[valid]))
     return [float(np.nanmean((np.asarray(a, dtype=np.float64) - base)[valid])) / sd for a in adapters]
+
+
+def _scored(base: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """`[N]` the images the reward scored, and the std of their base scores (None: none scored, or
+    all alike: no unit to measure a delta in)."""
+    valid = np.isfinite(base)
+    sd = float(np.std(base[valid])) if valid.any() else 0.0
+    return valid, (sd if sd > 0 else None)
 
 
 def by_value(per_prompt: dict[str, float], value_of: dict[str, str | None]) -> dict[str, dict[str, float]]:
@@ -195,9 +199,10 @@ def evaluated_scores(
     cfg, work: Path, runs: list[tuple[str, int, Path]], eval_seeds: list[int]
 ) -> dict[str, SplitScores]:
     """Evaluate the runs' adapters on both splits (the reward study's `Evaluator`, same protocol)."""
+    prompts = common.prepare_prompts(cfg, work)
     splits = {}
     for split in SPLITS:
-        ev = Evaluator(cfg, common.prepare_prompts(cfg, work), split=split)
+        ev = Evaluator(cfg, prompts, split=split)
         if split == "test" and [j["seed"] for j in ev.jobs] != eval_seeds:
             raise ValueError("prompt level: the held-out images' seeds differ from the study's eval_seeds")
         splits[split] = ev.split_scores()
@@ -224,15 +229,9 @@ def run(study_json: Path, work: Path, threads: int = 2) -> dict[str, Any]:
         source = "evaluated"
         with pinned_threads(threads):
             splits = evaluated_scores(cfg, work, runs, s["eval_seeds"])
-    jobs = {
-        split: [{"prompt_id": i, "prompt": t} for i, t in zip(sc.prompt_ids, sc.prompts, strict=True)]
-        for split, sc in splits.items()
-    }
-    base = {split: sc.base for split, sc in splits.items()}
-    scores = {split: sc.runs for split, sc in splits.items()}
     presets = list(dict.fromkeys(p for p, _, _ in runs))
     seeds_of = {p: [sd for q, sd, _ in runs if q == p] for p in presets}
-    texts = {j["prompt_id"]: j["prompt"] for split in SPLITS for j in jobs[split]}
+    texts = {pid: t for sc in splits.values() for pid, t in zip(sc.prompt_ids, sc.prompts, strict=True)}
     value_of = {a: {pid: fn(t) for pid, t in texts.items()} for a, fn in ATTRIBUTES.items()}
     per_prompt: dict[str, dict[str, dict[str, dict[str, float]]]] = {}  # preset -> reward -> split -> ...
     out_presets: dict[str, Any] = {}
@@ -243,14 +242,14 @@ def run(study_json: Path, work: Path, threads: int = 2) -> dict[str, Any]:
             per_prompt[p][name] = {}
             entry: dict[str, Any] = {"splits": {}, "attributes": {}}
             for split in SPLITS:
-                ids = [j["prompt_id"] for j in jobs[split]]
-                adapters = [scores[split][(p, sd)][:, k] for sd in seeds_of[p]]
-                pp = per_prompt_deltas(ids, base[split][:, k], adapters)
+                sc = splits[split]
+                adapters = [sc.runs[(p, sd)][:, k] for sd in seeds_of[p]]
+                pp = per_prompt_deltas(sc.prompt_ids, sc.base[:, k], adapters)
                 per_prompt[p][name][split] = pp
                 entry["splits"][split] = {
                     "prompts": len(pp),
                     "across_prompts": common.t_interval(list(pp.values())),
-                    "across_seeds": common.t_interval(per_seed_means(base[split][:, k], adapters)),
+                    "across_seeds": common.t_interval(per_seed_means(sc.base[:, k], adapters)),
                 }
             for a in ATTRIBUTES:
                 tables = {split: by_value(per_prompt[p][name][split], value_of[a]) for split in SPLITS}
@@ -293,8 +292,8 @@ def run(study_json: Path, work: Path, threads: int = 2) -> dict[str, Any]:
             "images_per_prompt": s["eval_images_per_prompt"],
             "scores": source,  # "stored": the study's own; "evaluated": its adapters evaluated again
             "presets": presets,
-            "prompts": {split: len({j["prompt_id"] for j in jobs[split]}) for split in SPLITS},
-            "images": {split: len(jobs[split]) for split in SPLITS},
+            "prompts": {split: len(set(splits[split].prompt_ids)) for split in SPLITS},
+            "images": {split: len(splits[split].prompt_ids) for split in SPLITS},
             "rewards_held_out": [r.name for r in cfg.rewards if r.held_out],
         },
         "presets": out_presets,
