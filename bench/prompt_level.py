@@ -200,9 +200,10 @@ def evaluated_scores(
 ) -> dict[str, SplitScores]:
     """Evaluate the runs' adapters on both splits (the reward study's `Evaluator`, same protocol)."""
     prompts = common.prepare_prompts(cfg, work)
-    splits = {}
+    splits, pipe = {}, None
     for split in SPLITS:
-        ev = Evaluator(cfg, prompts, split=split)
+        ev = Evaluator(cfg, prompts, split=split, pipe=pipe)
+        pipe = ev.pipe
         if split == "test" and [j["seed"] for j in ev.jobs] != eval_seeds:
             raise ValueError("prompt level: the held-out images' seeds differ from the study's eval_seeds")
         splits[split] = ev.split_scores()

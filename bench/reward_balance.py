@@ -148,13 +148,15 @@ def epochs_that_fit(
 class Evaluator:
     """Base images once; then each adapter on the same prompts and noise (marble.eval.evaluate pieces)."""
 
-    def __init__(self, cfg, prompts: Path, device: str = "cpu", split: str = "test"):
+    def __init__(self, cfg, prompts: Path, device: str = "cpu", split: str = "test", pipe=None):
+        """`pipe`: another Evaluator's pipeline of the same model, shared instead of loaded again (each
+        adapter is attached for its own images and removed after)."""
         from marble.eval import evaluate as ev
         from marble.models.loading import load_pipeline
 
         self.ev, self.cfg, self.device = ev, cfg, device
         self.jobs = ev.eval_jobs(cfg, prompts, split=split)
-        self.pipe = load_pipeline(cfg.model, device=device)
+        self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, device=device)
         self.pipe.set_progress_bar_config(disable=True)
         self.solver = ev.pin_euler_solver(self.pipe)
         seeds = [j["seed"] for j in self.jobs]
@@ -338,7 +340,9 @@ def run(
         evaluator = Evaluator(eval_cfg, prompts)  # base images first: their cost sizes the eval reserve
         eval_base_s = time.perf_counter() - t0
         conditioning = base_conditioning(evaluator.pipe, eval_cfg)
-        train_evaluator = Evaluator(eval_cfg, prompts, split="train") if train_split else None
+        train_evaluator = (
+            Evaluator(eval_cfg, prompts, split="train", pipe=evaluator.pipe) if train_split else None
+        )
     # the presets' runs, then one base run per seed (`bench.rollouts_vs_base`: their training rewards are
     # read against the base's on the same rollouts); the pilot's runs are the first presets'
     jobs = [*job_list(presets, seeds, other_seeds, list(core)), *((BASE, s) for s in seeds)]
