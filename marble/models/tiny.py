@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -29,14 +30,17 @@ from marble.threads import pinned_threads
 log = logging.getLogger(__name__)
 
 # Bump when the recipe below changes: it is part of the cache key (5: object-weighted VAE loss;
-# 6: positional embeddings one unit apart per token, pretrained transformer and text encoders).
-BUILD_VERSION = 6
+# 6: positional embeddings one unit apart per token, pretrained transformer and text encoders;
+# 7: two build threads, the VAE's learning rate decayed to 0).
+BUILD_VERSION = 7
 # The VAE training below is bit-reproducible only at a fixed torch thread count (CPU kernels split
 # their reductions by thread; 1 vs 2 threads gave different weights, and so different benchmark
 # figures for two builds of the "same" model). Every build uses this many threads, whatever the caller set.
-# One thread: on a shared 2-core machine (load ~6) a VAE step took 0.8 s on one thread and 9-13 s on two
-# (the threads of a parallel kernel wait for each other at every barrier while preempted).
-BUILD_THREADS = 1
+# Two: on an idle 2-core machine a VAE step took 0.24 s on two threads and 0.33 s on one, and the whole
+# build 267 s against 377 s (docs/tiny-world.md). A machine busy with other work pays more for two: at a
+# load of ~6 a step took 9-13 s on two threads and 0.8 s on one (a parallel kernel's threads wait for
+# each other at every barrier while preempted), so build it alone (`marble tiny-model`) on such a machine.
+BUILD_THREADS = 2
 BUILD_INFO = "marble_tiny_build.json"
 LATENT_CHANNELS = 16  # SD3's latent width
 CLIP_POSITIONS = 77  # CLIP's position limit
@@ -307,10 +311,15 @@ def train_vae(vae, tiny: TinyModelConfig, generator: torch.Generator, progress: 
     # machine (0.32 vs 0.42 s on one thread); the weights go back to the default layout before saving.
     vae.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(vae.parameters(), lr=tiny.vae_lr)
+    n_steps = tiny.vae_train_steps
+    # Cosine decay to 0: at a constant rate the decoder's hues are those of the last few noisy updates
+    # (docs/tiny-world.md: the colour ceiling of the same recipe spread over 70-96% across seeds and
+    # thread counts at a constant rate; decayed, it held more of the hard palette colours)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / n_steps)))
     vae.train()
     losses = []
     progress.set_postfix_str("VAE", refresh=False)
-    for _ in range(tiny.vae_train_steps):
+    for _ in range(n_steps):
         prompts = sample_pretraining_prompts(tiny.vae_batch_size, generator)
         x = render_batch(prompts, tiny.resolution, generator) * 2 - 1  # [B, 3, H, W]
         w = object_weights(x, tiny.vae_object_weight)  # [B, 1, H, W]
@@ -321,6 +330,7 @@ def train_vae(vae, tiny: TinyModelConfig, generator: torch.Generator, progress: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
         progress.update()
     vae.to(memory_format=torch.contiguous_format)
