@@ -306,6 +306,62 @@ def prompt_level_table(pl: dict[str, Any]) -> list[str]:
     return lines
 
 
+LONG_STUDY, LONG_PROMPT_LEVEL = "reward_balance_long", "prompt_level_long"
+"""The reward study run longer than `make bench`'s budget allows, as a separate command
+(`python -m bench.reward_balance --epochs N --out bench/results/reward_balance_long.json`, and its
+prompt-level reading with `--out bench/results/prompt_level_long.json`): rendered under its own
+heading, after `make bench`'s own study."""
+
+
+def reward_study_note(rb: dict[str, Any]) -> str:
+    """What a reward study's tables rest on: steps, seeds, evaluation images."""
+    st = rb["settings"]
+    return (
+        f"Rewards: {st['optimizer_steps']} optimizer steps per run, seeds {seed_note(st, markdown=True)}, "
+        f"{st['eval_images']} held-out images ({st['eval_prompts']} prompts x {st['eval_images_per_prompt']}"
+        f" seeds, {st['eval_num_steps']} Euler steps, {st['eval_weights']} weights); Δ = adapter - base in "
+        "base-std units, mean over seeds [95% t-interval across seeds]."
+    )
+
+
+def reward_study_lines(rb: dict[str, Any], pl: dict[str, Any] | None) -> list[str]:
+    """A reward study's tables: held-out deltas, paired comparisons, the training split, the rollouts
+    against a base run, and the prompt-level reading `pl` when it read this very study (same date)."""
+    out = ["Per-reward change on held-out prompts (adapter - base, base-std units):", ""]
+    out += [*reward_table(rb), ""]
+    out += ["Paired comparisons (same seeds, same evaluation images):", "", *paired_lines(rb), ""]
+    if (ts := rb.get("train_split")) and ts.get("presets"):
+        out += [
+            f"The same evaluation on the training prompts ({ts['prompts']} prompts, {ts['images']} images;"
+            " adapter - base, base-std units): a gap to the table above is one between the splits, not"
+            " what training did to the rewards:",
+            "",
+            *reward_table({"presets": ts["presets"], "settings": rb["settings"]}),
+            "",
+        ]
+    if rb.get("rollouts_vs_base", {}).get("presets"):
+        out += [*rollouts_table(rb["rollouts_vs_base"]), ""]
+    if pl is not None and pl["settings"].get("study_date_utc") == rb.get("date_utc") and (table := prompt_level_table(pl)):  # fmt: skip
+        out += [*table, ""]
+    return out
+
+
+def long_study_lines(rb: dict[str, Any], pl: dict[str, Any] | None) -> list[str]:
+    """The longer reward study (`LONG_STUDY`) under its own heading, with its run's environment."""
+    steps = rb["settings"]["optimizer_steps"]
+    return [
+        f"### The reward study at {steps} optimizer steps (a separate run)",
+        "",
+        f"The same study as above run for {steps} optimizer steps per run, longer than `make bench`'s budget"
+        f" allows (`python -m bench.reward_balance --epochs {steps} --out bench/results/{LONG_STUDY}.json`;"
+        f" its prompt-level reading `bench/results/{LONG_PROMPT_LEVEL}.json`): {_env_line(rb)}.",
+        "",
+        reward_study_note(rb),
+        "",
+        *reward_study_lines(rb, pl),
+    ]
+
+
 def render(results: Path = common.RESULTS) -> str:
     thr, ali, rb = (_load(results, n) for n in ("throughput", "alignment", "reward_balance"))
     alis = {mb: res for mb in (8, 64) if (res := _load(results, f"alignment_mb{mb}"))}
@@ -366,33 +422,11 @@ def render(results: Path = common.RESULTS) -> str:
         if line := cheaper_gram_line(ali, thr):
             notes.append(line)
     if rb:
-        st = rb["settings"]
-        notes.append(
-            f"Rewards: {st['optimizer_steps']} optimizer steps per run, seeds {seed_note(st, markdown=True)}, "
-            f"{st['eval_images']} held-out images ({st['eval_prompts']} prompts x {st['eval_images_per_prompt']}"
-            f" seeds, {st['eval_num_steps']} Euler steps, {st['eval_weights']} weights); Δ = adapter - base in "
-            "base-std units, mean over seeds [95% t-interval across seeds]."
-        )
+        notes.append(reward_study_note(rb))
     for n in notes:
         out += [n, ""]
     if rb:
-        out += ["", "Per-reward change on held-out prompts (adapter - base, base-std units):", ""]
-        out += [*reward_table(rb), ""]
-        out += ["Paired comparisons (same seeds, same evaluation images):", "", *paired_lines(rb), ""]
-        if (ts := rb.get("train_split")) and ts.get("presets"):
-            out += [
-                f"The same evaluation on the training prompts ({ts['prompts']} prompts, {ts['images']} images;"
-                " adapter - base, base-std units): a gap to the table above is one between the splits, not"
-                " what training did to the rewards:",
-                "",
-                *reward_table({"presets": ts["presets"], "settings": rb["settings"]}),
-                "",
-            ]
-        if rb.get("rollouts_vs_base", {}).get("presets"):
-            out += [*rollouts_table(rb["rollouts_vs_base"]), ""]
-        pl = _load(results, "prompt_level")
-        if pl is not None and pl["settings"].get("study_date_utc") == rb.get("date_utc") and (table := prompt_level_table(pl)):  # fmt: skip
-            out += [*table, ""]
+        out += ["", *reward_study_lines(rb, _load(results, "prompt_level"))]
     if len(alis) > 1:
         sizes = sorted(alis)
         out += [
@@ -404,6 +438,8 @@ def render(results: Path = common.RESULTS) -> str:
             *micro_batch_table(alis),
             "",
         ]
+    if long_rb := _load(results, LONG_STUDY):
+        out += ["", *long_study_lines(long_rb, _load(results, LONG_PROMPT_LEVEL))]
     return "\n".join(out).rstrip() + "\n"
 
 

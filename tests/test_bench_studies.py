@@ -135,6 +135,16 @@ def test_reward_balance_aggregate_and_readme(small_cfg, tmp_path):
     readme_table.update_readme(readme, text)  # idempotent: one block
     body = readme.read_text()
     assert body.startswith("# title\n\nkept\n") and body.count(readme_table.START) == 1
+    # a longer run of the same study, kept beside make bench's, renders after it under its own heading
+    assert "separate run" not in text
+    long = {**result, "settings": {**result["settings"], "optimizer_steps": 37}}
+    common.write_json(tmp_path / f"{readme_table.LONG_STUDY}.json", long)
+    both = readme_table.render(tmp_path)
+    assert both.startswith(text.rstrip("\n"))  # make bench's own sections unchanged, first
+    tail = both[len(text.rstrip("\n")) :]
+    assert "### The reward study at 37 optimizer steps (a separate run)" in tail
+    assert "Rewards: 37 optimizer steps per run" in tail and tail.count("Per-reward change") == 1
+    assert "`marble` - `weighted_sum`, paired on seeds [0, 1]" in tail
 
 
 @pytest.mark.parametrize(
