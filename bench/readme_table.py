@@ -347,13 +347,19 @@ def reward_study_lines(rb: dict[str, Any], pl: dict[str, Any] | None) -> list[st
 
 
 def long_study_lines(rb: dict[str, Any], pl: dict[str, Any] | None) -> list[str]:
-    """The longer reward study (`LONG_STUDY`) under its own heading, with its run's environment."""
-    steps = rb["settings"]["optimizer_steps"]
+    """The longer reward study (`LONG_STUDY`) under its own heading, with the command that reproduces it
+    (from its recorded settings) and its run's environment."""
+    st = rb["settings"]
+    steps = st["optimizer_steps"]
+    args = [f"--epochs {steps}", "--seeds " + " ".join(map(str, st["seeds"]))]
+    if st.get("other_seeds") and st["other_seeds"] != st["seeds"]:
+        args.append("--other-seeds " + " ".join(map(str, st["other_seeds"])))
+    args += [f"--images-per-prompt {st['eval_images_per_prompt']}", f"--out bench/results/{LONG_STUDY}.json"]
     return [
         f"### The reward study at {steps} optimizer steps (a separate run)",
         "",
         f"The same study as above run for {steps} optimizer steps per run, longer than `make bench`'s budget"
-        f" allows (`python -m bench.reward_balance --epochs {steps} --out bench/results/{LONG_STUDY}.json`;"
+        f" allows (`python -m bench.reward_balance {' '.join(args)}`;"
         f" its prompt-level reading `bench/results/{LONG_PROMPT_LEVEL}.json`): {_env_line(rb)}.",
         "",
         reward_study_note(rb),

@@ -143,6 +143,8 @@ def test_reward_balance_aggregate_and_readme(small_cfg, tmp_path):
     assert both.startswith(text.rstrip("\n"))  # make bench's own sections unchanged, first
     tail = both[len(text.rstrip("\n")) :]
     assert "### The reward study at 37 optimizer steps (a separate run)" in tail
+    # the command it prints reproduces the run: its seeds and images per prompt, not the CLI's defaults
+    assert "`python -m bench.reward_balance --epochs 37 --seeds 0 1 --images-per-prompt 2 --out" in tail
     assert "Rewards: 37 optimizer steps per run" in tail and tail.count("Per-reward change") == 1
     assert "`marble` - `weighted_sum`, paired on seeds [0, 1]" in tail
 
