@@ -174,10 +174,20 @@ class PerRewardLinearGrads:
         D = (torch.stack(ds) if len(ds) > 1 else ds[0][None]).to(dtype)  # [L, B, T, out]
         L, _, T, n_in = X.shape
         n_out = D.shape[-1]
-        # Σ_tokens δ ⊗ x per sample (the Linear weight gradient of one sample), then weighted per reward
-        per_sample = torch.bmm(D.reshape(L * B, T, n_out).transpose(1, 2), X.reshape(L * B, T, n_in))
-        per_reward = torch.matmul(coef_t, per_sample.reshape(L, B, n_out * n_in))  # [L, K, out*in]
-        return per_reward.transpose(0, 1).reshape(coef_t.shape[0], -1)
+        K = coef_t.shape[0]
+        # Σ_tokens δ ⊗ x per sample (the Linear weight gradient of one sample), then weighted per reward.
+        # The batched product runs with the narrow side (LoRA's rank) as the rows of its result: on CPU
+        # that was 3-4x faster for the LoRA-B calls (out = hidden, in = rank) of the tiny world than the
+        # [out, in] orientation; the transpose back is of the small [K, out, in] result only.
+        Dm, Xm = D.reshape(L * B, T, n_out), X.reshape(L * B, T, n_in)
+        if n_out <= n_in:
+            per_sample = torch.bmm(Dm.transpose(1, 2), Xm)  # [L*B, out, in]
+            per_reward = torch.matmul(coef_t, per_sample.reshape(L, B, n_out * n_in))  # [L, K, out*in]
+        else:
+            per_sample = torch.bmm(Xm.transpose(1, 2), Dm)  # [L*B, in, out]: the transposed gradients
+            per_reward = torch.matmul(coef_t, per_sample.reshape(L, B, n_in * n_out))  # [L, K, in*out]
+            per_reward = per_reward.reshape(L, K, n_in, n_out).transpose(2, 3)  # [L, K, out, in]
+        return per_reward.transpose(0, 1).reshape(K, -1)
 
     def _chunk_columns(self, layers: tuple[int, ...], device: torch.device) -> Tensor:
         """The columns of `[K, P]` that a chunk's gradients fill, cached per chunk."""
