@@ -167,3 +167,30 @@ def test_capture_does_not_keep_the_layer_outputs_alive():
         gc.collect()
         assert outputs[0]() is None  # `up`'s output fed only an addition, which saves nothing
         grads.per_reward_grads(v.square().sum(), torch.ones(B, K))
+
+
+def test_capture_records_only_its_block_and_gives_the_layers_back():
+    """Recording wraps each trained layer's forward on the instance while the block is open: a forward
+    after the block is not recorded, the layers' forwards are their own again, and a forward that
+    something else had wrapped on the instance (accelerate's module hooks do) is kept, not dropped."""
+    model = Toy().double()
+    params = [model.down.weight, model.up.weight, model.head.weight]
+    wrapped_calls = []
+    head_forward = model.head.forward
+    model.head.forward = lambda x: (wrapped_calls.append(x.shape), head_forward(x))[1]
+    grads = PerRewardLinearGrads.of_trained(model)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    with grads.capture():
+        v = model(x)
+        with pytest.raises(RuntimeError, match="already open"):
+            with grads.capture():
+                pass
+    w = model(x * 2)  # a forward with a graph after the block: not recorded
+    ones = torch.ones(B, 1, dtype=torch.float64)
+    got = grads.per_reward_grads(v.square().sum() + w.square().sum(), ones, retain_graph=True)
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(v.square().sum(), params)])
+    torch.testing.assert_close(got[0], expected, rtol=1e-10, atol=1e-12)
+    assert "forward" not in vars(model.down) and "forward" not in vars(model.up)
+    assert len(wrapped_calls) == 2  # the earlier wrapper ran inside the block and after it
+    model(x)
+    assert len(wrapped_calls) == 3

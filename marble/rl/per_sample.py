@@ -58,9 +58,15 @@ class PerRewardLinearGrads:
 
         with grads.capture():
             v = model(...)            # the forward with a graph (captured); no-grad forwards are skipped
-            terms = nft_terms(v, ...)
-            s = per_sample_coefficients(terms, c, r, beta)  # [B, K]
-            g = grads.per_reward_grads(terms.N.sum(), s)    # [K, P]
+        terms = nft_terms(v, ...)
+        s = per_sample_coefficients(terms, c, r, beta)  # [B, K]
+        g = grads.per_reward_grads(terms.N.sum(), s)    # [K, P]: uses, then drops, what was captured
+
+    Recording is on only while `capture()` is open, and only for the forward inside it (the trained
+    policy's): the old policy's, the reference's and the sampler's forwards run untouched. It wraps
+    each layer's `forward` on the instance (as accelerate's module hooks do) rather than registering a
+    forward hook: a registered hook sends every call of the layer through torch's slower hooked
+    module-call path.
 
     The backward runs to the captured layer OUTPUTS (`torch.autograd.grad`), not to the weights: it
     forms no weight gradient (the per-reward ones replace it) and calls no Python hook per layer. The
@@ -78,13 +84,12 @@ class PerRewardLinearGrads:
         self.sizes = [m.weight.numel() for m in self.modules]
         self.offsets = [sum(self.sizes[:j]) for j in range(len(self.sizes))]
         self.num_params = sum(self.sizes)
-        self._index_of = {m: j for j, m in enumerate(self.modules)}
         # per call with a graph: (module index, input, the output's gradient edge). The edge, not the
         # output: holding LoRA-B outputs (full hidden width) until the backward would add their memory
         self._uses: list[tuple[int, Tensor, GradientEdge]] = []
         self._columns: dict[tuple[int, ...], Tensor] = {}  # a chunk's layers -> their columns of [K, P]
         self.seconds = 0.0  # wall time of the per-reward products of the last per_reward_grads()
-        self._handles: list[Any] = []
+        self._recording = False
 
     @classmethod
     def of_trained(cls, model: nn.Module, stack_bytes: int = 64 * 2**20) -> PerRewardLinearGrads:
@@ -98,22 +103,39 @@ class PerRewardLinearGrads:
 
     @contextmanager
     def capture(self) -> Iterator[PerRewardLinearGrads]:
-        """Keep the input and output gradient edge of every trained layer's calls with a graph until the
-        block ends."""
+        """Record the input and output gradient edge of every trained layer's calls with a graph made
+        inside the block (a new capture drops an earlier one that `per_reward_grads` did not use)."""
+        if self._recording:
+            raise RuntimeError("PerRewardLinearGrads.capture() is already open")
         self._uses = []
         self.seconds = 0.0
-        self._handles = [m.register_forward_hook(self._forward_hook) for m in self.modules]
+        # the layer's own instance-level forward, if something (accelerate) already wrapped it
+        previous = [m.__dict__.get("forward") for m in self.modules]
+        self._recording = True
         try:
+            for j, m in enumerate(self.modules):  # the instance dict directly: nn.Module.__setattr__'s
+                m.__dict__["forward"] = self._recorder(j, m)  # checks cost more than the forward's calls
             yield self
         finally:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
-            self._uses = []
+            for m, prev in zip(self.modules, previous, strict=True):
+                if prev is None:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.__dict__["forward"] = prev
+            self._recording = False
 
-    def _forward_hook(self, module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if output.requires_grad:  # a no-grad (old policy, reference) forward has nothing to differentiate
-            self._uses.append((self._index_of[module], inputs[0].detach(), get_gradient_edge(output)))
+    def _recorder(self, j: int, module: nn.Linear) -> Any:
+        """`module`'s forward, recording (layer index, input, the output's gradient edge) of each call
+        with a graph (a no-grad call has nothing to differentiate)."""
+        inner = module.forward  # bound: the class's forward, or an instance-level wrapper
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            out = inner(x, *args, **kwargs)
+            if out.requires_grad:
+                self._uses.append((j, x.detach(), get_gradient_edge(out)))
+            return out
+
+        return forward
 
     def per_reward_grads(
         self, root: Tensor, coefficients: Tensor, *, retain_graph: bool = False, out: Tensor | None = None
@@ -122,7 +144,7 @@ class PerRewardLinearGrads:
         gradient `Σ_i coefficients[i, k] ∇_i`, with ∇_i sample i's gradient of the scalar `root`
         (the `Σ_i N_i` of the captured forward). A layer called more than once sums its calls. With
         `out`, the gradients are added to it in place (and it is returned)."""
-        uses = self._uses
+        uses, self._uses = self._uses, []  # the captured inputs are freed with this call's operands
         if not uses:
             raise RuntimeError(
                 f"per-sample Gram: {len(self.modules)} trained layers got no gradient "

@@ -133,13 +133,19 @@ class NFTUpdate:
         return float(M) if micro_step == step % M else 0.0
 
     def forward(
-        self, mb: MicroBatch, output_grads: bool, with_ref: bool = True
+        self,
+        mb: MicroBatch,
+        output_grads: bool,
+        with_ref: bool = True,
+        capture: Callable[[], AbstractContextManager] = nullcontext,
     ) -> tuple[NFTTerms, Tensor, Tensor | None]:
-        """NFT terms of the micro-batch, plus v (with graph) and v_ref for the KL (None: not computed)."""
+        """NFT terms of the micro-batch, plus v (with graph) and v_ref for the KL (None: not computed).
+        `capture` wraps the forward with a graph alone (the per-sample gradients' layer hooks)."""
         t4 = mb.t.reshape(-1, *([1] * (mb.x0.ndim - 1))).to(mb.x0.dtype)  # [B, 1, 1, 1]
         x_t = (1 - t4) * mb.x0 + t4 * mb.noise  # [B, C, h, w] rectified-flow forward process
         with self.autocast():
-            v = self.predict_velocity(self.model, x_t, mb.t, mb.emb)  # [B, C, h, w]
+            with capture():
+                v = self.predict_velocity(self.model, x_t, mb.t, mb.emb)  # [B, C, h, w]
             with torch.no_grad():
                 with self.adapters.active("old"):
                     v_old = self.predict_velocity(self.model, x_t, mb.t, mb.emb)
@@ -210,15 +216,12 @@ class NFTUpdate:
         grads = self._per_sample_grads()
         kl_scale = self.kl_scale(step, micro_step)
         kl_backward = self.kl_weight > 0 and kl_scale > 0
-        with grads.capture():
-            terms, v, v_ref = self.forward(mb, output_grads=True, with_ref=kl_scale > 0)
-            coefficients = per_sample_coefficients(terms, mb.c, mb.r, self.beta)
-            # a balancer that solves on the step sums the step's gradients in place (micro-step 0 starts
-            # the sum; at SD3.5 Medium scale [K', P] is hundreds of MB), solved and applied by end_step
-            into = None if micro_step == 0 or not bal.solves_step else self._step_grads
-            per_reward = grads.per_reward_grads(
-                terms.N.sum(), coefficients, retain_graph=kl_backward, out=into
-            )
+        terms, v, v_ref = self.forward(mb, output_grads=True, with_ref=kl_scale > 0, capture=grads.capture)
+        coefficients = per_sample_coefficients(terms, mb.c, mb.r, self.beta)
+        # a balancer that solves on the step sums the step's gradients in place (micro-step 0 starts
+        # the sum; at SD3.5 Medium scale [K', P] is hundreds of MB), solved and applied by end_step
+        into = None if micro_step == 0 or not bal.solves_step else self._step_grads
+        per_reward = grads.per_reward_grads(terms.N.sum(), coefficients, retain_graph=kl_backward, out=into)
         # balance_s: the per-reward products and everything after them, not the backward itself, which
         # the policy gradient needs with any balancer
         t0 = time.perf_counter() - grads.seconds
