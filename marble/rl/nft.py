@@ -79,8 +79,10 @@ def nft_terms(
     d_neg = x_t - tt * v_neg - x0  # [B, ...] x0_neg - x0
 
     with torch.no_grad():
-        w_pos = _per_sample_mean(d_pos.detach().to(torch.float64).abs()).clamp_min(floor)  # [B]
-        w_neg = _per_sample_mean(d_neg.detach().to(torch.float64).abs()).clamp_min(floor)  # [B]
+        d_pos64 = d_pos.detach().to(torch.float64)  # [B, ...] (the output gradients reuse them)
+        d_neg64 = d_neg.detach().to(torch.float64)
+        w_pos = _per_sample_mean(d_pos64.abs()).clamp_min(floor)  # [B]
+        w_neg = _per_sample_mean(d_neg64.abs()).clamp_min(floor)  # [B]
     P = _per_sample_mean(d_pos**2) / w_pos.to(dtype)  # [B]
     N = _per_sample_mean(d_neg**2) / w_neg.to(dtype)  # [B]
 
@@ -90,8 +92,8 @@ def nft_terms(
             D = d_pos[0].numel()
             t64 = t.detach().to(torch.float64).reshape(B, 1)  # [B, 1]
             # dP_i/dv_i = -(2 β t_i / (D w_pos)) (x0_pos - x0); dN_i/dv_i = +(2 β t_i / (D w_neg)) (x0_neg - x0)
-            p = -(2 * beta * t64 / (D * w_pos[:, None])) * d_pos.detach().to(torch.float64).reshape(B, -1)
-            q = (2 * beta * t64 / (D * w_neg[:, None])) * d_neg.detach().to(torch.float64).reshape(B, -1)
+            p = -(2 * beta * t64 / (D * w_pos[:, None])) * d_pos64.reshape(B, -1)
+            q = (2 * beta * t64 / (D * w_neg[:, None])) * d_neg64.reshape(B, -1)
             a = (p * p).sum(1)  # [B]
             b = (p * q).sum(1)  # [B]
             e = (q * q).sum(1)  # [B]
