@@ -182,9 +182,8 @@ def test_capture_records_only_its_block_and_gives_the_layers_back():
     x = torch.randn(B, T, D, dtype=torch.float64)
     with grads.capture():
         v = model(x)
-        with pytest.raises(RuntimeError, match="already open"):
-            with grads.capture():
-                pass
+        with pytest.raises(RuntimeError, match="already open"), grads.capture():
+            pass
     w = model(x * 2)  # a forward with a graph after the block: not recorded
     ones = torch.ones(B, 1, dtype=torch.float64)
     got = grads.per_reward_grads(v.square().sum() + w.square().sum(), ones, retain_graph=True)
