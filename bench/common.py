@@ -79,6 +79,11 @@ def bench_config(preset: str = "marble", overrides: list[str] | None = None) -> 
     return load_config(TINY_CONFIG, [*QUIET, *preset_overrides(preset, k), *(overrides or [])])
 
 
+def shipped_balancer() -> str:
+    """The balancer kind configs/tiny.yaml ships (the default the benchmarks compare against)."""
+    return load_config(TINY_CONFIG, []).balancer.kind
+
+
 def balancer_config(cfg: MarbleConfig, preset: str) -> Any:
     """The validated balancer node of `preset` (same defaults as `--set balancer.kind=<preset>`)."""
     return load_config(TINY_CONFIG, preset_overrides(preset, len(cfg.trained_reward_names))).balancer

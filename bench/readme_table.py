@@ -407,6 +407,15 @@ def render(results: Path = common.RESULTS) -> str:
             f" samples x {st['train_timesteps']} timesteps per optimizer step. Peak tensor MB: live CPU tensor"
             " bytes during the first micro-step of a refresh step above those at its start (torch profiler)."
         )
+        if h2h := thr.get("head_to_head"):
+            base, other = h2h["presets"]
+            lo, hi = h2h["speed_ci95"]
+            ms = h2h["step_ms_amortized"]
+            notes.append(
+                f"Head to head: `{other}` (the shipped default) against `{base}` alone, {h2h['rounds']} more"
+                f" interleaved rounds of the two after the table's: **{h2h['speed']:.2f}x [{lo:.2f}, {hi:.2f}]**"
+                f" ({ms[other]:.0f} ms against {ms[base]:.0f} ms a step; `bench.throughput --pair-repeats`)."
+            )
     if ali:
         st, g = ali["settings"], ali["gram_sources"]
         notes.append(

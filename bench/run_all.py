@@ -5,7 +5,8 @@ built (or found in its cache):
 1. `balancer_overhead` (the balancer's own micro-benchmark, its own defaults);
 2. `alignment` (gradient cosines of every preset on the same batches), then `alignment_mb8` and
    `alignment_mb64` (the same at micro-batches of 8 and 64 samples);
-3. `throughput` (interleaved step timing of every preset, one process, nothing else running);
+3. `throughput` (interleaved step timing of every preset, one process, nothing else running; then
+   the shipped default against weighted sum alone, over more rounds);
 4. `reward_balance` (every preset trained with `marble train` on several seeds, evaluated on held-out
    prompts; the base model's conditioning accuracy);
 5. `prompt_level` (the reward study's figures per prompt, from the per-image scores it stored).
@@ -40,7 +41,7 @@ BUDGET_S = 26 * 60
 MICRO_BATCH_STEP = ["sampling.prompts_per_epoch=8", "sampling.batch_size=64"]
 MICRO_BATCHES = (8, 64)
 FULL = {
-    "throughput": {"repeats": 10, "time_budget_s": 200},
+    "throughput": {"repeats": 10, "time_budget_s": 200, "pair_repeats": 40, "pair_time_budget_s": 140},
     "alignment": {"epochs": 20, "time_budget_s": 180},
     "alignment_micro_batch": {"epochs": 10, "time_budget_s": 100},
     "reward_balance": {
@@ -48,7 +49,7 @@ FULL = {
     },
 }  # fmt: skip
 QUICK = {
-    "throughput": {"repeats": 2, "time_budget_s": 60},
+    "throughput": {"repeats": 2, "time_budget_s": 60, "pair_repeats": 2, "pair_time_budget_s": 30},
     "alignment": {"epochs": 1, "time_budget_s": 60},
     "alignment_micro_batch": {"epochs": 1, "time_budget_s": 60},
     "reward_balance": {
@@ -120,7 +121,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     study(
         "throughput",
         lambda: throughput.main(
-            ["--repeats", str(thr["repeats"]), "--time-budget", str(thr["time_budget_s"]), *out("throughput")]
+            [
+                "--repeats",
+                str(thr["repeats"]),
+                "--time-budget",
+                str(thr["time_budget_s"]),
+                "--pair-repeats",
+                str(thr["pair_repeats"]),
+                "--pair-time-budget",
+                str(thr["pair_time_budget_s"]),
+                *out("throughput"),
+            ]
         ),
     )
     rb = scale["reward_balance"]

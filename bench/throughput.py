@@ -27,8 +27,14 @@ Reported per preset (medians over the measured steps):
   outside the timed region; the allocator reuses pages freed by earlier steps, so this understates
   what a fresh process needs).
 
-Run: `python -m bench.throughput [--repeats N]` -> bench/results/throughput.json and throughput.png.
-Nothing here asserts a speed.
+Head to head (`--pair-repeats N`): after the rounds of every preset, N more rounds of two presets
+alone (`--pair`, by default weighted sum and the balancer configs/tiny.yaml ships), interleaved the
+same way, each round about 2 steps long instead of one of every preset: the shipped default's speed
+against weighted sum, measured over more rounds than the all-preset study can afford
+(`head_to_head`; the per-preset table above does not use these rounds).
+
+Run: `python -m bench.throughput [--repeats N] [--pair-repeats M]` -> bench/results/throughput.json and
+throughput.png. Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -294,11 +300,17 @@ def run(
     threads: int = 2,
     memory: bool = True,
     time_budget_s: float | None = None,
+    pair: tuple[str, str] | None = None,
+    pair_repeats: int = 0,
+    pair_time_budget_s: float | None = None,
 ) -> dict[str, Any]:
     """Build the world once and time every preset interleaved; returns the results dict.
 
     With `time_budget_s`, rounds stop once the study has run that long (at least 2 rounds are kept),
-    so a loaded machine shortens the study instead of the whole benchmark overrunning."""
+    so a loaded machine shortens the study instead of the whole benchmark overrunning; the same for
+    the head-to-head rounds of `pair` with `pair_time_budget_s`."""
+    if pair_repeats and (pair is None or any(p not in presets for p in pair)):
+        raise ValueError(f"throughput: --pair {pair} must name two of the timed presets {presets}")
     load_start = common.load_average()
     t_start = time.perf_counter()
     with pinned_threads(threads):
@@ -333,6 +345,7 @@ def run(
                 log.warning("throughput: time budget reached after %d rounds", rounds_done)
                 break
         load_timed = common.load_average()
+        head_to_head = _head_to_head(world, runs, probe, state, pair, pair_repeats, pair_time_budget_s)
         memory_res: dict[str, dict[str, float | None]] = {}
         t_memory = time.perf_counter()
         if memory:
@@ -394,7 +407,47 @@ def run(
         "wall_seconds": time.perf_counter() - t_start,
         "memory_seconds": memory_seconds,
         "presets": summary,
+        "head_to_head": head_to_head,
         "raw_steps": {name: r.steps for name, r in runs.items()},
+    }
+
+
+def _head_to_head(
+    world: common.World,
+    runs: dict[str, PresetRun],
+    probe: MicroStepProbe,
+    state: common.TrainState,
+    pair: tuple[str, str] | None,
+    repeats: int,
+    time_budget_s: float | None,
+) -> dict[str, Any] | None:
+    """`repeats` more interleaved rounds of the two presets of `pair` alone (base first): their step
+    medians and the speed of the second against the first with its paired bootstrap interval."""
+    if not repeats or pair is None:
+        return None
+    base, other = pair
+    steps: dict[str, list[dict[str, Any]]] = {base: [], other: []}
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        for name in common.rotated([base, other], i):
+            state.restore()
+            steps[name].append(_one_step(world, runs[name], probe))
+        if time_budget_s is not None and i >= 1 and time.perf_counter() - t0 > time_budget_s:
+            log.warning("throughput: head-to-head time budget reached after %d rounds", i + 1)
+            break
+    f_base, f = runs[base].refresh_fraction, runs[other].refresh_fraction
+    base_ms, other_ms = amortized_ms(steps[base], f_base), amortized_ms(steps[other], f)
+    log.info("throughput: %s vs %s, %d rounds: %.3fx", other, base, len(steps[base]), base_ms / other_ms)
+    return {
+        "presets": [base, other],
+        "rounds": len(steps[base]),
+        "rounds_requested": repeats,
+        "time_budget_s": time_budget_s,
+        "step_ms_amortized": {base: base_ms, other: other_ms},
+        "speed": base_ms / other_ms,
+        "speed_ci95": speed_interval(steps[base], steps[other], f_base, f),
+        "seconds": time.perf_counter() - t0,
+        "raw_step_ms": {name: [s["step_ms"] for s in v] for name, v in steps.items()},
     }
 
 
@@ -457,14 +510,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--time-budget", type=float, help="stop timing rounds after this many seconds (>= 2 rounds)"
     )
+    ap.add_argument(
+        "--pair-repeats",
+        type=int,
+        default=0,
+        help="head-to-head rounds of the --pair presets after the others",
+    )
+    ap.add_argument(
+        "--pair", nargs=2, metavar=("BASE", "PRESET"),
+        help="the head-to-head presets (default: weighted_sum and configs/tiny.yaml's balancer.kind)",
+    )  # fmt: skip
+    ap.add_argument("--pair-time-budget", type=float, help="stop the head-to-head rounds after this many s")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     ap.add_argument("--work", type=Path, default=common.WORK_DIR)
     ap.add_argument("--out", type=Path, default=OUT_JSON)
     args = ap.parse_args(argv)
     cfg = common.bench_config("marble", args.overrides)
+    pair = tuple(args.pair) if args.pair else ("weighted_sum", common.shipped_balancer())
     result = run(
         cfg, args.work, presets=args.presets, repeats=args.repeats, warmup=args.warmup,
         threads=args.threads, memory=not args.no_memory, time_budget_s=args.time_budget,
+        pair=pair, pair_repeats=args.pair_repeats, pair_time_budget_s=args.pair_time_budget,
     )  # fmt: skip
     result["settings"]["overrides"] = args.overrides
     common.write_json(args.out, result)
@@ -481,6 +547,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"  {name:13s} {s['step_ms_amortized']:9.1f} {s.get('speed_vs_weighted_sum', float('nan')):6.2f}x "
             f"{s['micro_step_ms_median']:9.2f} {s['balancer_ms_amortized_per_step']:13.1f} "
             f"{'-' if tm is None else f'{tm:10.1f}'}"
+        )
+    h2h = result["head_to_head"]
+    if h2h:
+        base, other = h2h["presets"]
+        lo, hi = h2h["speed_ci95"]
+        print(
+            f"  head to head, {h2h['rounds']} rounds: {other} {h2h['speed']:.3f}x {base} [{lo:.3f}, {hi:.3f}] "
+            f"({h2h['step_ms_amortized'][other]:.1f} vs {h2h['step_ms_amortized'][base]:.1f} ms)"
         )
     print(f"wrote {args.out}")
     return result

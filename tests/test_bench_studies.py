@@ -27,9 +27,19 @@ def small_cfg(tiny_config):
 
 
 def test_throughput_keys(small_cfg, tmp_path):
+    with pytest.raises(ValueError, match="must name two of the timed presets"):
+        throughput.run(small_cfg, tmp_path, presets=["weighted_sum"], repeats=1, pair=("weighted_sum", "gdpo"),
+                       pair_repeats=1)  # fmt: skip
     res = throughput.run(
-        small_cfg, tmp_path, presets=["weighted_sum", "marble_ub"], repeats=1, threads=1, memory=False
-    )
+        small_cfg, tmp_path, presets=["weighted_sum", "marble_ub"], repeats=1, threads=1, memory=False,
+        pair=("weighted_sum", "marble_ub"), pair_repeats=2,
+    )  # fmt: skip
+    h2h = res["head_to_head"]
+    assert h2h["presets"] == ["weighted_sum", "marble_ub"] and h2h["rounds"] == 2
+    assert len(res["raw_steps"]["marble_ub"]) == 1  # the head-to-head rounds are kept apart
+    raw = h2h["raw_step_ms"]
+    assert h2h["speed"] == pytest.approx(common.median(raw["weighted_sum"]) / common.median(raw["marble_ub"]))
+    assert h2h["speed_ci95"][0] <= h2h["speed_ci95"][1]
     for key in ("machine", "versions", "marble", "load_average", "settings", "presets", "raw_steps"):
         assert key in res
     for name in ("weighted_sum", "marble_ub"):
