@@ -345,7 +345,6 @@ def run(
                 log.warning("throughput: time budget reached after %d rounds", rounds_done)
                 break
         load_timed = common.load_average()
-        head_to_head = _head_to_head(world, runs, probe, state, pair, pair_repeats, pair_time_budget_s)
         memory_res: dict[str, dict[str, float | None]] = {}
         t_memory = time.perf_counter()
         if memory:
@@ -356,6 +355,8 @@ def run(
                     continue
                 memory_res[name] = _memory(world, runs[name], probe, state)
         memory_seconds = time.perf_counter() - t_memory
+        # after the memory readings, whose time budget is the all-preset rounds'
+        head_to_head = _head_to_head(world, runs, probe, state, pair, pair_repeats, pair_time_budget_s)
         tr.cleanup()
     summary = {name: summarize(r) for name, r in runs.items()}
     base = summary.get("weighted_sum")
