@@ -79,8 +79,7 @@ def nft_terms(
     d_neg = x_t - tt * v_neg - x0  # [B, ...] x0_neg - x0
 
     with torch.no_grad():
-        d_pos64 = d_pos.detach().to(torch.float64)  # [B, ...] (the output gradients reuse them)
-        d_neg64 = d_neg.detach().to(torch.float64)
+        d_pos64, d_neg64 = d_pos.detach().to(torch.float64), d_neg.detach().to(torch.float64)  # reused below
         w_pos = _per_sample_mean(d_pos64.abs()).clamp_min(floor)  # [B]
         w_neg = _per_sample_mean(d_neg64.abs()).clamp_min(floor)  # [B]
     P = _per_sample_mean(d_pos**2) / w_pos.to(dtype)  # [B]
