@@ -334,16 +334,10 @@ def run(
             if 0.0 < r.refresh_fraction < 1.0:  # n-th), the next ones cached: both kinds get measured
                 r.step = max(r.step, round(1 / r.refresh_fraction))
         state = common.TrainState(tr)
-        rounds_done = 0
-        for i in range(repeats):
-            for name in common.rotated(list(presets), i):
-                state.restore()
-                runs[name].steps.append(_one_step(world, runs[name], probe))
-            log.info("throughput round %d/%d done", i + 1, repeats)
-            rounds_done = i + 1
-            if time_budget_s is not None and i >= 1 and time.perf_counter() - t_budget > time_budget_s:
-                log.warning("throughput: time budget reached after %d rounds", rounds_done)
-                break
+        timed = _interleaved_rounds(world, runs, probe, state, presets, repeats, time_budget_s, t_budget)
+        for name, steps in timed.items():
+            runs[name].steps.extend(steps)
+        rounds_done = len(timed[presets[0]])
         load_timed = common.load_average()
         memory_res: dict[str, dict[str, float | None]] = {}
         t_memory = time.perf_counter()
@@ -413,6 +407,31 @@ def run(
     }
 
 
+def _interleaved_rounds(
+    world: common.World,
+    runs: dict[str, PresetRun],
+    probe: MicroStepProbe,
+    state: common.TrainState,
+    names: list[str],
+    repeats: int,
+    time_budget_s: float | None,
+    t0: float,
+) -> dict[str, list[dict[str, Any]]]:
+    """Up to `repeats` rounds of one optimizer step of each of `names`, in a rotated order, each from
+    the restored state; after the round that passes `time_budget_s` since `t0` (at least 2 rounds),
+    no more. Returns each preset's timed steps in round order."""
+    steps: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in common.rotated(list(names), i):
+            state.restore()
+            steps[name].append(_one_step(world, runs[name], probe))
+        log.info("throughput round %d/%d done (%s)", i + 1, repeats, ", ".join(names))
+        if time_budget_s is not None and i >= 1 and time.perf_counter() - t0 > time_budget_s:
+            log.warning("throughput: time budget reached after %d rounds of %s", i + 1, ", ".join(names))
+            break
+    return steps
+
+
 def _head_to_head(
     world: common.World,
     runs: dict[str, PresetRun],
@@ -427,15 +446,8 @@ def _head_to_head(
     if not repeats or pair is None:
         return None
     base, other = pair
-    steps: dict[str, list[dict[str, Any]]] = {base: [], other: []}
     t0 = time.perf_counter()
-    for i in range(repeats):
-        for name in common.rotated([base, other], i):
-            state.restore()
-            steps[name].append(_one_step(world, runs[name], probe))
-        if time_budget_s is not None and i >= 1 and time.perf_counter() - t0 > time_budget_s:
-            log.warning("throughput: head-to-head time budget reached after %d rounds", i + 1)
-            break
+    steps = _interleaved_rounds(world, runs, probe, state, [base, other], repeats, time_budget_s, t0)
     f_base, f = runs[base].refresh_fraction, runs[other].refresh_fraction
     base_ms, other_ms = amortized_ms(steps[base], f_base), amortized_ms(steps[other], f)
     log.info("throughput: %s vs %s, %d rounds: %.3fx", other, base, len(steps[base]), base_ms / other_ms)
