@@ -50,7 +50,7 @@ def collinearity_residual(terms: NFTTerms) -> Tensor:
 
 
 class PerRewardLinearGrads:
-    """Forward hooks on the trained Linear layers that turn ONE backward of `Σ_i N_i` into K per-reward
+    """Records the trained Linear layers' calls so that ONE backward of `Σ_i N_i` gives K per-reward
     gradients.
 
     `modules`: the `nn.Linear` layers whose weight is trained (LoRA's `lora_A` / `lora_B`); each must

@@ -140,7 +140,7 @@ class NFTUpdate:
         capture: Callable[[], AbstractContextManager] = nullcontext,
     ) -> tuple[NFTTerms, Tensor, Tensor | None]:
         """NFT terms of the micro-batch, plus v (with graph) and v_ref for the KL (None: not computed).
-        `capture` wraps the forward with a graph alone (the per-sample gradients' layer hooks)."""
+        `capture` wraps the forward with a graph alone (the per-sample gradients' layer recording)."""
         t4 = mb.t.reshape(-1, *([1] * (mb.x0.ndim - 1))).to(mb.x0.dtype)  # [B, 1, 1, 1]
         x_t = (1 - t4) * mb.x0 + t4 * mb.noise  # [B, C, h, w] rectified-flow forward process
         with self.autocast():
