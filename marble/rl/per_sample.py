@@ -70,9 +70,10 @@ class PerRewardLinearGrads:
 
     The backward runs to the captured layer OUTPUTS (`torch.autograd.grad`), not to the weights: it
     forms no weight gradient (the per-reward ones replace it) and calls no Python hook per layer. The
-    per-sample products then run batched over the layers of one shape (stacked up to
-    `stack_bytes` of operands; a layer larger than that runs alone), so a model of many small layers
-    pays a few large products, not two small ones per layer.
+    per-sample products run one batched product per call, written into one buffer per group of calls
+    of one shape (up to `stack_bytes` of per-sample gradients; a layer larger than that runs alone),
+    and each group is weighted per reward by one product, so a model of many small layers pays one
+    `[K, B]` product per group, not per layer.
     """
 
     def __init__(self, modules: list[nn.Linear], stack_bytes: int = 64 * 2**20) -> None:
@@ -174,13 +175,15 @@ class PerRewardLinearGrads:
         return out
 
     def _chunks(self, calls: list[tuple[int, Tensor, Tensor]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
-        """Calls grouped by operand shape, each group cut into chunks of at most `stack_bytes`."""
+        """Calls grouped by operand shape, each group cut into chunks whose per-sample gradients take at
+        most `stack_bytes`."""
         groups: dict[tuple, list[tuple[int, Tensor, Tensor]]] = {}
         for j, x, d in calls:
             groups.setdefault((x.shape, d.shape, x.dtype, d.dtype), []).append((j, x, d))
         for group in groups.values():
             x, d = group[0][1], group[0][2]
-            per_call = x.numel() * x.element_size() + d.numel() * d.element_size()
+            itemsize = torch.promote_types(d.dtype, torch.float32).itemsize
+            per_call = d.shape[0] * x.shape[-1] * d.shape[-1] * itemsize  # [B, out, in] of one call
             n = max(1, self.stack_bytes // max(per_call, 1))
             for start in range(0, len(group), n):
                 yield group[start : start + n]
@@ -190,24 +193,25 @@ class PerRewardLinearGrads:
     ) -> Tensor:
         """`[K, L * out * in]`: the per-reward gradients of a chunk's L calls, call after call."""
         B = chunk[0][2].shape[0]
-        xs = [x.reshape(B, -1, x.shape[-1]) for _, x, _ in chunk]  # [B, T, in] each
-        ds = [d.reshape(B, -1, d.shape[-1]) for _, _, d in chunk]  # [B, T, out] each
-        X = (torch.stack(xs) if len(xs) > 1 else xs[0][None]).to(dtype)  # [L, B, T, in]
-        D = (torch.stack(ds) if len(ds) > 1 else ds[0][None]).to(dtype)  # [L, B, T, out]
-        L, _, T, n_in = X.shape
-        n_out = D.shape[-1]
-        K = coef_t.shape[0]
-        # Σ_tokens δ ⊗ x per sample (the Linear weight gradient of one sample), then weighted per reward.
-        # The batched product runs with the narrow side (LoRA's rank) as the rows of its result: on CPU
-        # that was 3-4x faster for the LoRA-B calls (out = hidden, in = rank) of the tiny world than the
-        # [out, in] orientation; the transpose back is of the small [K, out, in] result only.
-        Dm, Xm = D.reshape(L * B, T, n_out), X.reshape(L * B, T, n_in)
-        if n_out <= n_in:
-            per_sample = torch.bmm(Dm.transpose(1, 2), Xm)  # [L*B, out, in]
-            per_reward = torch.matmul(coef_t, per_sample.reshape(L, B, n_out * n_in))  # [L, K, out*in]
-        else:
-            per_sample = torch.bmm(Xm.transpose(1, 2), Dm)  # [L*B, in, out]: the transposed gradients
-            per_reward = torch.matmul(coef_t, per_sample.reshape(L, B, n_in * n_out))  # [L, K, in*out]
+        n_in, n_out = chunk[0][1].shape[-1], chunk[0][2].shape[-1]
+        L, K = len(chunk), coef_t.shape[0]
+        # Σ_tokens δ ⊗ x per sample (the Linear weight gradient of one sample), one batched product per
+        # call written into one buffer, then weighted per reward by one product for the chunk. The
+        # operands are read where they are: on CPU, stacking them into one tensor first cost as much as
+        # the products. The narrow side (LoRA's rank) is the rows of each product: on CPU that was 3-4x
+        # faster for the LoRA-B calls (out = hidden, in = rank) of the tiny world than the [out, in]
+        # orientation; the transpose back is of the small [K, out, in] result only.
+        rank_rows = n_out <= n_in
+        shape = (L, B, n_out, n_in) if rank_rows else (L, B, n_in, n_out)
+        per_sample = torch.empty(shape, dtype=dtype, device=coef_t.device)
+        for buf, (_, x, d) in zip(per_sample, chunk, strict=True):
+            xm, dm = x.reshape(B, -1, n_in).to(dtype), d.reshape(B, -1, n_out).to(dtype)  # [B, T, in|out]
+            if rank_rows:
+                torch.bmm(dm.transpose(1, 2), xm, out=buf)  # [B, out, in]
+            else:
+                torch.bmm(xm.transpose(1, 2), dm, out=buf)  # [B, in, out]: the transposed gradients
+        per_reward = torch.matmul(coef_t, per_sample.reshape(L, B, n_out * n_in))  # [L, K, out*in|in*out]
+        if not rank_rows:
             per_reward = per_reward.reshape(L, K, n_in, n_out).transpose(2, 3)  # [L, K, out, in]
         return per_reward.transpose(0, 1).reshape(K, -1)
 
