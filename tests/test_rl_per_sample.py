@@ -96,9 +96,9 @@ def test_a_layer_called_twice_sums_both_calls():
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("stack_bytes", [1, 10**9])  # every call alone; every same-shape call in one group
-def test_grouping_same_shape_calls_gives_the_same_gradients(stack_bytes):
-    got, expected, _ = _both(seed=3, drift=0.0, model_cls=ToyReused, stack_bytes=stack_bytes)
+@pytest.mark.parametrize("group_bytes", [1, 10**9])  # every call alone; every same-shape call in one group
+def test_grouping_same_shape_calls_gives_the_same_gradients(group_bytes):
+    got, expected, _ = _both(seed=3, drift=0.0, model_cls=ToyReused, group_bytes=group_bytes)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
 

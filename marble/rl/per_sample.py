@@ -71,17 +71,17 @@ class PerRewardLinearGrads:
     The backward runs to the captured layer OUTPUTS (`torch.autograd.grad`), not to the weights: it
     forms no weight gradient (the per-reward ones replace it) and calls no Python hook per layer. The
     per-sample products run one batched product per call, written into one buffer per group of calls
-    of one shape (up to `stack_bytes` of per-sample gradients; a layer larger than that runs alone),
+    of one shape (up to `group_bytes` of per-sample gradients; a layer larger than that runs alone),
     and each group is weighted per reward by one product, so a model of many small layers pays one
     `[K, B]` product per group, not per layer.
     """
 
-    def __init__(self, modules: list[nn.Linear], stack_bytes: int = 64 * 2**20) -> None:
+    def __init__(self, modules: list[nn.Linear], group_bytes: int = 64 * 2**20) -> None:
         for m in modules:
             if m.bias is not None and m.bias.requires_grad:
                 raise ValueError(f"PerRewardLinearGrads: trained bias in {m} is not supported")
         self.modules = list(modules)
-        self.stack_bytes = int(stack_bytes)
+        self.group_bytes = int(group_bytes)
         self.sizes = [m.weight.numel() for m in self.modules]
         self.offsets = [sum(self.sizes[:j]) for j in range(len(self.sizes))]
         self.num_params = sum(self.sizes)
@@ -93,14 +93,14 @@ class PerRewardLinearGrads:
         self._recording = False
 
     @classmethod
-    def of_trained(cls, model: nn.Module, stack_bytes: int = 64 * 2**20) -> PerRewardLinearGrads:
+    def of_trained(cls, model: nn.Module, group_bytes: int = 64 * 2**20) -> PerRewardLinearGrads:
         """The Linear layers of `model` whose weight requires grad; refuses other trained parameters."""
         linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]
         covered = {id(m.weight) for m in linears}
         other = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if other:
             raise ValueError(f"per-sample Gram: trained parameters outside Linear weights: {other[:3]}")
-        return cls(linears, stack_bytes)
+        return cls(linears, group_bytes)
 
     @contextmanager
     def capture(self) -> Iterator[PerRewardLinearGrads]:
@@ -176,7 +176,7 @@ class PerRewardLinearGrads:
 
     def _chunks(self, calls: list[tuple[int, Tensor, Tensor]]) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
         """Calls grouped by operand shape, each group cut into chunks whose per-sample gradients take at
-        most `stack_bytes`."""
+        most `group_bytes`."""
         groups: dict[tuple, list[tuple[int, Tensor, Tensor]]] = {}
         for j, x, d in calls:
             groups.setdefault((x.shape, d.shape, x.dtype, d.dtype), []).append((j, x, d))
@@ -184,7 +184,7 @@ class PerRewardLinearGrads:
             x, d = group[0][1], group[0][2]
             itemsize = torch.promote_types(d.dtype, torch.float32).itemsize
             per_call = d.shape[0] * x.shape[-1] * d.shape[-1] * itemsize  # [B, out, in] of one call
-            n = max(1, self.stack_bytes // max(per_call, 1))
+            n = max(1, self.group_bytes // max(per_call, 1))
             for start in range(0, len(group), n):
                 yield group[start : start + n]
 
