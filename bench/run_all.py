@@ -41,7 +41,7 @@ BUDGET_S = 26 * 60
 MICRO_BATCH_STEP = ["sampling.prompts_per_epoch=8", "sampling.batch_size=64"]
 MICRO_BATCHES = (8, 64)
 FULL = {
-    "throughput": {"repeats": 10, "time_budget_s": 200, "pair_repeats": 40, "pair_time_budget_s": 140},
+    "throughput": {"repeats": 10, "time_budget_s": 200, "pair_repeats": 80, "pair_time_budget_s": 260},
     "alignment": {"epochs": 20, "time_budget_s": 180},
     "alignment_micro_batch": {"epochs": 10, "time_budget_s": 100},
     "reward_balance": {
