@@ -193,3 +193,32 @@ def test_capture_records_only_its_block_and_gives_the_layers_back():
     assert len(wrapped_calls) == 2  # the earlier wrapper ran inside the block and after it
     model(x)
     assert len(wrapped_calls) == 3
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((B, D), torch.float64), ((B, 3, T, D), torch.float64), ((B, T, D), torch.bfloat16)],
+    ids=["one token per sample", "a token grid", "bf16 operands"],
+)
+def test_operands_of_any_token_layout_and_dtype_give_the_weighted_per_sample_sums(shape, dtype):
+    """A layer's input and output gradient are used as [B, tokens, features] at the promoted dtype: a
+    call with no token axis, one with several, and bf16 operands (upcast) give Σ_i s_ik ∇_i, checked
+    against one autograd pass per reward of the per-sample losses weighted by s_ik."""
+    gen = torch.Generator().manual_seed(3)
+    model = Toy().to(dtype)
+    params = [model.down.weight, model.up.weight, model.head.weight]
+    grads = PerRewardLinearGrads.of_trained(model)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    s = torch.randn(B, K, generator=gen, dtype=torch.float64)
+    promoted = torch.promote_types(dtype, torch.float32)
+    with grads.capture():
+        per_sample_loss = model(x).to(promoted).square().reshape(B, -1).sum(1)  # [B]
+    got = grads.per_reward_grads(per_sample_loss.sum(), s, retain_graph=True)
+    assert got.dtype == promoted
+    expected = torch.stack([
+        torch.cat([g.to(promoted).reshape(-1) for g in torch.autograd.grad(
+            (s[:, k].to(promoted) * per_sample_loss).sum(), params, retain_graph=True)])
+        for k in range(K)
+    ])  # fmt: skip
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(got, expected, **tol)

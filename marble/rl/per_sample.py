@@ -206,7 +206,7 @@ class PerRewardLinearGrads:
         per_sample = torch.empty(shape, dtype=dtype, device=coef_t.device)
         for buf, (_, x, d) in zip(per_sample, chunk, strict=True):
             # [B, T, in|out]; a call's operands are usually that already, and a no-op reshape or `.to`
-            # still costs a dispatch each: skipping them was a quarter of the products' time here
+            # still costs a dispatch each (a quarter of the products' time on the tiny world's calls)
             xm = x if x.dim() == 3 and x.dtype == dtype else x.reshape(B, -1, n_in).to(dtype)
             dm = d if d.dim() == 3 and d.dtype == dtype else d.reshape(B, -1, n_out).to(dtype)
             if rank_rows:
